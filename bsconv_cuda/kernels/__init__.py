@@ -1,0 +1,1 @@
+"""Triton kernels of bsconv_cuda (one module per kernel family). Importing this package needs Triton."""

@@ -1,0 +1,473 @@
+"""Fused BSConv-U (pointwise -> [activation] -> zero-padded depthwise) in Triton, forward and backward.
+
+Launchers :func:`forward` and :func:`backward` follow the backend contract of :mod:`bsconv_cuda.reference` and launch
+every kernel through ``torch.library.wrap_triton`` (so ``torch.library.triton_op`` can trace them).
+
+Forward, ONE launch (``_fwd_kernel``). A program owns an output tile: image ``n``, ``TH x TW`` output pixels, ``BCO``
+channels. It computes ``mid`` for the tile plus its halo (``HH x WW`` input pixels, flattened and padded to ``P``, a
+power of two) with a ``tl.dot`` chain over ``C_in`` (fp32 accumulation), adds ``pw_bias``, applies the activation,
+zeroes the positions that lie in the padding, and keeps the result on chip. The depthwise stage then picks, per tap,
+the shifted rows of ``mid`` with ``tl.gather`` (the gather variant of DESIGN.md) and accumulates ``mid * D[tap]``.
+``mid`` never exists in global memory.
+
+Backward, TWO launches:
+1. ``_bwd_kernel``: a program owns a set of flat tiles of ``TP`` mid pixels (= input pixels; tiles are strided over
+   the grid, ``tile = g, g + G, g + 2G, ...``) and one block of input channels (``BCI``, for ``grad_x`` and
+   ``grad_pw``). For every tile and every block of ``BCO`` output channels it recomputes ``pre = x . P^T + b_p`` (no
+   halo is needed: backward tiles are in mid space), ``mid = act(pre)``, reads per tap the ``grad_y`` pixel that this
+   mid pixel feeds (a masked load: the depthwise transpose needs no on-chip shifting), and forms
+   ``grad_mid = sum_tap grad_y * D[tap]``, ``grad_pre = grad_mid * act'(pre)``, ``grad_x += grad_pre . P`` (tl.dot,
+   so ``grad_x`` is finished in registers and written once), and per-program partial sums of the weight gradients
+   (``grad_pre^T . x`` by tl.dot, ``sum grad_pre``, ``sum grad_y * mid`` per tap, ``sum grad_y``) into this program's
+   own slot of a partials buffer, always in the same order. Nothing of mid's size is written anywhere.
+2. ``_reduce_kernel``: sums the ``G`` partial slots in fixed order ``g = 0..G-1`` and writes the four weight/bias
+   gradients in the input dtype. This launch exists because a deterministic cross-program reduction needs a second
+   pass (atomics would be nondeterministic); it also does the final dtype casts, so no torch op runs on the way out.
+When ``C_in > BCI`` the ci-blocks are a second grid axis and ``pre`` is recomputed once per ci-block (the price of
+finishing ``grad_x`` on chip without writing ``grad_pre``); weight partials of the channel-only gradients are then
+written by ci-block 0 only.
+
+Interpreter notes: under ``TRITON_INTERPRET=1`` (CPU tensors) the kernels run through NumPy; float64 works there
+(tl.dot in fp64), which lets ``gradcheck`` exercise the backward. Triton 3.8's interpreter computes bf16 ``tl.dot``
+wrongly, so on CPU tensors bf16 operands are upcast to fp32 before the dot (exact: bf16 products fit in fp32); on a
+GPU the dot runs natively on bf16 (tensor cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+
+_ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
+
+# Test hook: block sizes forced by :func:`force_blocks` (None: chosen by shape).
+_FORCED: dict[str, dict | None] = {"forward": None, "backward": None}
+
+
+@contextlib.contextmanager
+def force_blocks(forward: dict | None = None, backward: dict | None = None):
+    """Forces block sizes (for tests of tiling edges with tiny shapes).
+
+    forward: any of TH, TW (output tile), BCO, BCI, num_warps. backward: any of TP, BCO, BCI, G, num_warps.
+    """
+    saved = dict(_FORCED)
+    _FORCED["forward"], _FORCED["backward"] = forward, backward
+    try:
+        yield
+    finally:
+        _FORCED.update(saved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation and its derivative (torch autograd's formulas: relu'(0) = 0, relu6' = 1 only on (0, 6),
+# hardswish' = 0 below -3, x/3 + 1/2 on [-3, 3], 1 above; silu' = s (1 + x (1 - s)))
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _act(v, ACT: tl.constexpr):
+    if ACT == 1:
+        v = tl.maximum(v, 0.0)
+    elif ACT == 2:
+        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+    elif ACT == 3:
+        v = v * (tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0)
+    elif ACT == 4:
+        v = v / (1.0 + tl.exp(-v))
+    return v
+
+
+@triton.jit
+def _act_grad(g, v, ACT: tl.constexpr):
+    if ACT == 1:
+        g = tl.where(v > 0.0, g, 0.0)
+    elif ACT == 2:
+        g = tl.where((v > 0.0) & (v < 6.0), g, 0.0)
+    elif ACT == 3:
+        g = tl.where(v < -3.0, 0.0, tl.where(v <= 3.0, g * (v / 3.0 + 0.5), g))
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-v))
+        g = g * (s * (1.0 + v * (1.0 - s)))
+    return g
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr,
+    C_in, C_out, H, W, H_out, W_out,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+    tiles_w, tiles_per_img, n_co_blk, PT, PL,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr, TP: tl.constexpr, P: tl.constexpr,
+    BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr, HAS_DB: tl.constexpr,
+    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    pid = tl.program_id(0)
+    cb = pid % n_co_blk  # channel blocks of one tile are neighbours in launch order: they share the x halo in L2
+    t = pid // n_co_blk
+    n = t // tiles_per_img
+    r = t % tiles_per_img
+    oh0 = (r // tiles_w) * TH
+    ow0 = (r % tiles_w) * TW
+
+    co = cb * BCO + tl.arange(0, BCO)
+    co_ok = co < C_out
+
+    # --- pointwise stage for tile + halo: acc[P, BCO] = x[halo pixels, :] . P^T ---
+    q = tl.arange(0, P)
+    ih = oh0 * SH - PT + q // WW
+    iw = ow0 * SW - PL + q % WW
+    q_ok = (q < HH * WW) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    if IDX64:
+        n = n.to(tl.int64)
+        ih = ih.to(tl.int64)
+        iw = iw.to(tl.int64)
+    x_row = n * sxn + ih * sxh + iw * sxw
+    acc = tl.zeros((P, BCO), dtype=acc_dt)
+    for ci0 in range(0, C_in, BCI):
+        ci = ci0 + tl.arange(0, BCI)
+        ci_ok = ci < C_in
+        if IDX64:
+            ci = ci.to(tl.int64)
+        xt = tl.load(x_ptr + (x_row[:, None] + ci[None, :] * sxc), mask=q_ok[:, None] & ci_ok[None, :], other=0.0)
+        wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(xt, wt, acc, input_precision=PREC, out_dtype=acc_dt)
+    if HAS_PB:
+        acc += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+    # zero padding belongs to mid: padded (and power-of-two filler) rows are 0 after the activation
+    mid = tl.where(q_ok[:, None], _act(acc, ACT), 0.0)
+
+    # --- depthwise stage: per tap, gather the shifted halo rows ---
+    tt = tl.arange(0, TP)
+    lh = tt // TW
+    lw = tt % TW
+    t_ok = tt < TH * TW
+    out = tl.zeros((TP, BCO), dtype=acc_dt)
+    for i in tl.static_range(KH):
+        for j in tl.static_range(KW):
+            idx = tl.where(t_ok, (lh * SH + i * DH) * WW + lw * SW + j * DW, 0)
+            g = tl.gather(mid, tl.broadcast_to(idx[:, None], (TP, BCO)), 0)
+            wd = tl.load(dw_ptr + co * (KH * KW) + (i * KW + j), mask=co_ok, other=0.0).to(acc_dt)
+            out += g * wd[None, :]
+    if HAS_DB:
+        out += tl.load(db_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+
+    oh = oh0 + lh
+    ow = ow0 + lw
+    y_ok = t_ok & (oh < H_out) & (ow < W_out)
+    if IDX64:
+        oh = oh.to(tl.int64)
+        ow = ow.to(tl.int64)
+        co = co.to(tl.int64)
+    y_off = n * syn + co[None, :] * syc + (oh * syh + ow * syw)[:, None]
+    tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=y_ok[:, None] & co_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_kernel(
+    gy_ptr, x_ptr, pw_ptr, pb_ptr, dw_ptr, gx_ptr, part_ptr,
+    N, C_in, C_out, H, W, H_out, W_out,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sxgn, sxgc, sxgh, sxgw,
+    PT, PL, G, K_PART,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
+    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    T: tl.constexpr = KH * KW
+    pid_g = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    lead = pid_c == 0  # ci-block 0 also owns the channel-only partials (grad_dw, grad_pw_bias, grad_dw_bias)
+    HW = H * W
+    n_pix = N * HW
+    n_tiles = tl.cdiv(n_pix, TP)
+    part_g = part_ptr + pid_g * (C_out * K_PART)  # this program's partials slot [C_out, K_PART]
+
+    cx = pid_c * BCI + tl.arange(0, BCI)  # this program's input channels (grad_x, grad_pw columns)
+    cx_ok = cx < C_in
+    cx_l = cx.to(tl.int64) if IDX64 else cx
+
+    for tile in range(pid_g, n_tiles, G):
+        again = tile != pid_g  # later tiles accumulate into the slot, the first one initializes it
+        p = tile * TP + tl.arange(0, TP)
+        p_ok = p < n_pix
+        n = p // HW
+        rr = p % HW
+        h = rr // W
+        w = rr % W
+        if IDX64:
+            n = n.to(tl.int64)
+        x_row = n * sxn + h * sxh + w * sxw
+        x_own = tl.load(x_ptr + (x_row[:, None] + cx_l[None, :] * sxc), mask=p_ok[:, None] & cx_ok[None, :],
+                        other=0.0)
+        if UPCAST_DOT:
+            x_own = x_own.to(tl.float32)
+        gx = tl.zeros((TP, BCI), dtype=acc_dt)
+        for co0 in range(0, C_out, BCO):
+            co = co0 + tl.arange(0, BCO)
+            co_ok = co < C_out
+            # recompute pre for this tile (mid pixels only, no halo)
+            pre = tl.zeros((TP, BCO), dtype=acc_dt)
+            for ci0 in range(0, C_in, BCI):
+                ci = ci0 + tl.arange(0, BCI)
+                ci_ok = ci < C_in
+                ci_l = ci.to(tl.int64) if IDX64 else ci
+                xt = tl.load(x_ptr + (x_row[:, None] + ci_l[None, :] * sxc), mask=p_ok[:, None] & ci_ok[None, :],
+                             other=0.0)
+                wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :],
+                             other=0.0)
+                if UPCAST_DOT:
+                    xt = xt.to(tl.float32)
+                    wt = wt.to(tl.float32)
+                pre = tl.dot(xt, wt, pre, input_precision=PREC, out_dtype=acc_dt)
+            if HAS_PB:
+                pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+            mid = _act(pre, ACT)
+            co_g = co.to(tl.int64) if IDX64 else co
+
+            # depthwise transpose: mid pixel (h, w) feeds output (oh, ow) through tap (i, j) when
+            # oh*SH + i*DH - PT == h (and the same for w)
+            gmid = tl.zeros((TP, BCO), dtype=acc_dt)
+            for i in tl.static_range(KH):
+                ohn = h + PT - i * DH
+                oh = ohn // SH
+                oh_ok = (ohn >= 0) & (ohn % SH == 0) & (oh < H_out)
+                for j in tl.static_range(KW):
+                    own = w + PL - j * DW
+                    ow = own // SW
+                    ok = p_ok & oh_ok & (own >= 0) & (own % SW == 0) & (ow < W_out)
+                    if IDX64:
+                        g_row = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+                    else:
+                        g_row = n * sgn + oh * sgh + ow * sgw
+                    gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
+                                  other=0.0).to(acc_dt)
+                    wd = tl.load(dw_ptr + co * T + (i * KW + j), mask=co_ok, other=0.0).to(acc_dt)
+                    gmid += gyt * wd[None, :]
+                    if lead:
+                        d_ptr = part_g + co * K_PART + (C_in + i * KW + j)
+                        prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
+                        tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
+            gpre = _act_grad(gmid, pre, ACT)
+            if lead:
+                b_ptr = part_g + co * K_PART + (C_in + T)
+                prev = tl.load(b_ptr, mask=co_ok & again, other=0.0)
+                tl.store(b_ptr, prev + tl.sum(gpre, axis=0), mask=co_ok)
+            gpre_in = gpre.to(x_own.dtype)
+            # grad_x += grad_pre . P[co, cx]
+            wx = tl.load(pw_ptr + (co[:, None] * C_in + cx[None, :]), mask=co_ok[:, None] & cx_ok[None, :], other=0.0)
+            if UPCAST_DOT:
+                wx = wx.to(tl.float32)
+            gx = tl.dot(gpre_in, wx, gx, input_precision=PREC, out_dtype=acc_dt)
+            # grad_pw[co, cx] partial += grad_pre^T . x
+            gw = tl.dot(tl.trans(gpre_in), x_own, input_precision=PREC, out_dtype=acc_dt)
+            w_ptr = part_g + (co[:, None] * K_PART + cx[None, :])
+            w_ok = co_ok[:, None] & cx_ok[None, :]
+            prev = tl.load(w_ptr, mask=w_ok & again, other=0.0)
+            tl.store(w_ptr, prev + gw, mask=w_ok)
+        if IDX64:
+            gx_row = n * sxgn + h.to(tl.int64) * sxgh + w.to(tl.int64) * sxgw
+        else:
+            gx_row = n * sxgn + h * sxgh + w * sxgw
+        tl.store(gx_ptr + (gx_row[:, None] + cx_l[None, :] * sxgc), gx.to(gx_ptr.dtype.element_ty),
+                 mask=p_ok[:, None] & cx_ok[None, :])
+
+    # grad_dw_bias partial: sum of grad_y over this program's output tiles (same tile striding, flat output pixels)
+    if lead:
+        HWo = H_out * W_out
+        n_opix = N * HWo
+        for co0 in range(0, C_out, BCO):
+            co = co0 + tl.arange(0, BCO)
+            co_ok = co < C_out
+            co_g = co.to(tl.int64) if IDX64 else co
+            s = tl.zeros((BCO,), dtype=acc_dt)
+            for tile in range(pid_g, tl.cdiv(n_opix, TP), G):
+                o = tile * TP + tl.arange(0, TP)
+                o_ok = o < n_opix
+                no = o // HWo
+                ro = o % HWo
+                if IDX64:
+                    no = no.to(tl.int64)
+                    ro = ro.to(tl.int64)
+                g_row = no * sgn + (ro // W_out) * sgh + (ro % W_out) * sgw
+                gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=o_ok[:, None] & co_ok[None, :],
+                              other=0.0)
+                s += tl.sum(gyt.to(acc_dt), axis=0)
+            tl.store(part_g + co * K_PART + (C_in + T + 1), s, mask=co_ok)
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, G, C_in, M, K_PART, T: tl.constexpr,
+                   BLOCK: tl.constexpr, ACC64: tl.constexpr):
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = m < M
+    s = tl.zeros((BLOCK,), dtype=acc_dt)
+    for g in range(0, G):  # fixed order: bitwise reproducible
+        s += tl.load(part_ptr + g * M + m, mask=ok, other=0.0)
+    co = m // K_PART
+    k = m % K_PART
+    tl.store(gpw_ptr + co * C_in + k, s.to(gpw_ptr.dtype.element_ty), mask=ok & (k < C_in))
+    tl.store(gdw_ptr + co * T + (k - C_in), s.to(gdw_ptr.dtype.element_ty), mask=ok & (k >= C_in) & (k < C_in + T))
+    tl.store(gpb_ptr + co, s.to(gpb_ptr.dtype.element_ty), mask=ok & (k == C_in + T))
+    tl.store(gdb_ptr + co, s.to(gdb_ptr.dtype.element_ty), mask=ok & (k == C_in + T + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------------
+def _pow2(v: int) -> int:
+    return triton.next_power_of_2(max(1, int(v)))
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> tuple[int, int]:
+    """Output tile (TH, TW) with the least padded work per output pixel: (P + TP) / (TH * TW), where the halo
+    (flattened) is padded to P <= 256 (more only when nothing else fits) and the tile to TP <= 256."""
+    best = None
+    for p_max in (256, 1024, 4096):
+        for th in range(1, min(h_out, 64) + 1):
+            hh = (th - 1) * sh + (kh - 1) * dh + 1
+            for tw in range(1, min(w_out, 128) + 1):
+                ww = (tw - 1) * sw + (kw - 1) * dw + 1
+                p, tp = _pow2(hh * ww), _pow2(th * tw)
+                if p > p_max or tp > 256:
+                    break
+                cost = ((p + tp) / (th * tw), -tw)
+                if best is None or cost < best[0]:
+                    best = (cost, th, tw)
+        if best is not None:
+            return best[1], best[2]
+    return 1, 1
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) + 1
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    return any(_max_offset(t) >= 2**31 - 1 for t in tensors)
+
+
+def _dot_settings(dtype: torch.dtype, device: torch.device) -> tuple[str, bool, bool]:
+    """(input_precision, fp64 accumulation, upcast bf16 before tl.dot)."""
+    prec = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    return prec, dtype == torch.float64, dtype == torch.bfloat16 and device.type == "cpu"
+
+
+def _check(x, dtype_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+    if x.dtype not in dtype_ok:
+        raise TypeError(f"triton backend: unsupported dtype {x.dtype}")
+
+
+def _weights(pw_weight, dw_weight):
+    c_out = dw_weight.shape[0]
+    return pw_weight.reshape(c_out, -1).contiguous(), dw_weight.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
+    _check(x)
+    pw, dw = _weights(pw_weight, dw_weight)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = dw.shape
+    sh, sw = stride
+    pt, _, pl, _ = padding
+    dh, dwl = dilation
+    h_out, w_out = reference.output_size(h, w, (kh, kw), stride, padding, dilation)
+    y = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
+                    memory_format=reference.output_memory_format(x))
+    if y.numel() == 0:
+        return y
+
+    forced = _FORCED["forward"] or {}
+    th, tw = _fwd_tile(h_out, w_out, kh, kw, sh, sw, dh, dwl)
+    th, tw = forced.get("TH", th), forced.get("TW", tw)
+    hh, ww = (th - 1) * sh + (kh - 1) * dh + 1, (tw - 1) * sw + (kw - 1) * dwl + 1
+    p, tp = max(16, _pow2(hh * ww)), _pow2(th * tw)
+    bco = forced.get("BCO", max(16, min(32, _pow2(c_out))))
+    bci = forced.get("BCI", max(16, min(64, _pow2(c_in))))
+    num_warps = forced.get("num_warps", 8 if p * bco >= 8192 else 4)
+    prec, acc64, upcast = _dot_settings(x.dtype, x.device)
+    tiles_h, tiles_w = triton.cdiv(h_out, th), triton.cdiv(w_out, tw)
+    n_co = triton.cdiv(c_out, bco)
+    grid = (n * tiles_h * tiles_w * n_co,)
+    pb = pw_bias if pw_bias is not None else pw
+    db = dw_bias if dw_bias is not None else dw
+    torch.library.wrap_triton(_fwd_kernel)[grid](
+        x, pw, pb, dw, db, y,
+        c_in, c_out, h, w, h_out, w_out,
+        *x.stride(), *y.stride(),
+        tiles_w, tiles_h * tiles_w, n_co, pt, pl,
+        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, TH=th, TW=tw, HH=hh, WW=ww, TP=tp, P=p,
+        BCO=bco, BCI=bci, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, HAS_DB=dw_bias is not None,
+        PREC=prec, ACC64=acc64, IDX64=_needs_int64(x, y), UPCAST_DOT=upcast, num_warps=num_warps,
+    )
+    return y
+
+
+def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
+    _check(x)
+    pw, dw = _weights(pw_weight, dw_weight)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = dw.shape
+    h_out, w_out = grad_y.shape[2:]
+    sh, sw = stride
+    pt, _, pl, _ = padding
+    dh, dwl = dilation
+    taps = kh * kw
+    dev, dt = x.device, x.dtype
+    grad_x = torch.empty(x.shape, dtype=dt, device=dev, memory_format=reference.output_memory_format(x))
+    grad_pw = torch.empty((c_out, c_in), dtype=dt, device=dev)
+    grad_dw = torch.empty((c_out, 1, kh, kw), dtype=dt, device=dev)
+    grad_pb = torch.empty((c_out,), dtype=dt, device=dev)
+    grad_db = torch.empty((c_out,), dtype=dt, device=dev)
+    if x.numel() == 0 or grad_y.numel() == 0:
+        return (grad_x.zero_(), grad_pw.zero_(), grad_pb.zero_(), grad_dw.zero_(),
+                grad_db.copy_(grad_y.sum((0, 2, 3))))
+
+    forced = _FORCED["backward"] or {}
+    tp = forced.get("TP", 64)
+    bco = forced.get("BCO", max(16, min(32, _pow2(c_out))))
+    bci = forced.get("BCI", max(16, min(64, _pow2(c_in))))
+    num_warps = forced.get("num_warps", 4)
+    n_ci = triton.cdiv(c_in, bci)
+    k_part = c_in + taps + 2  # partial slot columns: grad_pw (C_in) | grad_dw (taps) | grad_pw_bias | grad_dw_bias
+    n_tiles = triton.cdiv(n * h * w, tp)  # every program must own >= 1 mid tile: it initializes its slot
+    # G: programs along the tile axis; by shape only (never by device), so results are reproducible bit for bit.
+    # Bounded so that the partials buffer stays small (<= 2^24 elements).
+    g = max(1, min(n_tiles, forced.get("G", max(1, 1024 // n_ci)), (1 << 24) // (c_out * k_part)))
+    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    part = torch.empty((g, c_out, k_part), dtype=acc_dt, device=dev)
+    prec, acc64, upcast = _dot_settings(dt, dev)
+    torch.library.wrap_triton(_bwd_kernel)[(g, n_ci)](
+        grad_y, x, pw, pw_bias if pw_bias is not None else pw, dw, grad_x, part,
+        n, c_in, c_out, h, w, h_out, w_out,
+        *x.stride(), *grad_y.stride(), *grad_x.stride(),
+        pt, pl, g, k_part,
+        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, TP=tp, BCO=bco, BCI=bci, ACT=_ACT_CODES[activation],
+        HAS_PB=pw_bias is not None, PREC=prec, ACC64=acc64, IDX64=_needs_int64(x, grad_y, grad_x),
+        UPCAST_DOT=upcast, num_warps=num_warps,
+    )
+    m = c_out * k_part
+    block = 256
+    torch.library.wrap_triton(_reduce_kernel)[(triton.cdiv(m, block),)](
+        part, grad_pw, grad_dw, grad_pb, grad_db, g, c_in, m, k_part, T=taps, BLOCK=block, ACC64=acc64,
+    )
+    return grad_x, grad_pw, grad_pb, grad_dw, grad_db
