@@ -1,0 +1,175 @@
+"""``bsconv_u``: the functional form. Validates and normalizes arguments, picks the backend once, then runs
+:class:`~bsconv_cuda.ops.BSConvUFunction`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from .ops import OPS, BSConvUFunction
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The fused kernels' per-tile halo and on-chip state are sized for kernels up to 7x7 (DESIGN.md).
+MAX_FUSED_KERNEL_SIZE = 7
+
+
+def bsconv_u(
+    x: Tensor,
+    pw_weight: Tensor,
+    dw_weight: Tensor,
+    dw_bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+    *,
+    pw_bias: Tensor | None = None,
+    mid_activation: str | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """BSConv-U: a 1x1 pointwise convolution, an optional activation, then a KxK depthwise convolution.
+
+    ``y = depthwise_conv(zero_pad(act(conv1x1(x, pw_weight) + pw_bias)), dw_weight) + dw_bias``, computed by one
+    fused kernel on the ``triton`` and ``cuda`` backends.
+
+    Args:
+        x: input, (N, C_in, H, W), NCHW or channels_last.
+        pw_weight: pointwise weight, (C_out, C_in) or (C_out, C_in, 1, 1).
+        dw_weight: depthwise weight, (C_out, 1, kh, kw).
+        dw_bias: depthwise bias, (C_out,), optional.
+        stride, dilation: of the depthwise stage; an int or a pair.
+        padding: zero padding of the intermediate: an int, a pair, ``"valid"`` or ``"same"`` (stride 1 only).
+        pw_bias: pointwise bias, (C_out,), optional (an eval-mode BatchNorm folded into the pointwise stage).
+        mid_activation: None, ``"relu"``, ``"relu6"``, ``"hardswish"`` or ``"silu"``, applied before the depthwise stage.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        (N, C_out, H_out, W_out), in the memory format that torch's own convolutions would give.
+    """
+    _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias)
+    c_out, c_in = pw_weight.shape[:2]
+    kernel_size = tuple(dw_weight.shape[2:])
+    stride = _pair("stride", stride, minimum=1)
+    dilation = _pair("dilation", dilation, minimum=1)
+    padding = _padding(padding, kernel_size, stride, dilation)
+    activation = _activation(mid_activation)
+    out_h, out_w = reference.output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"x: input of spatial size {tuple(x.shape[2:])} is too small for a {kernel_size} kernel with "
+            f"padding {padding} and dilation {dilation} (output would be {out_h}x{out_w})"
+        )
+    backend = select_backend(backend, x, kernel_size)
+    return BSConvUFunction.apply(
+        x, pw_weight.reshape(c_out, c_in).contiguous(), pw_bias, dw_weight.contiguous(), dw_bias,
+        stride, padding, dilation, activation, backend,
+    )
+
+
+def select_backend(requested: str, x: Tensor, kernel_size: Sequence[int]) -> str:
+    """The backend that runs this call: ``requested`` if it can, the best one that can for ``"auto"``."""
+    if requested not in backends.BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {backends.BACKEND_CHOICES}, got {requested!r}")
+    if requested == "auto":
+        for candidate in _auto_candidates(x.device):
+            if _call_unsupported_reason(candidate, x, kernel_size) is None:
+                return candidate
+        return "reference"
+    reason = _call_unsupported_reason(requested, x, kernel_size)
+    if reason is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run this call: {reason}")
+    return requested
+
+
+def _auto_candidates(device: torch.device) -> tuple[str, ...]:
+    # On CPU the reference is the only real kernel; the Triton interpreter is for tests, so never picked here.
+    if device.type != "cuda":
+        return ("reference",)
+    return ("cuda", "triton", "reference")
+
+
+def _call_unsupported_reason(backend: str, x: Tensor, kernel_size: Sequence[int]) -> str | None:
+    reason = backends.unavailable_reason(backend, x.device)
+    if reason is not None or backend == "reference":
+        return reason
+    if backend not in OPS:
+        return f"the {backend} operators are not registered"
+    if max(kernel_size) > MAX_FUSED_KERNEL_SIZE:
+        return f"kernel size {tuple(kernel_size)} is larger than the fused kernels' {MAX_FUSED_KERNEL_SIZE}x7"
+    # float64 runs natively only in Triton's interpreter (tests); on a GPU it goes to the reference.
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        return "the fused kernels do not support float64 on GPU"
+    if x.numel() == 0:
+        return "the input is empty"
+    if backend == "cuda":
+        from . import cuda_backend
+
+        return cuda_backend.unsupported_reason(x, kernel_size)
+    return None
+
+
+def _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias) -> None:
+    named = {"x": x, "pw_weight": pw_weight, "dw_weight": dw_weight, "dw_bias": dw_bias, "pw_bias": pw_bias}
+    for name, tensor in named.items():
+        if tensor is not None and not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if pw_weight.dim() not in (2, 4) or (pw_weight.dim() == 4 and tuple(pw_weight.shape[2:]) != (1, 1)):
+        raise ValueError(f"pw_weight must be (C_out, C_in) or (C_out, C_in, 1, 1), got shape {tuple(pw_weight.shape)}")
+    c_out, c_in = pw_weight.shape[:2]
+    if x.shape[1] != c_in:
+        raise ValueError(f"x has {x.shape[1]} channels but pw_weight expects C_in={c_in} (shape {tuple(pw_weight.shape)})")
+    if dw_weight.dim() != 4 or dw_weight.shape[0] != c_out or dw_weight.shape[1] != 1:
+        raise ValueError(
+            f"dw_weight must be (C_out, 1, kh, kw) with C_out={c_out} from pw_weight, got shape {tuple(dw_weight.shape)}"
+        )
+    for name in ("dw_bias", "pw_bias"):
+        bias = named[name]
+        if bias is not None and tuple(bias.shape) != (c_out,):
+            raise ValueError(f"{name} must have shape ({c_out},), got {tuple(bias.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has unsupported dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}; all tensors must share one dtype")
+        if tensor.device != x.device:
+            raise RuntimeError(f"{name} is on {tensor.device} but x is on {x.device}; all tensors must share one device")
+
+
+def _pair(name: str, value: int | Sequence[int], minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _padding(
+    padding: int | Sequence[int] | str, kernel_size: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right); "same" splits an odd total like torch does (the extra row/column at the end)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        if stride != (1, 1):
+            raise ValueError(f"padding='same' needs stride 1 (as in torch.nn.functional.conv2d), got stride={stride}")
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        return (totals[0] // 2, totals[0] - totals[0] // 2, totals[1] // 2, totals[1] - totals[1] // 2)
+    pad_h, pad_w = _pair("padding", padding, minimum=0)
+    return (pad_h, pad_h, pad_w, pad_w)
+
+
+def _activation(mid_activation: str | None) -> str:
+    activation = "none" if mid_activation is None else mid_activation
+    if activation not in reference.ACTIVATIONS:
+        choices = ", ".join(repr(a) for a in reference.ACTIVATIONS if a != "none")
+        raise ValueError(f"mid_activation must be None or one of {choices}, got {mid_activation!r}")
+    return activation

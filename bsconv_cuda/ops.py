@@ -1,0 +1,122 @@
+"""The BSConv-U operators, their fake (meta) implementations, and the autograd function that ties them together.
+
+One forward and one backward operator per backend, all with one schema::
+
+    bsconv_cuda::{backend}_forward(Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, Tensor? dw_bias,
+                                   int[] stride, int[] padding, int[] dilation, str activation) -> Tensor
+    bsconv_cuda::{backend}_backward(Tensor grad_y, <the same arguments>) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+
+- ``reference``: ``torch.library.custom_op`` over :mod:`bsconv_cuda.reference`.
+- ``triton``: ``torch.library.triton_op`` over :mod:`bsconv_cuda.kernels.bsconv_u`, so that ``torch.compile`` sees
+  the Triton kernels themselves (on GPU; under Triton's interpreter it can only run them eagerly).
+- ``cuda``: defined and implemented in C++ (``csrc/``, loaded as ``bsconv_cuda._C``); only the fakes are added here.
+
+Separate operators per backend (rather than one operator with a backend argument) keep each registration in its
+own mechanism and let the backend be chosen once, in :func:`bsconv_cuda.bsconv_u`, before anything is traced.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+
+Launcher = Callable[..., object]
+
+
+def _forward_fake(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
+    out_h, out_w = reference.output_size(x.shape[2], x.shape[3], dw_weight.shape[2:], stride, padding, dilation)
+    return torch.empty(
+        (x.shape[0], dw_weight.shape[0], out_h, out_w), dtype=x.dtype, device=x.device,
+        memory_format=reference.output_memory_format(x),
+    )
+
+
+def _backward_fake(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
+    c_out = dw_weight.shape[0]
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=reference.output_memory_format(x)),
+        torch.empty_like(pw_weight, memory_format=torch.contiguous_format),
+        x.new_empty((c_out,)),
+        torch.empty_like(dw_weight, memory_format=torch.contiguous_format),
+        x.new_empty((c_out,)),
+    )
+
+
+def _define(backend: str, define, forward: Launcher, backward: Launcher):
+    """Registers ``bsconv_cuda::{backend}_forward/_backward`` with ``define`` (custom_op or triton_op)."""
+
+    def forward_op(
+        x: Tensor, pw_weight: Tensor, pw_bias: Optional[Tensor], dw_weight: Tensor, dw_bias: Optional[Tensor],
+        stride: list[int], padding: list[int], dilation: list[int], activation: str,
+    ) -> Tensor:
+        return forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation)
+
+    def backward_op(
+        grad_y: Tensor, x: Tensor, pw_weight: Tensor, pw_bias: Optional[Tensor], dw_weight: Tensor,
+        dw_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int], activation: str,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation)
+
+    forward_op = define(f"bsconv_cuda::{backend}_forward", forward_op, mutates_args=())
+    backward_op = define(f"bsconv_cuda::{backend}_backward", backward_op, mutates_args=())
+    forward_op.register_fake(_forward_fake)
+    backward_op.register_fake(_backward_fake)
+    return forward_op, backward_op
+
+
+OPS: dict[str, tuple[Callable, Callable]] = {
+    "reference": _define("reference", torch.library.custom_op, reference.forward, reference.backward),
+}
+
+if backends.triton_import_error() is None:
+    from .kernels import bsconv_u as _triton_kernels
+
+    OPS["triton"] = _define(
+        "triton", torch.library.triton_op, _triton_kernels.forward, _triton_kernels.backward
+    )
+
+if backends.extension_load_error() is None:
+    torch.library.register_fake("bsconv_cuda::cuda_forward")(_forward_fake)
+    torch.library.register_fake("bsconv_cuda::cuda_backward")(_backward_fake)
+    OPS["cuda"] = (torch.ops.bsconv_cuda.cuda_forward.default, torch.ops.bsconv_cuda.cuda_backward.default)
+
+
+class BSConvUFunction(torch.autograd.Function):
+    """Differentiable BSConv-U on one backend. Saves only x and the weights: backward recomputes ``mid``.
+
+    ``apply(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation, backend)`` with the
+    argument conventions of :mod:`bsconv_cuda.reference` and ``backend`` one of the keys of :data:`OPS`. Use
+    :func:`bsconv_cuda.bsconv_u` instead unless the arguments are already validated and normalized.
+    """
+
+    @staticmethod
+    def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation, backend):
+        forward_op, _ = OPS[backend]
+        return forward_op(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation, backend = inputs
+        ctx.save_for_backward(x, pw_weight, pw_bias, dw_weight, dw_bias)
+        ctx.conv_args = (stride, padding, dilation, activation)
+        ctx.backend = backend
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, pw_weight, pw_bias, dw_weight, dw_bias = ctx.saved_tensors
+        _, backward_op = OPS[ctx.backend]
+        grad_x, grad_pw_weight, grad_pw_bias, grad_dw_weight, grad_dw_bias = backward_op(
+            grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, *ctx.conv_args
+        )
+        return (
+            grad_x,
+            grad_pw_weight,
+            grad_pw_bias if pw_bias is not None else None,
+            grad_dw_weight,
+            grad_dw_bias if dw_bias is not None else None,
+            None, None, None, None, None,
+        )

@@ -1,0 +1,111 @@
+"""The reference BSConv-U computation in plain torch: the truth that every fused backend is tested against.
+
+Every backend implements ``forward`` and ``backward`` with these exact signatures (see ``ops.py``):
+
+- ``x`` (N, C_in, H, W), ``pw_weight`` (C_out, C_in), ``pw_bias`` (C_out,) or None, ``dw_weight`` (C_out, 1, kh, kw),
+  ``dw_bias`` (C_out,) or None, all of one dtype and device;
+- ``stride`` (sh, sw), ``padding`` (top, bottom, left, right), ``dilation`` (dh, dw);
+- ``activation``: one of :data:`ACTIVATIONS`, applied to ``mid`` before the depthwise stage.
+
+``mid = act(x · pw_weightᵀ + pw_bias)`` per pixel; ``mid`` is zero-padded (the padding belongs to ``mid``, not to
+``x``); ``y = depthwise_conv(mid, dw_weight, stride, dilation) + dw_bias``. ``backward`` recomputes ``mid`` from ``x``
+and always returns five gradients, the bias gradients included (the autograd layer drops those of absent biases).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format torch's convolutions give for input ``x``; fused backends must return the same."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def output_size(
+    height: int, width: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int]:
+    kh, kw = kernel_size
+    top, bottom, left, right = padding
+    out_h = (height + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (width + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return out_h, out_w
+
+
+def activate(pre: Tensor, activation: str) -> Tensor:
+    if activation == "none":
+        return pre
+    if activation == "relu":
+        return F.relu(pre)
+    if activation == "relu6":
+        return F.relu6(pre)
+    if activation == "hardswish":
+        return F.hardswish(pre)
+    if activation == "silu":
+        return F.silu(pre)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def activation_backward(grad_mid: Tensor, pre: Tensor, activation: str) -> Tensor:
+    """d act(pre) / d pre · grad_mid, with torch autograd's own formulas (so values at kinks match exactly)."""
+    if activation == "none":
+        return grad_mid
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad_mid, pre, 0)
+    if activation == "relu6":
+        return torch.ops.aten.hardtanh_backward(grad_mid, pre, 0.0, 6.0)
+    if activation == "hardswish":
+        return torch.ops.aten.hardswish_backward(grad_mid, pre)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad_mid, pre)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _padded_mid(x: Tensor, pw_weight: Tensor, pw_bias: Tensor | None, padding: Sequence[int], activation: str):
+    pre = F.conv2d(x, pw_weight[:, :, None, None], pw_bias)
+    top, bottom, left, right = padding
+    return pre, F.pad(activate(pre, activation), (left, right, top, bottom))
+
+
+def forward(
+    x: Tensor, pw_weight: Tensor, pw_bias: Tensor | None, dw_weight: Tensor, dw_bias: Tensor | None,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], activation: str,
+) -> Tensor:
+    _, mid = _padded_mid(x, pw_weight, pw_bias, padding, activation)
+    y = F.conv2d(mid, dw_weight, dw_bias, stride, 0, dilation, groups=dw_weight.shape[0])
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+def backward(
+    grad_y: Tensor, x: Tensor, pw_weight: Tensor, pw_bias: Tensor | None, dw_weight: Tensor, dw_bias: Tensor | None,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], activation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    c_out = dw_weight.shape[0]
+    pre, mid = _padded_mid(x, pw_weight, pw_bias, padding, activation)
+    grad_mid, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(
+        grad_y, mid, dw_weight, [c_out], list(stride), [0, 0], list(dilation), False, [0, 0], c_out,
+        [True, True, True],
+    )
+    top, _, left, _ = padding
+    grad_mid = grad_mid[:, :, top : top + x.shape[2], left : left + x.shape[3]]
+    grad_pre = activation_backward(grad_mid, pre, activation)
+    grad_x, grad_pw_weight, grad_pw_bias = torch.ops.aten.convolution_backward(
+        grad_pre, x, pw_weight[:, :, None, None], [c_out], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+        [True, True, True],
+    )
+    return (
+        grad_x.contiguous(memory_format=output_memory_format(x)),
+        grad_pw_weight.reshape(pw_weight.shape).contiguous(),
+        grad_pw_bias,
+        grad_dw_weight.contiguous(),
+        grad_dw_bias,
+    )

@@ -1,0 +1,27 @@
+"""Test configuration: Triton's interpreter on machines without a CUDA GPU, and the ``cuda`` marker."""
+
+import os
+
+import torch
+
+# Must be set before triton is first imported (bsconv_cuda imports it): without a GPU the Triton kernels run on CPU
+# tensors through Triton's interpreter; with one they run natively.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine); runs in scripts/gpu_check.sh")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where fused kernels run in tests: the GPU when there is one, else CPU tensors under Triton's interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

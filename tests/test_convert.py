@@ -1,0 +1,56 @@
+"""convert() swaps every BSConvU in a model for FusedBSConvU and leaves outputs unchanged."""
+
+import pytest
+import torch
+
+bsconv_pytorch = pytest.importorskip("bsconv.pytorch", reason="the bsconv package is a test dependency")
+
+import bsconv_cuda  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_cifar_mobilenetv1(mode):
+    torch.manual_seed(0)
+    model = bsconv_pytorch.get_model("cifar_mobilenetv1_w1_bsconvu", num_classes=100).train(mode == "train")
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = model(x)
+    assert sum(isinstance(m, bsconv_pytorch.BSConvU) for m in model.modules()) == 13
+
+    converted = bsconv_cuda.convert(model)
+
+    assert sum(isinstance(m, bsconv_cuda.FusedBSConvU) for m in converted.modules()) == 13
+    assert not any(isinstance(m, bsconv_pytorch.BSConvU) for m in converted.modules())
+    torch.manual_seed(1)
+    torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_keeps_parameters_for_optimizers():
+    model = torch.nn.Sequential(bsconv_pytorch.BSConvU(3, 4, 3, padding=1), torch.nn.ReLU())
+    parameters = list(model.parameters())
+    bsconv_cuda.convert(model)
+    assert isinstance(model[0], bsconv_cuda.FusedBSConvU)
+    assert all(a is b for a, b in zip(model.parameters(), parameters))
+
+
+def test_convert_of_a_bsconvu_returns_a_new_module():
+    fused = bsconv_cuda.convert(bsconv_pytorch.BSConvU(3, 4, 3), backend="reference")
+    assert isinstance(fused, bsconv_cuda.FusedBSConvU) and fused.backend == "reference"
+
+
+def test_convert_leaves_lookalikes_alone():
+    class NotSequential(torch.nn.Module):  # has pw and dw, but its own forward
+        def __init__(self):
+            super().__init__()
+            self.pw = torch.nn.Conv2d(3, 4, 1, bias=False)
+            self.dw = torch.nn.Conv2d(4, 4, 3, groups=4)
+
+        def forward(self, x):
+            return self.dw(torch.relu(self.pw(x)))
+
+    with_pw_bias = torch.nn.Sequential()
+    with_pw_bias.add_module("pw", torch.nn.Conv2d(3, 4, 1, bias=True))
+    with_pw_bias.add_module("dw", torch.nn.Conv2d(4, 4, 3, groups=4))
+    model = torch.nn.Sequential(NotSequential(), with_pw_bias)
+    bsconv_cuda.convert(model)
+    assert not any(isinstance(m, bsconv_cuda.FusedBSConvU) for m in model.modules())

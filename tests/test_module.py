@@ -1,0 +1,92 @@
+"""FusedBSConvU is a drop-in for bsconv.pytorch.BSConvU: same arguments, parameters, state_dict and outputs."""
+
+import pytest
+import torch
+
+bsconv_pytorch = pytest.importorskip("bsconv.pytorch", reason="the bsconv package is a test dependency")
+
+from bsconv_cuda import FusedBSConvU  # noqa: E402
+
+CONFIGS = [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, with_bn=True),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, with_bn=True, bn_kwargs=dict(momentum=0.3, eps=1e-3)),
+    dict(in_channels=3, out_channels=4, kernel_size=(3, 5), padding=(1, 2)),
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=3, out_channels=4, kernel_size=3, padding=2, dilation=2, padding_mode="circular", with_bn=True),
+    dict(in_channels=3, out_channels=4, kernel_size=4, padding="same", padding_mode="replicate"),
+]
+
+
+def _pair(config):
+    torch.manual_seed(0)
+    original = bsconv_pytorch.BSConvU(**config)
+    torch.manual_seed(0)
+    fused = FusedBSConvU(**config)
+    if "bn" in dict(original.named_children()):
+        with torch.no_grad():  # non-trivial running statistics and affine parameters, identical in both
+            for module in (original.bn, fused.bn):
+                module.running_mean.copy_(torch.linspace(-0.5, 0.5, module.num_features))
+                module.running_var.copy_(torch.linspace(0.5, 2.0, module.num_features))
+                module.weight.copy_(torch.linspace(0.8, 1.2, module.num_features))
+                module.bias.copy_(torch.linspace(-0.1, 0.1, module.num_features))
+    return original, fused
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_same_parameters_and_state_dict(config):
+    original, fused = _pair(config)
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in original.named_parameters()]
+    assert list(fused.state_dict()) == list(original.state_dict())
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=0, atol=0)
+    # Both ways: a checkpoint of either loads strictly into the other.
+    fused.load_state_dict(original.state_dict())
+    original.load_state_dict(fused.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_same_outputs_and_gradients(config, mode):
+    original, fused = _pair(config)
+    original.train(mode == "train")
+    fused.train(mode == "train")
+    x = torch.randn(2, config["in_channels"], 9, 8)
+    x_fused = x.clone().requires_grad_()
+    x_original = x.clone().requires_grad_()
+    expected = original(x_original)
+    actual = fused(x_fused)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad)
+    torch.testing.assert_close(x_fused.grad, x_original.grad, rtol=1e-5, atol=1e-5)
+    for (name, p_fused), (_, p_original) in zip(fused.named_parameters(), original.named_parameters()):
+        torch.testing.assert_close(p_fused.grad, p_original.grad, rtol=1e-4, atol=1e-4, msg=name)
+    if mode == "train" and "bn" in dict(original.named_children()):
+        torch.testing.assert_close(fused.bn.running_mean, original.bn.running_mean)
+
+
+def test_from_bsconvu_shares_layers_and_mode():
+    original = bsconv_pytorch.BSConvU(3, 4, 3, padding=1, with_bn=True).eval()
+    fused = FusedBSConvU.from_bsconvu(original)
+    assert not fused.training
+    assert fused.pw.weight is original.pw.weight and fused.bn is original.bn
+    x = torch.randn(1, 3, 5, 5)
+    torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_from_bsconvu_rejects_other_structures():
+    with pytest.raises(TypeError, match="not BSConvU-shaped"):
+        FusedBSConvU.from_bsconvu(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))
+
+
+def test_extra_repr_names_backend():
+    assert "backend='reference'" in repr(FusedBSConvU(3, 4, 3, backend="reference"))
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FusedBSConvU(3, 4, 3, backend="fast")
