@@ -1,0 +1,52 @@
+"""`import bsconv_cuda` never fails because Triton or the compiled extension is missing or broken."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(prelude: str) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(prelude) + textwrap.dedent(
+        """
+        import warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            import bsconv_cuda
+            from bsconv_cuda import backends, info
+            backends.extension_load_error()
+        print("WARNINGS", len([w for w in caught if "bsconv_cuda._C" in str(w.message)]))
+        print("BACKENDS", bsconv_cuda.available_backends("cpu"))
+        print(info.report())
+        import torch
+        y = bsconv_cuda.bsconv_u(torch.randn(1, 2, 5, 5), torch.randn(3, 2), torch.randn(3, 1, 3, 3), padding=1)
+        print("OUTPUT", tuple(y.shape))
+        """
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_import_without_triton():
+    result = _run("import sys; sys.modules['triton'] = None\n")
+    assert result.returncode == 0, result.stderr
+    assert "BACKENDS ['reference']" in result.stdout
+    assert "triton is not importable" in result.stdout
+    assert "OUTPUT (1, 3, 5, 5)" in result.stdout
+
+
+def test_import_with_a_broken_extension_warns_once_and_falls_back():
+    result = _run(
+        """
+        import importlib.abc, sys
+
+        class BrokenExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "bsconv_cuda._C":
+                    raise ImportError("undefined symbol: _ZN3c104impl (built for another torch)")
+
+        sys.meta_path.insert(0, BrokenExtension())
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WARNINGS 1" in result.stdout
+    assert "bsconv_cuda._C failed to load (ImportError: undefined symbol" in result.stdout
+    assert "OUTPUT (1, 3, 5, 5)" in result.stdout
