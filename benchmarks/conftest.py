@@ -1,0 +1,93 @@
+"""Shared setup of the BSConv-U benchmark suite (``pytest benchmarks --benchmark-only``).
+
+Which set runs: ``--bench-set`` or the environment variable ``BSCONV_BENCH_SET``:
+
+- ``default``: on GPU every shape, fp32 and bf16, fwd/bwd/fwdbwd; reference in NCHW and channels_last; composed
+  dense conv, triton and cuda in channels_last; ``torch.compile`` of the reference (channels_last, bf16) on the
+  quick shapes only. On CPU: the quick shapes at batch 1, reference and composed contenders only.
+- ``quick``: the quick shapes only (with every contender of ``default``).
+- ``full``: everything: also NCHW for every contender, ``torch.compile`` on every shape and dtype.
+
+Results: unless ``--benchmark-json`` is given, the JSON goes to ``benchmark-results/bsconv-<cpu|gpu>.json`` (or
+``$BSCONV_BENCH_JSON``), which is what ``python benchmarks/report.py`` reads by default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import bsconv_cuda  # noqa: F401
+except ImportError:  # not installed: use the checkout
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from _suite import BENCH_SETS, bench_set, on_gpu  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-set", default=None, choices=BENCH_SETS,
+                     help="BSConv-U benchmark set (default: $BSCONV_BENCH_SET or 'default')")
+
+
+def default_json_path() -> Path:
+    env = os.environ.get("BSCONV_BENCH_JSON")
+    if env:
+        return Path(env)
+    return REPO / "benchmark-results" / f"bsconv-{'gpu' if on_gpu() else 'cpu'}.json"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # Runs before pytest-benchmark builds its session, so the default JSON path is seen by it.
+    if not hasattr(config.option, "benchmark_json"):
+        return
+    if config.option.benchmark_json is None and not getattr(config.option, "benchmark_disable", False):
+        if any("benchmarks" in str(a) for a in config.args) or Path.cwd() == REPO / "benchmarks":
+            path = default_json_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            config.option.benchmark_json = open(path, "wb")  # noqa: SIM115 - pytest-benchmark closes it
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from bsconv_cuda import bench
+
+    dev = torch.device("cuda" if on_gpu() else "cpu")
+    machine_info["bsconv_device"] = bench.device_name(dev)
+    machine_info["torch"] = torch.__version__
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        machine_info["triton"] = None
+    if on_gpu():
+        machine_info["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+        machine_info["copy_bandwidth_gbs"] = bench.copy_bandwidth_gbs(0)
+    machine_info["bench_set"] = bench_set(config)
+    machine_info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if on_gpu() else "cpu")
+
+
+class Memo:
+    """Session-wide store of measurements, so fused contenders can be compared with the baselines of the same
+    (shape, dtype, pass) — measured once, on demand when a baseline test was deselected."""
+
+    def __init__(self):
+        self.times: dict = {}
+        self.peaks: dict = {}
+
+
+@pytest.fixture(scope="session")
+def memo() -> Memo:
+    return Memo()
