@@ -8,7 +8,7 @@ Timing (documented choice):
   own statistics for GPU tests are wall-clock times of a synchronized call (launch + kernel + sync, 3 rounds): a
   sanity check only. ``benchmarks/report.py`` uses ``time_ms``.
 - CPU: pytest-benchmark's wall clock (``benchmark.pedantic``), small batch, reference contenders only; its median is
-  copied to ``extra_info["time_ms"]``. CPU timings say nothing about the GPU kernels.
+  min copied to ``extra_info["time_ms"]`` (shared, noisy CPU). CPU timings say nothing about the GPU kernels.
 
 GPU tests also record: ``gbs`` (fused byte floor / time: x + y + weights, each moved once; see
 ``bsconv_cuda.shapes.Shape.byte_floor``), ``frac_copy_bw`` (that over the measured device-to-device copy bandwidth),
@@ -28,7 +28,7 @@ from bsconv_cuda.shapes import QUICK_SHAPES, SHAPES, Shape
 from _suite import bench_set, on_gpu
 
 DTYPE_NAMES = ("fp32", "bf16")
-CPU_ROUNDS = 3
+CPU_ROUNDS = 5
 GPU_SANITY_ROUNDS = 3
 REL_ERR_LIMIT = 2e-2  # fused vs fp32 reference on the same (rounded) inputs; the real accuracy tests live in tests/
 
@@ -37,7 +37,7 @@ def plan(which: str, gpu: bool) -> list[tuple[Shape, str, str, str, str]]:
     """(shape, dtype, pass, contender, layout) in run order: for each shape/dtype/pass the baselines come first, so
     the fused contenders find them measured."""
     if not gpu:
-        shapes = [s.with_batch(1) for s in QUICK_SHAPES]
+        shapes = [s.with_batch(1) for s in QUICK_SHAPES if not s.is_latency]
         contenders = [("reference", "nchw"), ("reference", "cl"), ("composed", "nchw"), ("composed", "cl"),
                       ("triton", "cl"), ("cuda", "cl")]
     else:
@@ -142,8 +142,9 @@ def test_bsconv_u(benchmark, request, device, memo, shape, dtype_name, pass_, co
 
     if device.type != "cuda":
         benchmark.pedantic(runner, rounds=CPU_ROUNDS, warmup_rounds=1, iterations=1)
-        info["time_ms"] = benchmark.stats.stats.median * 1e3
-        info["timer"] = "wall-clock, CPU (pytest-benchmark)"
+        # min, not median: this CPU is shared and a round often loses a scheduler slice
+        info["time_ms"] = benchmark.stats.stats.min * 1e3
+        info["timer"] = "wall-clock, CPU (pytest-benchmark), min of rounds"
         return
 
     if contender in bench.FUSED and pass_ == "fwd":
