@@ -54,7 +54,8 @@ _FORCED: dict[str, dict | None] = {"forward": None, "backward": None}
 def force_blocks(forward: dict | None = None, backward: dict | None = None):
     """Forces block sizes (for tests of tiling edges with tiny shapes).
 
-    forward: any of TH, TW (output tile), BCO, BCI, num_warps. backward: any of TP, BCO, BCI, G, num_warps.
+    forward: any of TH, TW (output tile), BCO, BCI, num_warps, IDX64 (64-bit offsets even for small tensors).
+    backward: any of TP, BCO, BCI, G, num_warps, IDX64.
     """
     saved = dict(_FORCED)
     _FORCED["forward"], _FORCED["backward"] = forward, backward
@@ -417,7 +418,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
         tiles_w, tiles_h * tiles_w, n_co, pt, pl,
         KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, TH=th, TW=tw, HH=hh, WW=ww, TP=tp, P=p,
         BCO=bco, BCI=bci, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, HAS_DB=dw_bias is not None,
-        PREC=prec, ACC64=acc64, IDX64=_needs_int64(x, y), UPCAST_DOT=upcast, num_warps=num_warps,
+        PREC=prec, ACC64=acc64, IDX64=forced.get("IDX64", _needs_int64(x, y)), UPCAST_DOT=upcast, num_warps=num_warps,
     )
     return y
 
@@ -462,7 +463,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         *x.stride(), *grad_y.stride(), *grad_x.stride(),
         pt, pl, g, k_part,
         KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, TP=tp, BCO=bco, BCI=bci, ACT=_ACT_CODES[activation],
-        HAS_PB=pw_bias is not None, PREC=prec, ACC64=acc64, IDX64=_needs_int64(x, grad_y, grad_x),
+        HAS_PB=pw_bias is not None, PREC=prec, ACC64=acc64, IDX64=forced.get("IDX64", _needs_int64(x, grad_y, grad_x)),
         UPCAST_DOT=upcast, num_warps=num_warps,
     )
     m = c_out * k_part
