@@ -76,6 +76,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
+    if not on_gpu():
+        # One thread: on a shared 2-core CI machine two OpenMP threads stall on each other's scheduler slices
+        # (timings jump by whole milliseconds). CPU numbers are a smoke test of the suite, not a CPU benchmark.
+        torch.set_num_threads(int(os.environ.get("BSCONV_BENCH_CPU_THREADS", "1")))
     return torch.device("cuda" if on_gpu() else "cpu")
 
 

@@ -534,6 +534,8 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--composed", action="store_true", help="GPU: also time the dense composed KxK conv")
     p.add_argument("--compile", action="store_true", help="GPU: also time torch.compile of the reference")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch threads (default: torch's; 1 is steadier on a busy machine)")
     p.add_argument("--triton-interpret", action="store_true",
                    help="CPU: also run the Triton kernels in Triton's interpreter on tiny crops of the first "
                         "shapes (correctness smoke test, NOT a speed measurement)")
@@ -561,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.dtype = "bf16" if on_gpu else "fp32"
     if args.triton_interpret and on_gpu:
         raise SystemExit("--triton-interpret is for CPU-only machines")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results, meta = run_benchmarks(args)
     print(format_table(results, meta))
     if args.json:
