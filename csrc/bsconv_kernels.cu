@@ -1,0 +1,813 @@
+// CUDA kernels of the fused BSConv-U block (pointwise 1x1 -> optional activation -> depthwise KxK).
+//
+// Only CUDA headers and bsconv_params.h are included here (no torch headers): the host glue lives in
+// bsconv_ops.cpp. Every tensor the kernels see is channels_last (NHWC-contiguous); the host makes copies
+// for other layouts.
+//
+// Forward (fwd_kernel): one block = (32 output channels, one TH x TW output tile, one image). It computes
+// pre = x . W^T for the (tile + halo) input pixels with tensor cores (WMMA, fp16/bf16) or fp32 FMA, in chunks
+// of input channels staged in shared memory; then mid = act(pre + pw_bias), zero outside the image (padding
+// applies to mid), kept in shared memory as fp32; then the depthwise KxK stage reads mid from shared memory and
+// writes y. mid never touches global memory.
+//
+// Backward:
+//   1. bwd_tile_kernel: one block = (32 channels, 256 mid pixels, one image): recomputes pre for its pixels,
+//      gathers grad_mid from grad_y through the transposed depthwise stencil, writes gpre = grad_mid * act'(pre)
+//      (input dtype, scratch of mid's size, lives only during backward) and per-block fp32 partial sums of
+//      grad_dw_weight and grad_pw_bias.
+//   2. gemm_kernel: grad_x = gpre . W (tensor cores / FMA) and split-K partials of grad_pw_weight = gpre^T . x.
+//   3. colsum_kernel: per-row-block partials of grad_dw_bias = column sums of grad_y.
+//   4. reduce kernels: sum the partials in a fixed order (deterministic, bitwise reproducible).
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "bsconv_params.h"
+
+namespace bsconv {
+namespace {
+
+using namespace nvcuda;
+
+constexpr int kThreads = 256;  // every kernel uses 8 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int CB = 32;         // output channels per block in the fused kernels
+constexpr int LDM = CB + 4;    // leading dimension (floats) of the fp32 mid / pre tile in shared memory
+constexpr int kMaxHalo = 384;  // max (tile + halo) pixels per forward block; multiple of 16
+constexpr int kBwdPix = 256;   // mid pixels per backward tile block
+
+// ----------------------------------------------------------------------------------------------- type helpers
+template <typename T>
+struct Cfg {
+  static constexpr bool kFloat = std::is_same<T, float>::value;
+  static constexpr bool kTC = !kFloat;              // tensor cores for fp16 / bf16, fp32 FMA for float
+  static constexpr int KC = kFloat ? 16 : 32;       // input channels per shared-memory chunk
+  static constexpr int LDX = kFloat ? KC + 4 : KC + 8;  // 80 bytes per row either way (16B multiple)
+  static constexpr int LDW = LDX;
+  static constexpr int VEC = 16 / (int)sizeof(T);   // elements per 16-byte access
+};
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ T zero_val() { return from_f<T>(0.f); }
+
+__device__ __forceinline__ float act_fwd(float v, int act) {
+  switch (act) {
+    case (int)Act::ReLU: return v > 0.f ? v : 0.f;
+    case (int)Act::ReLU6: return v > 0.f ? (v < 6.f ? v : 6.f) : 0.f;
+    case (int)Act::HardSwish: return v * fminf(fmaxf(v + 3.f, 0.f), 6.f) / 6.f;
+    case (int)Act::SiLU: return v / (1.f + expf(-v));
+    default: return v;
+  }
+}
+
+// d act / d v, with torch's conventions at the kinks (relu: 0 at 0; relu6: 0 at 0 and 6;
+// hardswish: x/3 + 0.5 on [-3, 3]).
+__device__ __forceinline__ float act_bwd(float v, int act) {
+  switch (act) {
+    case (int)Act::ReLU: return v > 0.f ? 1.f : 0.f;
+    case (int)Act::ReLU6: return (v > 0.f && v < 6.f) ? 1.f : 0.f;
+    case (int)Act::HardSwish: return v < -3.f ? 0.f : (v <= 3.f ? v / 3.f + 0.5f : 1.f);
+    case (int)Act::SiLU: {
+      const float sg = 1.f / (1.f + expf(-v));
+      return sg * (1.f + v * (1.f - sg));
+    }
+    default: return 1.f;
+  }
+}
+
+__host__ __device__ __forceinline__ int round_up(int v, int m) { return (v + m - 1) / m * m; }
+__host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------------------------ pointwise stage (GEMM)
+// Shared-memory layout while the GEMM runs (region 0, reused afterwards for the fp32 result):
+//   xs  [P_pad][LDX] T : x of the region's pixels, KC input channels
+//   ws  [CB][LDW]    T : W rows c0..c0+CB, KC input channels (== B = W^T in column-major order)
+// After the GEMM (and a __syncthreads), region 0 holds
+//   acc [P_pad][LDM] float : pre-activation without bias, for pixel p (row) and channel c0 + c (column).
+template <typename T>
+__host__ __device__ __forceinline__ int region0_bytes(int P_pad) {
+  const int gemm = (P_pad * Cfg<T>::LDX + CB * Cfg<T>::LDW) * (int)sizeof(T);
+  const int acc = P_pad * LDM * (int)sizeof(float);
+  return round_up(gemm > acc ? gemm : acc, 128);
+}
+
+// Region: pixels p in [0, P) are (r_h0 + p / RW, r_w0 + p % RW) of image n; rows P..P_pad-1 and pixels outside
+// the image read as zeros. `vec`: C_in % VEC == 0 and x is 16-byte aligned, so 16-byte loads are legal.
+template <typename T>
+__device__ __forceinline__ void pointwise_gemm(const T* __restrict__ x, const T* __restrict__ pw, const ConvShape& s, int n,
+                               int c0, int r_h0, int r_w0, int RW, int P, int P_pad, bool vec,
+                               unsigned char* region0) {
+  using C = Cfg<T>;
+  constexpr int KC = C::KC, LDX = C::LDX, LDW = C::LDW, VEC = C::VEC;
+  T* xs = reinterpret_cast<T*>(region0);
+  T* ws = xs + P_pad * LDX;
+  float* acc_s = reinterpret_cast<float*>(region0);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int H = (int)s.H, W = (int)s.W;
+  const int64_t C_in = s.C_in, C_out = s.C_out;
+  const int64_t img_pix = (int64_t)n * s.H * s.W;
+
+  constexpr int kMaxFrag = kMaxHalo / 16 / (kWarps / 2);  // 6 M-tiles per warp (each warp: one N-tile)
+  constexpr int kMaxRows = kMaxHalo / kWarps;             // 48 pixel rows per warp (FMA path)
+
+  // tensor-core accumulators: warp w owns N-tile (w & 1) and M-tiles (w >> 1) + 4 j
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[C::kTC ? kMaxFrag : 1];
+  // FMA accumulators: lane = channel, rows warp + 8 t
+  float facc[C::kTC ? 1 : kMaxRows];
+  if constexpr (C::kTC) {
+#pragma unroll
+    for (int j = 0; j < kMaxFrag; ++j) wmma::fill_fragment(frag[j], 0.f);
+  } else {
+#pragma unroll
+    for (int t = 0; t < kMaxRows; ++t) facc[t] = 0.f;
+  }
+  const int m_tiles = P_pad / 16;
+
+  for (int64_t k0 = 0; k0 < C_in; k0 += KC) {
+    // ---- stage x chunk
+    if (vec) {
+      constexpr int NV = KC / VEC;
+      for (int v = tid; v < P_pad * NV; v += kThreads) {
+        const int p = v / NV, kv = v - p * NV;
+        const int64_t k = k0 + kv * VEC;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (p < P && k < C_in) {
+          const int ih = r_h0 + p / RW, iw = r_w0 + p % RW;
+          if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+            val = __ldg(reinterpret_cast<const uint4*>(x + ((img_pix + (int64_t)ih * W + iw) * C_in + k)));
+        }
+        *reinterpret_cast<uint4*>(xs + p * LDX + kv * VEC) = val;
+      }
+    } else {
+      for (int e = tid; e < P_pad * KC; e += kThreads) {
+        const int p = e / KC, kk = e - p * KC;
+        const int64_t k = k0 + kk;
+        T val = zero_val<T>();
+        if (p < P && k < C_in) {
+          const int ih = r_h0 + p / RW, iw = r_w0 + p % RW;
+          if (ih >= 0 && ih < H && iw >= 0 && iw < W) val = x[(img_pix + (int64_t)ih * W + iw) * C_in + k];
+        }
+        xs[p * LDX + kk] = val;
+      }
+    }
+    // ---- stage W chunk: ws[c][kk] = W[c0 + c][k0 + kk]
+    for (int e = tid; e < CB * KC; e += kThreads) {
+      const int c = e / KC, kk = e - c * KC;
+      const int64_t k = k0 + kk;
+      T val = zero_val<T>();
+      if (c0 + c < C_out && k < C_in) val = pw[(int64_t)(c0 + c) * C_in + k];
+      ws[c * LDW + kk] = val;
+    }
+    __syncthreads();
+
+    if constexpr (C::kTC) {
+      const int nt = warp & 1;
+#pragma unroll
+      for (int kk = 0; kk < KC; kk += 16) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+        wmma::load_matrix_sync(bf, ws + nt * 16 * LDW + kk, LDW);
+#pragma unroll
+        for (int j = 0; j < kMaxFrag; ++j) {
+          const int mt = (warp >> 1) + 4 * j;
+          if (mt < m_tiles) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+            wmma::load_matrix_sync(af, xs + mt * 16 * LDX + kk, LDX);
+            wmma::mma_sync(frag[j], af, bf, frag[j]);
+          }
+        }
+      }
+    } else {
+      float wr[KC];
+#pragma unroll
+      for (int kk = 0; kk < KC; ++kk) wr[kk] = to_f(ws[lane * LDW + kk]);
+#pragma unroll
+      for (int t = 0; t < kMaxRows; ++t) {
+        const int p = warp + kWarps * t;
+        if (p < P_pad) {
+          float a = facc[t];
+#pragma unroll
+          for (int kk = 0; kk < KC; kk += 4) {
+            const float4 xv = *reinterpret_cast<const float4*>(xs + p * LDX + kk);
+            a = fmaf(to_f(xv.x), wr[kk], a);
+            a = fmaf(to_f(xv.y), wr[kk + 1], a);
+            a = fmaf(to_f(xv.z), wr[kk + 2], a);
+            a = fmaf(to_f(xv.w), wr[kk + 3], a);
+          }
+          facc[t] = a;
+        }
+      }
+    }
+    __syncthreads();  // xs / ws are overwritten by the next chunk (or by acc below)
+  }
+
+  // ---- write the fp32 result over region 0
+  if constexpr (C::kTC) {
+    const int nt = warp & 1;
+#pragma unroll
+    for (int j = 0; j < kMaxFrag; ++j) {
+      const int mt = (warp >> 1) + 4 * j;
+      if (mt < m_tiles) wmma::store_matrix_sync(acc_s + mt * 16 * LDM + nt * 16, frag[j], LDM, wmma::mem_row_major);
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < kMaxRows; ++t) {
+      const int p = warp + kWarps * t;
+      if (p < P_pad) acc_s[p * LDM + lane] = facc[t];
+    }
+  }
+  __syncthreads();
+}
+
+// Loads dw_weight[c0 .. c0+CB) as fp32 [K*K][CB] and the (optional) biases as fp32 [CB] (0 beyond C_out).
+template <typename T, int K>
+__device__ __forceinline__ void load_channel_params(const T* __restrict__ dw, const T* __restrict__ b1,
+                                                    const T* __restrict__ b2, int64_t C_out, int c0, float* dws,
+                                                    float* b1s, float* b2s) {
+  for (int e = threadIdx.x; e < K * K * CB; e += kThreads) {
+    const int tap = e / CB, c = e - tap * CB;
+    dws[e] = (c0 + c < C_out) ? to_f(dw[(int64_t)(c0 + c) * K * K + tap]) : 0.f;
+  }
+  for (int c = threadIdx.x; c < CB; c += kThreads) {
+    const bool ok = c0 + c < C_out;
+    b1s[c] = (ok && b1 != nullptr) ? to_f(b1[c0 + c]) : 0.f;
+    if (b2s != nullptr) b2s[c] = (ok && b2 != nullptr) ? to_f(b2[c0 + c]) : 0.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------- forward
+struct FwdTile {
+  int TH, TW, IH, IW, P, P_pad, tiles_w;
+  int64_t tiles;
+};
+
+template <typename T, int K>
+__host__ __device__ __forceinline__ int fwd_smem_bytes(int P_pad) {
+  return region0_bytes<T>(P_pad) + (K * K + 2) * CB * (int)sizeof(float);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, bool vec) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const ConvShape& s = a.s;
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  T* __restrict__ y = static_cast<T*>(a.y);
+  const int tid = threadIdx.x;
+  const int c0 = blockIdx.x * CB;
+  const int n = blockIdx.z;
+  const int tile = blockIdx.y;
+  const int oh0 = (tile / t.tiles_w) * t.TH, ow0 = (tile % t.tiles_w) * t.TW;
+  const int h0 = oh0 * s.sh - s.pad_top, w0 = ow0 * s.sw - s.pad_left;
+  const int H = (int)s.H, W = (int)s.W;
+
+  float* acc_s = reinterpret_cast<float*>(smem);
+  float* dws = reinterpret_cast<float*>(smem + region0_bytes<T>(t.P_pad));
+  float* pbs = dws + K * K * CB;
+  float* dbs = pbs + CB;
+  load_channel_params<T, K>(static_cast<const T*>(a.dw_w), static_cast<const T*>(a.pw_b),
+                            static_cast<const T*>(a.dw_b), s.C_out, c0, dws, pbs, dbs);
+
+  pointwise_gemm<T>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.P, t.P_pad, vec, smem);
+
+  // mid = act(pre + b) inside the image, 0 in the padding (and in the unused rows)
+  for (int e = tid; e < t.P_pad * CB; e += kThreads) {
+    const int p = e / CB, c = e - p * CB;
+    const int ih = h0 + p / t.IW, iw = w0 + p % t.IW;
+    const bool ok = p < t.P && ih >= 0 && ih < H && iw >= 0 && iw < W;
+    float* slot = acc_s + p * LDM + c;
+    *slot = ok ? act_fwd(*slot + pbs[c], (int)s.act) : 0.f;
+  }
+  __syncthreads();
+
+  // depthwise stage: thread = (output pixel, channel); lanes run over channels (conflict-free smem reads,
+  // coalesced NHWC stores)
+  const int64_t C_out = s.C_out;
+  for (int e = tid; e < t.TH * t.TW * CB; e += kThreads) {
+    const int q = e / CB, c = e - q * CB;
+    const int toh = q / t.TW, tow = q - toh * t.TW;
+    const int oh = oh0 + toh, ow = ow0 + tow;
+    if (oh < s.H_out && ow < s.W_out && c0 + c < C_out) {
+      float sum = dbs[c];
+      const float* mrow = acc_s + ((toh * s.sh) * t.IW + tow * s.sw) * LDM + c;
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+#pragma unroll
+        for (int j = 0; j < K; ++j) {
+          sum = fmaf(mrow[(i * s.dh * t.IW + j * s.dw) * LDM], dws[(i * K + j) * CB + c], sum);
+        }
+      }
+      y[(((int64_t)n * s.H_out + oh) * s.W_out + ow) * C_out + c0 + c] = from_f<T>(sum);
+    }
+  }
+}
+
+// Picks the output tile (TH x TW) with the best ratio of output pixels to computed (tile + halo) pixels, among
+// the tiles whose halo fits kMaxHalo. Returns false when not even a 1 x 1 tile fits.
+bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
+  static const int ths[] = {16, 8, 4, 2, 1};
+  static const int tws[] = {32, 16, 8, 4, 2, 1};
+  bool found = false;
+  double best = -1.0;
+  for (int th0 : ths) {
+    for (int tw0 : tws) {
+      const int th = (int)(th0 < s.H_out ? th0 : s.H_out), tw = (int)(tw0 < s.W_out ? tw0 : s.W_out);
+      const int IH = (th - 1) * s.sh + (s.K - 1) * s.dh + 1;
+      const int IW = (tw - 1) * s.sw + (s.K - 1) * s.dw + 1;
+      const int64_t P = (int64_t)IH * IW;
+      if (P > kMaxHalo) continue;
+      const int P_pad = round_up((int)P, 16);
+      const double score = (double)(th * tw) / P_pad;
+      if (score > best + 1e-12) {
+        best = score;
+        found = true;
+        out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW; out->P = (int)P; out->P_pad = P_pad;
+      }
+    }
+  }
+  if (!found) return false;
+  out->tiles_w = (int)ceil_div64(s.W_out, out->TW);
+  out->tiles = ceil_div64(s.H_out, out->TH) * out->tiles_w;
+  return true;
+}
+
+int max_smem_optin() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 48 * 1024;
+  return v;
+}
+
+template <typename Kern>
+int prepare_smem(Kern kernel, int bytes) {
+  if (bytes > 48 * 1024) {
+    if (bytes > max_smem_optin()) return -2;
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return (int)e;
+  }
+  return 0;
+}
+
+template <typename T, int K>
+int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
+  const ConvShape& s = a.s;
+  FwdTile t;
+  if (!choose_fwd_tile(s, &t)) return -1;
+  const bool vec = (s.C_in % Cfg<T>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
+  const int smem = fwd_smem_bytes<T, K>(t.P_pad);
+  int rc = prepare_smem(fwd_kernel<T, K>, smem);
+  if (rc != 0) return rc;
+  dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)t.tiles, (unsigned)s.N);
+  fwd_kernel<T, K><<<grid, kThreads, smem, stream>>>(a, t, vec);
+  return (int)cudaGetLastError();
+}
+
+// ------------------------------------------------------------------------------------------------ backward
+struct BwdTile {
+  int TH, TW, tiles_w;  // TH * TW == kBwdPix
+  int64_t tiles;
+};
+
+BwdTile choose_bwd_tile(const ConvShape& s) {
+  BwdTile t;
+  t.TW = s.W > 16 ? 32 : (s.W > 8 ? 16 : (s.W > 4 ? 8 : 4));
+  t.TH = kBwdPix / t.TW;
+  t.tiles_w = (int)ceil_div64(s.W, t.TW);
+  t.tiles = ceil_div64(s.H, t.TH) * t.tiles_w;
+  return t;
+}
+
+template <typename T, int K>
+__host__ __device__ __forceinline__ int bwd_smem_bytes() {
+  return region0_bytes<T>(kBwdPix) + (K * K + 1) * CB * (int)sizeof(float);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t, bool vec) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KK = K * K;
+  const ConvShape& s = a.s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c0 = blockIdx.x * CB;
+  const int n = blockIdx.z;
+  const int tile = blockIdx.y;
+  const int h0 = (tile / t.tiles_w) * t.TH, w0 = (tile % t.tiles_w) * t.TW;
+  const int H = (int)s.H, W = (int)s.W;
+  const int64_t C_out = s.C_out;
+
+  float* acc_s = reinterpret_cast<float*>(smem);
+  float* dws = reinterpret_cast<float*>(smem + region0_bytes<T>(kBwdPix));
+  float* pbs = dws + KK * CB;
+  load_channel_params<T, K>(static_cast<const T*>(a.dw_w), static_cast<const T*>(a.pw_b), nullptr, C_out, c0,
+                            dws, pbs, nullptr);
+
+  pointwise_gemm<T>(static_cast<const T*>(a.x), static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.TW, kBwdPix,
+                    kBwdPix, vec, smem);
+
+  const T* __restrict__ gy = static_cast<const T*>(a.grad_y);
+  T* __restrict__ gpre = static_cast<T*>(a.gpre);
+  const int c = lane;
+  const bool cok = c0 + c < C_out;
+  float gD[KK];
+#pragma unroll
+  for (int q = 0; q < KK; ++q) gD[q] = 0.f;
+  float gpb = 0.f;
+  const int64_t gy_img = (int64_t)n * s.H_out;
+
+  for (int p = warp; p < kBwdPix; p += kWarps) {
+    const int h = h0 + p / t.TW, w = w0 + p % t.TW;
+    if (!cok || h >= H || w >= W) continue;
+    const float pre = acc_s[p * LDM + c] + pbs[c];
+    const float m = act_fwd(pre, (int)s.act);
+    float gm = 0.f;
+    // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff oh*sh + i*dh - pad_top == h (same for w)
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      const int ohn = h + s.pad_top - i * s.dh;
+      const int oh = ohn / s.sh;
+      const bool hok = ohn >= 0 && oh * s.sh == ohn && oh < s.H_out;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        const int own = w + s.pad_left - j * s.dw;
+        const int ow = own / s.sw;
+        const bool wok = own >= 0 && ow * s.sw == own && ow < s.W_out;
+        if (hok && wok) {
+          const float g = to_f(gy[((gy_img + oh) * s.W_out + ow) * C_out + c0 + c]);
+          gm = fmaf(g, dws[(i * K + j) * CB + c], gm);
+          gD[i * K + j] = fmaf(g, m, gD[i * K + j]);
+        }
+      }
+    }
+    const float gp = gm * act_bwd(pre, (int)s.act);
+    gpb += gp;
+    gpre[(((int64_t)n * H + h) * W + w) * C_out + c0 + c] = from_f<T>(gp);
+  }
+
+  // per-block partials (fixed order over the 8 warps): part_tile[tile_id][c][0..KK-1] = grad_dw, [KK] = grad_pb
+  float* red = acc_s;  // acc no longer needed: every thread is past its last read once the barrier is passed
+  const int64_t tile_id = (int64_t)n * gridDim.y + tile;
+  float* out = a.part_tile + tile_id * C_out * (KK + 1);
+  __syncthreads();
+#pragma unroll
+  for (int q = 0; q <= KK; ++q) {
+    red[warp * CB + lane] = q < KK ? gD[q < KK ? q : 0] : gpb;
+    __syncthreads();
+    if (warp == 0 && cok) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w8 = 0; w8 < kWarps; ++w8) sum += red[w8 * CB + lane];
+      out[(int64_t)(c0 + lane) * (KK + 1) + q] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+// C = A . B over k in this block's split. A(m, k) = A[m*sAm + k*sAk], B(k, n) = B[k*sBk + n*sBn].
+// PARTIAL: C is float [splits][M][N] (split = blockIdx.z); else C is T [M][N].
+constexpr int GBM = 64, GBN = 64;
+
+template <typename T>
+struct GemmCfg {
+  static constexpr int BK = Cfg<T>::kFloat ? 16 : 32;
+  static constexpr int LDA = Cfg<T>::kFloat ? BK + 4 : BK + 8;
+  static constexpr int LDB = Cfg<T>::kFloat ? GBN + 4 : GBN + 8;
+  static constexpr int LDC = GBN + 4;
+  static constexpr int kABytes = GBM * LDA * (int)sizeof(T);
+  static constexpr int kBBytes = BK * LDB * (int)sizeof(T);
+  static constexpr int kCBytes = GBM * LDC * (int)sizeof(float);
+  static constexpr int kSmem = (kABytes + kBBytes) > kCBytes ? (kABytes + kBBytes) : kCBytes;
+};
+
+template <typename T, bool PARTIAL>
+__global__ void __launch_bounds__(kThreads)
+    gemm_kernel(const T* __restrict__ A, int64_t sAm, int64_t sAk, const T* __restrict__ B, int64_t sBk,
+                int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout) {
+  using G = GemmCfg<T>;
+  constexpr int BK = G::BK, LDA = G::LDA, LDB = G::LDB, LDC = G::LDC;
+  __shared__ __align__(128) unsigned char smem[G::kSmem];
+  T* As = reinterpret_cast<T*>(smem);
+  T* Bs = reinterpret_cast<T*>(smem + G::kABytes);
+  float* Cs = reinterpret_cast<float*>(smem);
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t m0 = (int64_t)blockIdx.x * GBM, n0 = (int64_t)blockIdx.y * GBN;
+  const int64_t kb = (int64_t)blockIdx.z * kchunk;
+  const int64_t ke = kb + kchunk < Ktot ? kb + kchunk : Ktot;
+  const bool a_kfast = sAk == 1, b_nfast = sBn == 1;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[Cfg<T>::kTC ? 2 : 1];
+  float facc[Cfg<T>::kTC ? 1 : 4][Cfg<T>::kTC ? 1 : 4];
+  if constexpr (Cfg<T>::kTC) {
+    wmma::fill_fragment(frag[0], 0.f);
+    wmma::fill_fragment(frag[1], 0.f);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) facc[i][j] = 0.f;
+  }
+
+  for (int64_t k0 = kb; k0 < ke; k0 += BK) {
+    for (int e = tid; e < GBM * BK; e += kThreads) {
+      int mm, kk;
+      if (a_kfast) { mm = e / BK; kk = e - mm * BK; } else { kk = e / GBM; mm = e - kk * GBM; }
+      const int64_t m = m0 + mm, k = k0 + kk;
+      As[mm * LDA + kk] = (m < M && k < ke) ? A[m * sAm + k * sAk] : zero_val<T>();
+    }
+    for (int e = tid; e < BK * GBN; e += kThreads) {
+      int kk, nn;
+      if (b_nfast) { kk = e / GBN; nn = e - kk * GBN; } else { nn = e / BK; kk = e - nn * BK; }
+      const int64_t k = k0 + kk, nq = n0 + nn;
+      Bs[kk * LDB + nn] = (k < ke && nq < N) ? B[k * sBk + nq * sBn] : zero_val<T>();
+    }
+    __syncthreads();
+    if constexpr (Cfg<T>::kTC) {
+      const int mt = warp >> 1, nt0 = (warp & 1) * 2;
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+        wmma::load_matrix_sync(af, As + mt * 16 * LDA + kk, LDA);
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+          wmma::load_matrix_sync(bf, Bs + kk * LDB + (nt0 + q) * 16, LDB);
+          wmma::mma_sync(frag[q], af, bf, frag[q]);
+        }
+      }
+    } else {
+      const int ty = tid >> 4, tx = tid & 15;
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        float av[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) av[i] = to_f(As[(ty + 16 * i) * LDA + kk]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) bv[j] = to_f(Bs[kk * LDB + tx + 16 * j]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) facc[i][j] = fmaf(av[i], bv[j], facc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  auto store = [&](int mm, int nn, float v) {
+    const int64_t m = m0 + mm, nq = n0 + nn;
+    if (m < M && nq < N) {
+      if constexpr (PARTIAL)
+        static_cast<float*>(Cout)[((int64_t)blockIdx.z * M + m) * N + nq] = v;
+      else
+        static_cast<T*>(Cout)[m * N + nq] = from_f<T>(v);
+    }
+  };
+  if constexpr (Cfg<T>::kTC) {
+    const int mt = warp >> 1, nt0 = (warp & 1) * 2;
+    wmma::store_matrix_sync(Cs + mt * 16 * LDC + nt0 * 16, frag[0], LDC, wmma::mem_row_major);
+    wmma::store_matrix_sync(Cs + mt * 16 * LDC + (nt0 + 1) * 16, frag[1], LDC, wmma::mem_row_major);
+    __syncthreads();
+    for (int e = tid; e < GBM * GBN; e += kThreads) {
+      const int mm = e / GBN, nn = e - mm * GBN;
+      store(mm, nn, Cs[mm * LDC + nn]);
+    }
+  } else {
+    const int ty = tid >> 4, tx = tid & 15;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) store(ty + 16 * i, tx + 16 * j, facc[i][j]);
+  }
+}
+
+// part[rb][c] = sum of rows [rb*R, min(M, (rb+1)*R)) of a (M x C, row-major), fixed order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    colsum_kernel(const T* __restrict__ a, int64_t M, int64_t C, int64_t R, float* __restrict__ part) {
+  __shared__ float red[kWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t c = (int64_t)blockIdx.x * 32 + lane;
+  const int64_t rb = blockIdx.y;
+  const int64_t r_end = (rb + 1) * R < M ? (rb + 1) * R : M;
+  float sum = 0.f;
+  if (c < C)
+    for (int64_t r = rb * R + warp; r < r_end; r += kWarps) sum += to_f(a[r * C + c]);
+  red[warp][lane] = sum;
+  __syncthreads();
+  if (warp == 0 && c < C) {
+    float tot = 0.f;
+#pragma unroll
+    for (int w8 = 0; w8 < kWarps; ++w8) tot += red[w8][lane];
+    part[rb * C + c] = tot;
+  }
+}
+
+// out[l] = sum_{s < S} part[s*L + l], s ascending (deterministic).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    reduce_kernel(const float* __restrict__ part, int64_t S, int64_t L, T* __restrict__ out) {
+  const int64_t l = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (l >= L) return;
+  float sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) sum += part[s * L + l];
+  out[l] = from_f<T>(sum);
+}
+
+// part_tile[s][c][q], q < KK -> grad_dw[c][q]; q == KK -> grad_pb[c].
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    reduce_tile_kernel(const float* __restrict__ part, int64_t S, int64_t C_out, int KK, T* __restrict__ gdw,
+                       T* __restrict__ gpb) {
+  const int64_t L = C_out * (KK + 1);
+  const int64_t l = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (l >= L) return;
+  float sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) sum += part[s * L + l];
+  const int64_t c = l / (KK + 1);
+  const int q = (int)(l - c * (KK + 1));
+  if (q < KK)
+    gdw[c * KK + q] = from_f<T>(sum);
+  else
+    gpb[c] = from_f<T>(sum);
+}
+
+// workspace geometry (shared by bwd_workspace and bwd_launch so the two always agree)
+struct BwdGeom {
+  BwdTile tile;
+  int64_t num_tiles;  // N * tile.tiles
+  int64_t splits;     // split-K count of the grad_pw_weight GEMM
+  int64_t kchunk;     // pixels per split (multiple of the GEMM's BK)
+  int64_t col_rows;   // rows per grad_dw_bias partial
+  int64_t col_blocks;
+};
+
+template <typename T>
+BwdGeom bwd_geom_t(const ConvShape& s) {
+  BwdGeom g;
+  g.tile = choose_bwd_tile(s);
+  g.num_tiles = s.N * g.tile.tiles;
+  const int64_t M = s.N * s.H * s.W;
+  const int64_t mn_tiles = ceil_div64(s.C_out, GBM) * ceil_div64(s.C_in, GBN);
+  int64_t splits = ceil_div64(512, mn_tiles);
+  const int64_t max_splits = ceil_div64(M, 256);
+  if (splits > max_splits) splits = max_splits;
+  if (splits < 1) splits = 1;
+  const int BK = GemmCfg<T>::BK;
+  g.kchunk = ceil_div64(ceil_div64(M, splits), BK) * BK;
+  g.splits = ceil_div64(M, g.kchunk);  // every split non-empty
+  const int64_t Mo = s.N * s.H_out * s.W_out;
+  g.col_rows = ceil_div64(Mo, 32768) > 1024 ? ceil_div64(Mo, 32768) : 1024;  // keeps col_blocks <= 32768
+  g.col_blocks = ceil_div64(Mo, g.col_rows);
+  return g;
+}
+
+BwdGeom bwd_geom(const ConvShape& s) {
+  switch (s.dtype) {
+    case DType::Float32: return bwd_geom_t<float>(s);
+    default: return bwd_geom_t<__half>(s);  // same geometry for fp16 and bf16
+  }
+}
+
+template <typename T, int K>
+int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
+  const ConvShape& s = a.s;
+  const BwdGeom g = bwd_geom(s);
+  constexpr int KK = K * K;
+  const bool vec = (s.C_in % Cfg<T>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
+  int rc;
+  // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
+  {
+    const int smem = bwd_smem_bytes<T, K>();
+    rc = prepare_smem(bwd_tile_kernel<T, K>, smem);
+    if (rc != 0) return rc;
+    dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)g.tile.tiles, (unsigned)s.N);
+    bwd_tile_kernel<T, K><<<grid, kThreads, smem, stream>>>(a, g.tile, vec);
+    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  }
+  const int64_t M = s.N * s.H * s.W;
+  const T* gpre = static_cast<const T*>(a.gpre);
+  const T* x = static_cast<const T*>(a.x);
+  const T* pw = static_cast<const T*>(a.pw_w);
+  // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in]
+  {
+    dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(s.C_in, GBN), 1);
+    gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out,
+                                                         s.C_out, a.grad_x);
+    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  }
+  // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
+  {
+    dim3 grid((unsigned)ceil_div64(s.C_out, GBM), (unsigned)ceil_div64(s.C_in, GBN), (unsigned)g.splits);
+    gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M,
+                                                        g.kchunk, a.part_gemm);
+    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  }
+  // 3. partials of grad_dw_bias
+  {
+    dim3 grid((unsigned)ceil_div64(s.C_out, 32), (unsigned)g.col_blocks, 1);
+    colsum_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a.grad_y), s.N * s.H_out * s.W_out,
+                                                    s.C_out, g.col_rows, a.part_col);
+    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  }
+  // 4. fixed-order reductions
+  {
+    const int64_t L = s.C_out * (KK + 1);
+    reduce_tile_kernel<T><<<(unsigned)ceil_div64(L, kThreads), kThreads, 0, stream>>>(
+        a.part_tile, g.num_tiles, s.C_out, KK, static_cast<T*>(a.grad_dw_w), static_cast<T*>(a.grad_pw_b));
+    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+    const int64_t Lw = s.C_out * s.C_in;
+    reduce_kernel<T><<<(unsigned)ceil_div64(Lw, kThreads), kThreads, 0, stream>>>(a.part_gemm, g.splits, Lw,
+                                                                                  static_cast<T*>(a.grad_pw_w));
+    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+    reduce_kernel<T><<<(unsigned)ceil_div64(s.C_out, kThreads), kThreads, 0, stream>>>(
+        a.part_col, g.col_blocks, s.C_out, static_cast<T*>(a.grad_dw_b));
+    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  }
+  return 0;
+}
+
+// ------------------------------------------------------------------------------------------------ dispatch
+#define BSCONV_DISPATCH_K(T, FN, ...)                       \
+  switch (s.K) {                                            \
+    case 1: return FN<T, 1>(__VA_ARGS__);                   \
+    case 3: return FN<T, 3>(__VA_ARGS__);                   \
+    case 5: return FN<T, 5>(__VA_ARGS__);                   \
+    case 7: return FN<T, 7>(__VA_ARGS__);                   \
+    default: return -1;                                     \
+  }
+
+#define BSCONV_DISPATCH(FN, ...)                                              \
+  switch (s.dtype) {                                                          \
+    case DType::Float32: { BSCONV_DISPATCH_K(float, FN, __VA_ARGS__) }        \
+    case DType::Float16: { BSCONV_DISPATCH_K(__half, FN, __VA_ARGS__) }       \
+    case DType::BFloat16: { BSCONV_DISPATCH_K(__nv_bfloat16, FN, __VA_ARGS__) } \
+    default: return -1;                                                       \
+  }
+
+}  // namespace
+
+const char* supported_reason(const ConvShape& s) {
+  if (!(s.K == 1 || s.K == 3 || s.K == 5 || s.K == 7)) return "kernel size must be square 1, 3, 5 or 7";
+  if (s.N < 1 || s.C_in < 1 || s.C_out < 1 || s.H < 1 || s.W < 1 || s.H_out < 1 || s.W_out < 1)
+    return "empty tensors are not handled by the CUDA kernels";
+  if (s.N > 65535) return "batch size > 65535";
+  if (s.H > (1 << 24) || s.W > (1 << 24) || s.H_out > (1 << 24) || s.W_out > (1 << 24))
+    return "spatial size > 2^24";
+  if (s.sh > 64 || s.sw > 64 || s.dh > 64 || s.dw > 64 || s.pad_top > 4096 || s.pad_left > 4096)
+    return "stride / dilation > 64 or padding > 4096";
+  const int64_t halo = ((int64_t)(s.K - 1) * s.dh + 1) * ((int64_t)(s.K - 1) * s.dw + 1);
+  if (halo > kMaxHalo) return "dilated kernel footprint exceeds the shared-memory tile (kernel extent^2 > 384)";
+  FwdTile t;
+  if (!choose_fwd_tile(s, &t)) return "no forward tile fits in shared memory";
+  if (t.tiles > 65535) return "too many output tiles per image (> 65535)";
+  if (choose_bwd_tile(s).tiles > 65535) return "too many tiles per image (> 65535)";
+  if (ceil_div64(s.C_in, GBN) > 65535) return "too many input channels";
+  return nullptr;
+}
+
+int fwd_launch(const FwdArgs& a, void* stream) {
+  const ConvShape& s = a.s;
+  if (supported_reason(s) != nullptr) return -1;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  BSCONV_DISPATCH(fwd_launch_t, a, st)
+}
+
+int bwd_launch(const BwdArgs& a, void* stream) {
+  const ConvShape& s = a.s;
+  if (supported_reason(s) != nullptr) return -1;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  BSCONV_DISPATCH(bwd_launch_t, a, st)
+}
+
+BwdWorkspace bwd_workspace(const ConvShape& s) {
+  const BwdGeom g = bwd_geom(s);
+  BwdWorkspace w;
+  w.gpre_elems = s.N * s.H * s.W * s.C_out;
+  w.part_tile_elems = g.num_tiles * s.C_out * (int64_t)(s.K * s.K + 1);
+  w.part_gemm_elems = g.splits * s.C_out * s.C_in;
+  w.part_col_elems = g.col_blocks * s.C_out;
+  return w;
+}
+
+const char* error_string(int code) {
+  if (code == -1) return "shape not supported by the CUDA kernels";
+  if (code == -2) return "not enough shared memory per block on this GPU";
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+int cuda_runtime_version_built() { return CUDART_VERSION; }
+
+}  // namespace bsconv

@@ -1,0 +1,71 @@
+// Plain parameter structs shared by the host glue (bsconv_ops.cpp, compiled by the C++ compiler against torch's
+// stable ABI) and the CUDA kernels (bsconv_kernels.cu, compiled by nvcc with CUDA headers only).
+// No torch or CUDA headers here.
+#pragma once
+#include <cstdint>
+
+namespace bsconv {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
+
+// Shapes and hyper-parameters of one BSConv-U call. All tensors handed to the kernels are channels_last
+// (NHWC-contiguous) copies or views: x (N, H, W, C_in), y / grad_y (N, H_out, W_out, C_out), grad_x like x.
+// pw_weight (C_out, C_in) contiguous, dw_weight (C_out, K*K) contiguous, biases (C_out,) or nullptr.
+struct ConvShape {
+  int64_t N, C_in, H, W, C_out, H_out, W_out;
+  int K;                  // square kernel size: 1, 3, 5 or 7
+  int sh, sw;             // stride
+  int pad_top, pad_left;  // (pad_bottom / pad_right only enter H_out / W_out)
+  int dh, dw;             // dilation
+  Act act;
+  DType dtype;
+};
+
+struct FwdArgs {
+  ConvShape s;
+  const void* x;
+  const void* pw_w;
+  const void* pw_b;  // may be null
+  const void* dw_w;
+  const void* dw_b;  // may be null
+  void* y;
+};
+
+struct BwdArgs {
+  ConvShape s;
+  const void* grad_y;
+  const void* x;
+  const void* pw_w;
+  const void* pw_b;  // may be null
+  const void* dw_w;
+  void* grad_x;      // (N, H, W, C_in), input dtype
+  void* grad_pw_w;   // (C_out, C_in), input dtype
+  void* grad_pw_b;   // (C_out,), input dtype
+  void* grad_dw_w;   // (C_out, K*K), input dtype
+  void* grad_dw_b;   // (C_out,), input dtype
+  // scratch, allocated by the host with the sizes that bwd_workspace() reports
+  void* gpre;        // (N*H*W, C_out), input dtype: d loss / d (pre-activation mid)
+  float* part_tile;  // (num_tiles, C_out, K*K + 1) fp32 per-tile partials of grad_dw_w and grad_pw_b
+  float* part_gemm;  // (splits, C_out, C_in) fp32 split-K partials of grad_pw_w
+  float* part_col;   // (row_blocks, C_out) fp32 partials of grad_dw_b
+};
+
+struct BwdWorkspace {
+  int64_t gpre_elems;       // elements of the input dtype
+  int64_t part_tile_elems;  // floats
+  int64_t part_gemm_elems;  // floats
+  int64_t part_col_elems;   // floats
+};
+
+// Implemented in bsconv_kernels.cu. Return a cudaError_t as int (0 = success) or a negative
+// code for a shape the kernels do not support (see supported_reason()).
+int fwd_launch(const FwdArgs& a, void* stream);
+int bwd_launch(const BwdArgs& a, void* stream);
+BwdWorkspace bwd_workspace(const ConvShape& s);
+// nullptr when the kernels support the shape, else a static string saying why not.
+const char* supported_reason(const ConvShape& s);
+const char* error_string(int code);
+int cuda_runtime_version_built();
+
+}  // namespace bsconv
