@@ -46,6 +46,43 @@ def load(path: Path) -> tuple[list[dict], dict]:
     return rows, data.get("machine_info", {})
 
 
+def load_models(path: Path) -> list[dict]:
+    """Rows of benchmarks/test_models.py from the same JSON."""
+    data = json.loads(Path(path).read_text())
+    rows = []
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info") or {}
+        if "model" not in info or "variant" not in info:
+            continue
+        ms = info.get("time_ms")
+        if ms is None and b.get("stats"):
+            ms = b["stats"]["median"] * 1e3
+        if ms is not None:
+            rows.append(dict(info, time_ms=float(ms)))
+    return rows
+
+
+def models_markdown(rows: list[dict]) -> str:
+    """One row per (model, mode, precision): as built vs after bsconv_cuda.convert."""
+    if not rows:
+        return ""
+    groups: dict = defaultdict(dict)
+    for r in rows:
+        groups[(r["model"], r["mode"], r["precision"])][r["variant"]] = r
+    lines = ["#### Models (channels_last): as built vs after `bsconv_cuda.convert`", "",
+             "| model | step | precision | batch | built ms | converted ms | speed-up | peak MiB built | "
+             "peak MiB converted |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    mib = lambda r: f"{r['peak_mem_bytes'] / 2**20:.0f}" if r and r.get("peak_mem_bytes") else "–"  # noqa: E731
+    for (model, mode, precision), by in groups.items():
+        b, c = by.get("built"), by.get("converted")
+        sp = f"{b['time_ms'] / c['time_ms']:.2f}x" if b and c else "–"
+        batch = (b or c)["batch"]
+        lines.append(f"| {model} | {mode} | {precision} | {batch} | {_fmt_ms(b['time_ms']) if b else '–'} | "
+                     f"{_fmt_ms(c['time_ms']) if c else '–'} | {sp} | {mib(b)} | {mib(c)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def _order(labels) -> list[str]:
     return sorted(labels, key=lambda lab: (LABEL_ORDER.index(lab) if lab in LABEL_ORDER else len(LABEL_ORDER), lab))
 
@@ -221,22 +258,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     src = args.json or default_input()
     rows, machine = load(src)
-    if not rows:
+    model_rows = load_models(src)
+    if not rows and not model_rows:
         raise SystemExit(f"{src}: no BSConv-U benchmark results (extra_info missing?)")
-    device = "gpu" if rows[0].get("device") == "cuda" else "cpu"
+    device = "gpu" if (rows or model_rows)[0].get("device") == "cuda" else "cpu"
     try:
         source = str(Path(src).resolve().relative_to(REPO))
     except ValueError:
         source = Path(src).name
-    md = markdown(rows, machine, source)
+    md = markdown(rows, machine, source) if rows else ""
+    md += "\n" + models_markdown(model_rows) if model_rows else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     md_path = args.out_dir / f"report-{device}.md"
     md_path.write_text(md)
-    png = plot(rows, args.out_dir / f"speedup-{device}.png")
+    png = plot(rows, args.out_dir / f"speedup-{device}.png") if rows else None
     if args.update_markdown:
         update_markdown(args.update_markdown, md, device)
     print(md)
-    print(f"wrote {md_path} and {png}", file=sys.stderr)
+    print(f"wrote {md_path}" + (f" and {png}" if png else ""), file=sys.stderr)
     return 0
 
 

@@ -97,3 +97,15 @@ def test_stats_used_when_time_ms_missing(report, tmp_path):
     del b["extra_info"]["time_ms"]
     rows, _ = report.load(_write(tmp_path, [b]))
     assert rows[0]["time_ms"] == pytest.approx(5.0)
+
+
+def test_models_section(report, tmp_path):
+    def m(variant, ms, peak):
+        return {"name": f"test_model[{variant}]", "stats": {"median": 1.0},
+                "extra_info": {"model": "cifar_m", "mode": "train", "precision": "bf16", "variant": variant,
+                               "batch": 128, "device": "cuda", "time_ms": ms, "peak_mem_bytes": peak}}
+
+    src = _write(tmp_path, [m("built", 30.0, 512 * 2**20), m("converted", 20.0, 256 * 2**20)])
+    report.main([str(src), "--out-dir", str(tmp_path)])
+    md = (tmp_path / "report-gpu.md").read_text()
+    assert "| cifar_m | train | bf16 | 128 | 30.0 | 20.0 | 1.50x | 512 | 256 |" in md
