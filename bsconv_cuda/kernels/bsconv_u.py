@@ -356,6 +356,29 @@ def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: in
     return 1, 1
 
 
+def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw) -> dict:
+    """Forward block sizes and launch options (the kernel's tile constexprs + num_warps), by shape."""
+    forced = dict(_FORCED["forward"] or {})
+    forced.pop("IDX64", None)
+    th, tw = _fwd_tile(h_out, w_out, kh, kw, sh, sw, dh, dw)
+    th, tw = forced.pop("TH", th), forced.pop("TW", tw)
+    hh, ww = (th - 1) * sh + (kh - 1) * dh + 1, (tw - 1) * sw + (kw - 1) * dw + 1
+    p = max(16, _pow2(hh * ww))  # tl.dot needs M >= 16
+    blk = dict(TH=th, TW=tw, HH=hh, WW=ww, TP=_pow2(th * tw), P=p, BCO=max(16, min(32, _pow2(c_out))),
+               BCI=max(16, min(64, _pow2(c_in))))
+    blk["num_warps"] = 8 if p * blk["BCO"] >= 8192 else 4
+    blk.update(forced)
+    return blk
+
+
+def _bwd_blocks(c_in, c_out) -> dict:
+    """Backward block sizes and launch options, by shape (G, the number of tile programs, is chosen by the launcher)."""
+    forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k not in ("IDX64", "G")}
+    blk = dict(TP=64, BCO=max(16, min(32, _pow2(c_out))), BCI=max(16, min(64, _pow2(c_in))), num_warps=4)
+    blk.update(forced)
+    return blk
+
+
 def _max_offset(t: torch.Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) + 1
 
@@ -397,14 +420,8 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
     if y.numel() == 0:
         return y
 
-    forced = _FORCED["forward"] or {}
-    th, tw = _fwd_tile(h_out, w_out, kh, kw, sh, sw, dh, dwl)
-    th, tw = forced.get("TH", th), forced.get("TW", tw)
-    hh, ww = (th - 1) * sh + (kh - 1) * dh + 1, (tw - 1) * sw + (kw - 1) * dwl + 1
-    p, tp = max(16, _pow2(hh * ww)), _pow2(th * tw)
-    bco = forced.get("BCO", max(16, min(32, _pow2(c_out))))
-    bci = forced.get("BCI", max(16, min(64, _pow2(c_in))))
-    num_warps = forced.get("num_warps", 8 if p * bco >= 8192 else 4)
+    blk = _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dwl)
+    th, tw, bco = blk["TH"], blk["TW"], blk["BCO"]
     prec, acc64, upcast = _dot_settings(x.dtype, x.device)
     tiles_h, tiles_w = triton.cdiv(h_out, th), triton.cdiv(w_out, tw)
     n_co = triton.cdiv(c_out, bco)
@@ -416,9 +433,9 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
         c_in, c_out, h, w, h_out, w_out,
         *x.stride(), *y.stride(),
         tiles_w, tiles_h * tiles_w, n_co, pt, pl,
-        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, TH=th, TW=tw, HH=hh, WW=ww, TP=tp, P=p,
-        BCO=bco, BCI=bci, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, HAS_DB=dw_bias is not None,
-        PREC=prec, ACC64=acc64, IDX64=forced.get("IDX64", _needs_int64(x, y)), UPCAST_DOT=upcast, num_warps=num_warps,
+        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
+        HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
+        IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
     )
     return y
 
@@ -443,11 +460,9 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         return (grad_x.zero_(), grad_pw.zero_(), grad_pb.zero_(), grad_dw.zero_(),
                 grad_db.copy_(grad_y.sum((0, 2, 3))))
 
+    blk = _bwd_blocks(c_in, c_out)
     forced = _FORCED["backward"] or {}
-    tp = forced.get("TP", 64)
-    bco = forced.get("BCO", max(16, min(32, _pow2(c_out))))
-    bci = forced.get("BCI", max(16, min(64, _pow2(c_in))))
-    num_warps = forced.get("num_warps", 4)
+    tp, bci = blk["TP"], blk["BCI"]
     n_ci = triton.cdiv(c_in, bci)
     k_part = c_in + taps + 2  # partial slot columns: grad_pw (C_in) | grad_dw (taps) | grad_pw_bias | grad_dw_bias
     n_tiles = triton.cdiv(n * h * w, tp)  # every program must own >= 1 mid tile: it initializes its slot
@@ -462,9 +477,8 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         n, c_in, c_out, h, w, h_out, w_out,
         *x.stride(), *grad_y.stride(), *grad_x.stride(),
         pt, pl, g, k_part,
-        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, TP=tp, BCO=bco, BCI=bci, ACT=_ACT_CODES[activation],
-        HAS_PB=pw_bias is not None, PREC=prec, ACC64=acc64, IDX64=forced.get("IDX64", _needs_int64(x, grad_y, grad_x)),
-        UPCAST_DOT=upcast, num_warps=num_warps,
+        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
+        PREC=prec, ACC64=acc64, UPCAST_DOT=upcast, IDX64=forced.get("IDX64", _needs_int64(x, grad_y, grad_x)),
     )
     m = c_out * k_part
     block = 256
