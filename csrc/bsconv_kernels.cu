@@ -235,14 +235,21 @@ __device__ __forceinline__ void pointwise_gemm(const T* __restrict__ x, const T*
   __syncthreads();
 }
 
-// Loads dw_weight[c0 .. c0+CB) as fp32 [K*K][CB] and the (optional) biases as fp32 [CB] (0 beyond C_out).
-template <typename T, int K>
-__device__ __forceinline__ void load_channel_params(const T* __restrict__ dw, const T* __restrict__ b1,
+// Kernel-size template parameter K: 1, 3, 5, 7 = square K x K known at compile time; 0 = any kh, kw <= 7 read
+// from the shape at run time (loops bounded by 7 and guarded).
+template <int K>
+struct KSize {
+  static constexpr int kMax = K > 0 ? K : 7;
+};
+
+// Loads dw_weight[c0 .. c0+CB) as fp32 [kh*kw][CB] and the (optional) biases as fp32 [CB] (0 beyond C_out).
+template <typename T>
+__device__ __forceinline__ void load_channel_params(const T* __restrict__ dw, int KK, const T* __restrict__ b1,
                                                     const T* __restrict__ b2, int64_t C_out, int c0, float* dws,
                                                     float* b1s, float* b2s) {
-  for (int e = threadIdx.x; e < K * K * CB; e += kThreads) {
+  for (int e = threadIdx.x; e < KK * CB; e += kThreads) {
     const int tap = e / CB, c = e - tap * CB;
-    dws[e] = (c0 + c < C_out) ? to_f(dw[(int64_t)(c0 + c) * K * K + tap]) : 0.f;
+    dws[e] = (c0 + c < C_out) ? to_f(dw[(int64_t)(c0 + c) * KK + tap]) : 0.f;
   }
   for (int c = threadIdx.x; c < CB; c += kThreads) {
     const bool ok = c0 + c < C_out;
@@ -259,7 +266,7 @@ struct FwdTile {
 
 template <typename T, int K>
 __host__ __device__ __forceinline__ int fwd_smem_bytes(int P_pad) {
-  return region0_bytes<T>(P_pad) + (K * K + 2) * CB * (int)sizeof(float);
+  return region0_bytes<T>(P_pad) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CB * (int)sizeof(float);
 }
 
 template <typename T, int K>
@@ -275,12 +282,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   const int oh0 = (tile / t.tiles_w) * t.TH, ow0 = (tile % t.tiles_w) * t.TW;
   const int h0 = oh0 * s.sh - s.pad_top, w0 = ow0 * s.sw - s.pad_left;
   const int H = (int)s.H, W = (int)s.W;
+  constexpr int KM = KSize<K>::kMax;
+  const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
 
   float* acc_s = reinterpret_cast<float*>(smem);
   float* dws = reinterpret_cast<float*>(smem + region0_bytes<T>(t.P_pad));
-  float* pbs = dws + K * K * CB;
+  float* pbs = dws + KM * KM * CB;
   float* dbs = pbs + CB;
-  load_channel_params<T, K>(static_cast<const T*>(a.dw_w), static_cast<const T*>(a.pw_b),
+  load_channel_params<T>(static_cast<const T*>(a.dw_w), KH * KW, static_cast<const T*>(a.pw_b),
                             static_cast<const T*>(a.dw_b), s.C_out, c0, dws, pbs, dbs);
 
   pointwise_gemm<T>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.P, t.P_pad, vec, smem);
@@ -306,10 +315,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
       float sum = dbs[c];
       const float* mrow = acc_s + ((toh * s.sh) * t.IW + tow * s.sw) * LDM + c;
 #pragma unroll
-      for (int i = 0; i < K; ++i) {
+      for (int i = 0; i < KM; ++i) {
+        if (K == 0 && i >= KH) break;
 #pragma unroll
-        for (int j = 0; j < K; ++j) {
-          sum = fmaf(mrow[(i * s.dh * t.IW + j * s.dw) * LDM], dws[(i * K + j) * CB + c], sum);
+        for (int j = 0; j < KM; ++j) {
+          if (K == 0 && j >= KW) break;
+          sum = fmaf(mrow[(i * s.dh * t.IW + j * s.dw) * LDM], dws[(i * KW + j) * CB + c], sum);
         }
       }
       y[(((int64_t)n * s.H_out + oh) * s.W_out + ow) * C_out + c0 + c] = from_f<T>(sum);
@@ -327,8 +338,8 @@ bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   for (int th0 : ths) {
     for (int tw0 : tws) {
       const int th = (int)(th0 < s.H_out ? th0 : s.H_out), tw = (int)(tw0 < s.W_out ? tw0 : s.W_out);
-      const int IH = (th - 1) * s.sh + (s.K - 1) * s.dh + 1;
-      const int IW = (tw - 1) * s.sw + (s.K - 1) * s.dw + 1;
+      const int IH = (th - 1) * s.sh + (s.KH - 1) * s.dh + 1;
+      const int IW = (tw - 1) * s.sw + (s.KW - 1) * s.dw + 1;
       const int64_t P = (int64_t)IH * IW;
       if (P > kMaxHalo) continue;
       const int P_pad = round_up((int)P, 16);
@@ -394,14 +405,16 @@ BwdTile choose_bwd_tile(const ConvShape& s) {
 
 template <typename T, int K>
 __host__ __device__ __forceinline__ int bwd_smem_bytes() {
-  return region0_bytes<T>(kBwdPix) + (K * K + 1) * CB * (int)sizeof(float);
+  return region0_bytes<T>(kBwdPix) + (KSize<K>::kMax * KSize<K>::kMax + 1) * CB * (int)sizeof(float);
 }
 
 template <typename T, int K>
 __global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t, bool vec) {
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int KK = K * K;
+  constexpr int KM = KSize<K>::kMax;
   const ConvShape& s = a.s;
+  const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
+  const int KK = KH * KW;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c0 = blockIdx.x * CB;
   const int n = blockIdx.z;
@@ -412,9 +425,9 @@ __global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t
 
   float* acc_s = reinterpret_cast<float*>(smem);
   float* dws = reinterpret_cast<float*>(smem + region0_bytes<T>(kBwdPix));
-  float* pbs = dws + KK * CB;
-  load_channel_params<T, K>(static_cast<const T*>(a.dw_w), static_cast<const T*>(a.pw_b), nullptr, C_out, c0,
-                            dws, pbs, nullptr);
+  float* pbs = dws + KM * KM * CB;
+  load_channel_params<T>(static_cast<const T*>(a.dw_w), KK, static_cast<const T*>(a.pw_b), nullptr, C_out, c0, dws,
+                         pbs, nullptr);
 
   pointwise_gemm<T>(static_cast<const T*>(a.x), static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.TW, kBwdPix,
                     kBwdPix, vec, smem);
@@ -423,9 +436,9 @@ __global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t
   T* __restrict__ gpre = static_cast<T*>(a.gpre);
   const int c = lane;
   const bool cok = c0 + c < C_out;
-  float gD[KK];
+  float gD[KM * KM];  // gD[i * KM + j]: this thread's share of grad_dw_weight[c0 + lane][i][j]
 #pragma unroll
-  for (int q = 0; q < KK; ++q) gD[q] = 0.f;
+  for (int q = 0; q < KM * KM; ++q) gD[q] = 0.f;
   float gpb = 0.f;
   const int64_t gy_img = (int64_t)n * s.H_out;
 
@@ -437,19 +450,21 @@ __global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t
     float gm = 0.f;
     // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff oh*sh + i*dh - pad_top == h (same for w)
 #pragma unroll
-    for (int i = 0; i < K; ++i) {
+    for (int i = 0; i < KM; ++i) {
+      if (K == 0 && i >= KH) break;
       const int ohn = h + s.pad_top - i * s.dh;
       const int oh = ohn / s.sh;
       const bool hok = ohn >= 0 && oh * s.sh == ohn && oh < s.H_out;
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
+      for (int j = 0; j < KM; ++j) {
+        if (K == 0 && j >= KW) break;
         const int own = w + s.pad_left - j * s.dw;
         const int ow = own / s.sw;
         const bool wok = own >= 0 && ow * s.sw == own && ow < s.W_out;
         if (hok && wok) {
           const float g = to_f(gy[((gy_img + oh) * s.W_out + ow) * C_out + c0 + c]);
-          gm = fmaf(g, dws[(i * K + j) * CB + c], gm);
-          gD[i * K + j] = fmaf(g, m, gD[i * K + j]);
+          gm = fmaf(g, dws[(i * KW + j) * CB + c], gm);
+          gD[i * KM + j] = fmaf(g, m, gD[i * KM + j]);
         }
       }
     }
@@ -464,14 +479,19 @@ __global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t
   float* out = a.part_tile + tile_id * C_out * (KK + 1);
   __syncthreads();
 #pragma unroll
-  for (int q = 0; q <= KK; ++q) {
-    red[warp * CB + lane] = q < KK ? gD[q < KK ? q : 0] : gpb;
+  for (int q = 0; q <= KM * KM; ++q) {
+    // q < KM*KM: tap (i, j) = (q / KM, q % KM), stored at i * KW + j; q == KM*KM: grad_pw_bias, stored at KK.
+    // The skip condition is uniform over the block, so the barriers stay matched.
+    const int i = q / KM, j = q % KM;
+    if (q < KM * KM && (i >= KH || j >= KW)) continue;
+    const int slot = q < KM * KM ? i * KW + j : KK;
+    red[warp * CB + lane] = q < KM * KM ? gD[q < KM * KM ? q : 0] : gpb;
     __syncthreads();
     if (warp == 0 && cok) {
       float sum = 0.f;
 #pragma unroll
       for (int w8 = 0; w8 < kWarps; ++w8) sum += red[w8 * CB + lane];
-      out[(int64_t)(c0 + lane) * (KK + 1) + q] = sum;
+      out[(int64_t)(c0 + lane) * (KK + 1) + slot] = sum;
     }
     __syncthreads();
   }
@@ -685,7 +705,7 @@ template <typename T, int K>
 int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   const ConvShape& s = a.s;
   const BwdGeom g = bwd_geom(s);
-  constexpr int KK = K * K;
+  const int KK = s.KH * s.KW;
   const bool vec = (s.C_in % Cfg<T>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
   int rc;
   // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
@@ -741,12 +761,12 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
 
 // ------------------------------------------------------------------------------------------------ dispatch
 #define BSCONV_DISPATCH_K(T, FN, ...)                       \
-  switch (s.K) {                                            \
+  switch (s.KH == s.KW ? s.KH : 0) {                        \
     case 1: return FN<T, 1>(__VA_ARGS__);                   \
     case 3: return FN<T, 3>(__VA_ARGS__);                   \
     case 5: return FN<T, 5>(__VA_ARGS__);                   \
     case 7: return FN<T, 7>(__VA_ARGS__);                   \
-    default: return -1;                                     \
+    default: return FN<T, 0>(__VA_ARGS__);                  \
   }
 
 #define BSCONV_DISPATCH(FN, ...)                                              \
@@ -760,7 +780,7 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
 }  // namespace
 
 const char* supported_reason(const ConvShape& s) {
-  if (!(s.K == 1 || s.K == 3 || s.K == 5 || s.K == 7)) return "kernel size must be square 1, 3, 5 or 7";
+  if (s.KH < 1 || s.KH > 7 || s.KW < 1 || s.KW > 7) return "kernel height and width must be in 1..7";
   if (s.N < 1 || s.C_in < 1 || s.C_out < 1 || s.H < 1 || s.W < 1 || s.H_out < 1 || s.W_out < 1)
     return "empty tensors are not handled by the CUDA kernels";
   if (s.N > 65535) return "batch size > 65535";
@@ -768,7 +788,7 @@ const char* supported_reason(const ConvShape& s) {
     return "spatial size > 2^24";
   if (s.sh > 64 || s.sw > 64 || s.dh > 64 || s.dw > 64 || s.pad_top > 4096 || s.pad_left > 4096)
     return "stride / dilation > 64 or padding > 4096";
-  const int64_t halo = ((int64_t)(s.K - 1) * s.dh + 1) * ((int64_t)(s.K - 1) * s.dw + 1);
+  const int64_t halo = ((int64_t)(s.KH - 1) * s.dh + 1) * ((int64_t)(s.KW - 1) * s.dw + 1);
   if (halo > kMaxHalo) return "dilated kernel footprint exceeds the shared-memory tile (kernel extent^2 > 384)";
   FwdTile t;
   if (!choose_fwd_tile(s, &t)) return "no forward tile fits in shared memory";
@@ -796,7 +816,7 @@ BwdWorkspace bwd_workspace(const ConvShape& s) {
   const BwdGeom g = bwd_geom(s);
   BwdWorkspace w;
   w.gpre_elems = s.N * s.H * s.W * s.C_out;
-  w.part_tile_elems = g.num_tiles * s.C_out * (int64_t)(s.K * s.K + 1);
+  w.part_tile_elems = g.num_tiles * s.C_out * (int64_t)(s.KH * s.KW + 1);
   w.part_gemm_elems = g.splits * s.C_out * s.C_in;
   w.part_col_elems = g.col_blocks * s.C_out;
   return w;

@@ -128,11 +128,11 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
   STD_TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == s.C_out && dw_weight.size(1) == 1, op,
                   ": dw_weight must have shape (C_out=", s.C_out, ", 1, kh, kw)");
   check_same(dw_weight, x, "dw_weight", op);
-  STD_TORCH_CHECK(dw_weight.size(2) == dw_weight.size(3), op, ": the CUDA backend needs a square depthwise kernel, got ",
-                  dw_weight.size(2), "x", dw_weight.size(3));
-  s.K = (int)dw_weight.size(2);
-  STD_TORCH_CHECK(s.K == 1 || s.K == 3 || s.K == 5 || s.K == 7, op,
-                  ": the CUDA backend supports kernel sizes 1, 3, 5, 7; got ", s.K);
+  STD_TORCH_CHECK(dw_weight.size(2) >= 1 && dw_weight.size(2) <= 7 && dw_weight.size(3) >= 1 && dw_weight.size(3) <= 7,
+                  op, ": the CUDA backend supports depthwise kernels up to 7x7, got ", dw_weight.size(2), "x",
+                  dw_weight.size(3));
+  s.KH = (int)dw_weight.size(2);
+  s.KW = (int)dw_weight.size(3);
   if (pw_bias.has_value()) {
     check_same(*pw_bias, x, "pw_bias", op);
     STD_TORCH_CHECK(pw_bias->dim() == 1 && pw_bias->size(0) == s.C_out, op, ": pw_bias must have shape (C_out=",
@@ -158,10 +158,10 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
   s.pad_left = (int)padding[2];
   s.dh = (int)dilation[0];
   s.dw = (int)dilation[1];
-  s.H_out = (s.H + padding[0] + padding[1] - (int64_t)s.dh * (s.K - 1) - 1) / s.sh + 1;
-  s.W_out = (s.W + padding[2] + padding[3] - (int64_t)s.dw * (s.K - 1) - 1) / s.sw + 1;
-  STD_TORCH_CHECK(s.H + padding[0] + padding[1] - (int64_t)s.dh * (s.K - 1) - 1 >= 0 &&
-                      s.W + padding[2] + padding[3] - (int64_t)s.dw * (s.K - 1) - 1 >= 0,
+  s.H_out = (s.H + padding[0] + padding[1] - (int64_t)s.dh * (s.KH - 1) - 1) / s.sh + 1;
+  s.W_out = (s.W + padding[2] + padding[3] - (int64_t)s.dw * (s.KW - 1) - 1) / s.sw + 1;
+  STD_TORCH_CHECK(s.H + padding[0] + padding[1] - (int64_t)s.dh * (s.KH - 1) - 1 >= 0 &&
+                      s.W + padding[2] + padding[3] - (int64_t)s.dw * (s.KW - 1) - 1 >= 0,
                   op, ": the (padded) input is smaller than the dilated kernel");
   s.act = to_act(activation, op);
   c.pw_w = torch::stable::contiguous(pw_weight);
@@ -246,8 +246,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
   Tensor grad_x = empty_cl(x, s.N, s.C_in, s.H, s.W);
   Tensor grad_pw_w = torch::stable::empty({s.C_out, s.C_in}, x.scalar_type(), std::nullopt, x.device());
   Tensor grad_pw_b = torch::stable::empty({s.C_out}, x.scalar_type(), std::nullopt, x.device());
-  Tensor grad_dw_w = torch::stable::empty({s.C_out, 1, (int64_t)s.K, (int64_t)s.K}, x.scalar_type(), std::nullopt,
-                                          x.device());
+  Tensor grad_dw_w = torch::stable::empty({s.C_out, 1, (int64_t)s.KH, (int64_t)s.KW}, x.scalar_type(),
+                                          std::nullopt, x.device());
   Tensor grad_dw_b = torch::stable::empty({s.C_out}, x.scalar_type(), std::nullopt, x.device());
   if (is_empty_problem(s)) {
     torch::stable::zero_(grad_x);
@@ -324,7 +324,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   if (PyModule_AddStringConstant(m, "compiled_archs", BSCONV_ARCH_LIST) < 0 ||
       PyModule_AddStringConstant(m, "torch_version", BSCONV_TORCH_VERSION) < 0 ||
       PyModule_AddIntConstant(m, "cuda_version", cuda_v) < 0 ||
-      PyModule_AddIntConstant(m, "kernel_sizes_mask", (1 << 1) | (1 << 3) | (1 << 5) | (1 << 7)) < 0) {
+      PyModule_AddIntConstant(m, "max_kernel_size", 7) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -11,10 +11,10 @@ enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
 
 // Shapes and hyper-parameters of one BSConv-U call. All tensors handed to the kernels are channels_last
 // (NHWC-contiguous) copies or views: x (N, H, W, C_in), y / grad_y (N, H_out, W_out, C_out), grad_x like x.
-// pw_weight (C_out, C_in) contiguous, dw_weight (C_out, K*K) contiguous, biases (C_out,) or nullptr.
+// pw_weight (C_out, C_in) contiguous, dw_weight (C_out, KH*KW) contiguous, biases (C_out,) or nullptr.
 struct ConvShape {
   int64_t N, C_in, H, W, C_out, H_out, W_out;
-  int K;                  // square kernel size: 1, 3, 5 or 7
+  int KH, KW;             // depthwise kernel size, 1..7 each (1/3/5/7 square: compile-time fast paths)
   int sh, sw;             // stride
   int pad_top, pad_left;  // (pad_bottom / pad_right only enter H_out / W_out)
   int dh, dw;             // dilation
@@ -42,11 +42,11 @@ struct BwdArgs {
   void* grad_x;      // (N, H, W, C_in), input dtype
   void* grad_pw_w;   // (C_out, C_in), input dtype
   void* grad_pw_b;   // (C_out,), input dtype
-  void* grad_dw_w;   // (C_out, K*K), input dtype
+  void* grad_dw_w;   // (C_out, KH*KW), input dtype
   void* grad_dw_b;   // (C_out,), input dtype
   // scratch, allocated by the host with the sizes that bwd_workspace() reports
   void* gpre;        // (N*H*W, C_out), input dtype: d loss / d (pre-activation mid)
-  float* part_tile;  // (num_tiles, C_out, K*K + 1) fp32 per-tile partials of grad_dw_w and grad_pw_b
+  float* part_tile;  // (num_tiles, C_out, KH*KW + 1) fp32 per-tile partials of grad_dw_w and grad_pw_b
   float* part_gemm;  // (splits, C_out, C_in) fp32 split-K partials of grad_pw_w
   float* part_col;   // (row_blocks, C_out) fp32 partials of grad_dw_b
 };

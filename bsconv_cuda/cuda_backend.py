@@ -1,0 +1,179 @@
+"""Python side of the compiled ``cuda`` backend (``bsconv_cuda._C``, built from ``csrc/``).
+
+Importing ``bsconv_cuda._C`` registers ``bsconv_cuda::cuda_forward`` / ``bsconv_cuda::cuda_backward`` (schema and
+CUDA kernels in C++, torch stable ABI); :mod:`bsconv_cuda.ops` adds their fake implementations. This module says
+which calls the kernels support (:func:`unsupported_reason` / :func:`supports`, mirroring ``supported_reason`` in
+``csrc/bsconv_kernels.cu``) and what was built (:func:`build_summary`, for ``python -m bsconv_cuda.info``).
+
+What the kernels support: CUDA tensors in float32, float16 or bfloat16 on compute capability >= 8.0 (an
+architecture the build includes, or PTX that the driver can JIT); depthwise kernels of any kh, kw in 1..7 (1x1, 3x3,
+5x5, 7x7 have compile-time specialised paths); any stride / padding / dilation whose dilated kernel footprint
+((kh-1)*dh+1) * ((kw-1)*dw+1) is at most 384 pixels (stride and dilation <= 64, padding <= 4096). Everything else
+goes to Triton / the reference. fp32 runs in full fp32 FMA (never TF32); fp16 / bf16 use tensor cores with fp32
+accumulation. NCHW inputs are copied to channels_last for the kernels and the result copied back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from typing import Sequence
+
+import torch
+
+MAX_KERNEL_SIZE = 7
+MAX_HALO = 384  # pixels of (output tile + halo) one forward block keeps in shared memory (kMaxHalo in csrc)
+MAX_STRIDE_OR_DILATION = 64
+MAX_PADDING = 4096
+MAX_GRID_YZ = 65535
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _module():
+    """The loaded extension module, or None when it is not built / does not load (see bsconv_cuda.backends)."""
+    try:
+        return importlib.import_module("bsconv_cuda._C")
+    except Exception:  # noqa: BLE001 - backends.extension_load_error() reports the reason
+        return None
+
+
+def compiled_archs() -> list[str]:
+    """Architectures in the build, as given to TORCH_CUDA_ARCH_LIST (e.g. ``["8.0", "9.0+PTX"]``); [] if not built."""
+    module = _module()
+    if module is None:
+        return []
+    return [a for a in re.split(r"[;\s,]+", getattr(module, "compiled_archs", "")) if a]
+
+
+def built_torch_version() -> str | None:
+    module = _module()
+    return None if module is None else getattr(module, "torch_version", None)
+
+
+def built_cuda_version() -> str | None:
+    module = _module()
+    if module is None or not hasattr(module, "cuda_version"):
+        return None
+    v = int(module.cuda_version)
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def build_summary() -> str:
+    """One line for ``info``: what the loaded extension was built for."""
+    archs = compiled_archs()
+    return (
+        f"bsconv_cuda._C loaded (compiled for {';'.join(archs) or 'unknown'}; built with torch "
+        f"{built_torch_version() or 'unknown'}, CUDA {built_cuda_version() or 'unknown'}; stable ABI, abi3)"
+    )
+
+
+def _parse_arch(arch: str) -> tuple[int, int, bool] | None:
+    m = re.match(r"^(\d+)\.(\d+)", arch)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), arch.endswith("+PTX")
+
+
+def arch_reason(device: torch.device | str | int | None = None) -> str | None:
+    """None when the build has code that runs on ``device`` (SASS of the same major and a lower-or-equal minor, or
+    PTX of a lower-or-equal architecture), else why not."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        return f"the CUDA kernels need compute capability >= 8.0, this GPU is sm_{major}{minor}"
+    archs = compiled_archs()
+    if not archs:
+        return None  # unknown build contents: let the launch decide
+    for arch in archs:
+        parsed = _parse_arch(arch)
+        if parsed is None:
+            continue
+        a_major, a_minor, ptx = parsed
+        if arch.split("+")[0].endswith("a"):  # arch-specific SASS (e.g. 9.0a) runs on that arch only
+            if (a_major, a_minor) == (major, minor):
+                return None
+        elif a_major == major and a_minor <= minor:  # SASS runs on later minors of the same major
+            return None
+        if ptx and (a_major, a_minor) <= (major, minor):  # PTX is JIT-compiled for any later GPU
+            return None
+    return f"bsconv_cuda._C was compiled for {';'.join(archs)}, which has no code for sm_{major}{minor}"
+
+
+def _fwd_tile_count(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) -> int | None:
+    """Output tiles per image of the forward kernel (choose_fwd_tile in csrc), or None if no tile fits."""
+    best, choice = -1.0, None
+    for th0 in (16, 8, 4, 2, 1):
+        for tw0 in (32, 16, 8, 4, 2, 1):
+            th, tw = min(th0, h_out), min(tw0, w_out)
+            ih = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+            iw = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+            if ih * iw > MAX_HALO:
+                continue
+            score = th * tw / (-(-ih * iw // 16) * 16)
+            if score > best + 1e-12:
+                best, choice = score, (th, tw)
+    if choice is None:
+        return None
+    return math.ceil(h_out / choice[0]) * math.ceil(w_out / choice[1])
+
+
+def unsupported_reason(
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int] | None = None,
+    padding: Sequence[int] | None = None,
+    dilation: Sequence[int] | None = None,
+) -> str | None:
+    """None when the CUDA kernels support this call, else why not (the caller then uses Triton / the reference).
+
+    ``stride`` = [sh, sw], ``padding`` = [top, bottom, left, right], ``dilation`` = [dh, dw] as in the ops; when
+    left out, the checks that need them are skipped (the C++ op still checks and raises a clear error).
+    """
+    if x.device.type != "cuda":
+        return f"the CUDA kernels need CUDA tensors, got a {x.device.type} tensor"
+    if x.dtype not in _DTYPES:
+        return f"the CUDA kernels support float32, float16 and bfloat16, not {x.dtype}"
+    if x.dim() != 4:
+        return "x must be 4-D"
+    kh, kw = int(kernel_size[0]), int(kernel_size[-1])
+    if not (1 <= kh <= MAX_KERNEL_SIZE and 1 <= kw <= MAX_KERNEL_SIZE):
+        return f"kernel size {kh}x{kw} is outside 1..7"
+    n, c_in, h, w = x.shape
+    if n == 0 or c_in == 0 or h == 0 or w == 0:
+        return "the input is empty"
+    if n > MAX_GRID_YZ:
+        return f"batch size {n} > {MAX_GRID_YZ}"
+    if max(h, w) > (1 << 24):
+        return "spatial size > 2^24"
+    if (reason := arch_reason(x.device)) is not None:
+        return reason
+    stride = [1, 1] if stride is None else [int(v) for v in stride]
+    dil_known = dilation is not None
+    dilation = [1, 1] if dilation is None else [int(v) for v in dilation]
+    if max(stride) > MAX_STRIDE_OR_DILATION or max(dilation) > MAX_STRIDE_OR_DILATION:
+        return f"stride / dilation > {MAX_STRIDE_OR_DILATION}"
+    if padding is not None and max(int(p) for p in padding) > MAX_PADDING:
+        return f"padding > {MAX_PADDING}"
+    footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
+    if dil_known and footprint > MAX_HALO:
+        return f"dilated kernel footprint {footprint} pixels > {MAX_HALO} (shared-memory tile)"
+    if padding is not None and dil_known:
+        pads = [int(p) for p in padding]
+        h_out = (h + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        w_out = (w + pads[2] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        if h_out < 1 or w_out < 1:
+            return "the output is empty"
+        tiles = _fwd_tile_count(h_out, w_out, kh, kw, stride, dilation)
+        if tiles is None or tiles > MAX_GRID_YZ:
+            return "too many output tiles per image"
+    tw = 32 if w > 16 else 16 if w > 8 else 8 if w > 4 else 4
+    if math.ceil(h / (256 // tw)) * math.ceil(w / tw) > MAX_GRID_YZ:
+        return "image too large for the backward tile grid"
+    return None
+
+
+def supports(x, pw_weight, dw_weight, stride, padding, dilation) -> str | None:
+    """Same as :func:`unsupported_reason`, from the op's arguments; None = supported."""
+    return unsupported_reason(x, tuple(dw_weight.shape[2:]), stride, padding, dilation)
