@@ -1,0 +1,274 @@
+"""The compiled ``cuda`` backend (``bsconv_cuda._C`` from csrc/): it builds and loads, registers its ops with the
+schema of CONTRACT.md, reports what it was built for, and (on a GPU) matches the float64 reference on shapes big
+enough to exercise every kernel path: tensor cores and FMA, 16-byte and scalar loads, several channel blocks,
+several C_in chunks, several tiles, split-K weight gradients, the 1/3/5/7 specialisations and the any-kh,kw path.
+
+The shared small-shape grid for all fused backends is tests/test_fused_backends.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import pytest
+import torch
+
+import bsconv_cuda
+from bsconv_cuda import backends, cuda_backend, reference
+
+PKG_DIR = os.path.dirname(bsconv_cuda.__file__)
+BUILT = bool(glob.glob(os.path.join(PKG_DIR, "_C*.so")) or glob.glob(os.path.join(PKG_DIR, "_C*.pyd")))
+REQUIRED = os.environ.get("BSCONV_CUDA_BUILD") == "1"
+
+FORWARD_SCHEMA = (
+    "bsconv_cuda::cuda_forward(Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, Tensor? dw_bias, "
+    "int[] stride, int[] padding, int[] dilation, str activation) -> Tensor"
+)
+BACKWARD_SCHEMA = (
+    "bsconv_cuda::cuda_backward(Tensor grad_y, Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, "
+    "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not BUILT and not REQUIRED:
+        pytest.skip("bsconv_cuda._C is not built here (pure-Python install); BSCONV_CUDA_BUILD=1 makes this a failure")
+    error = backends.extension_load_error()
+    assert error is None, error
+    import bsconv_cuda._C as module
+
+    return module
+
+
+# ------------------------------------------------------------------------------------------- build and load
+def test_extension_loads(ext):
+    assert ext.__name__ == "bsconv_cuda._C"
+    assert ".abi3." in os.path.basename(ext.__file__), "expected a limited-API (abi3) build"
+
+
+def test_ops_registered_with_contract_schema(ext):
+    assert str(torch.ops.bsconv_cuda.cuda_forward.default._schema) == FORWARD_SCHEMA
+    assert str(torch.ops.bsconv_cuda.cuda_backward.default._schema) == BACKWARD_SCHEMA
+
+
+def test_build_info(ext):
+    archs = cuda_backend.compiled_archs()
+    assert archs and all(a[0].isdigit() for a in archs), archs
+    assert cuda_backend.built_torch_version()
+    assert cuda_backend.built_cuda_version()
+    summary = cuda_backend.build_summary()
+    assert "compiled for" in summary and archs[0] in summary
+    from bsconv_cuda import info
+
+    assert summary in info.report()
+
+
+def test_cpu_tensors_have_no_kernel(ext):
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(NotImplementedError):
+        torch.ops.bsconv_cuda.cuda_forward(x, torch.randn(8, 4), None, torch.randn(8, 1, 3, 3), None,
+                                           [1, 1], [1, 1, 1, 1], [1, 1], "none")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fake_implementations(ext, channels_last):
+    """Shapes / memory formats of the fakes registered by bsconv_cuda.ops (no GPU needed)."""
+    import bsconv_cuda.ops  # noqa: F401 - registers the fakes
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 9, 10, device="cuda")
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pw, dw = torch.empty(8, 4, device="cuda"), torch.empty(8, 1, 3, 5, device="cuda")
+        args = ([2, 1], [1, 1, 2, 2], [1, 1], "relu")
+        y = torch.ops.bsconv_cuda.cuda_forward(x, pw, None, dw, None, *args)
+        assert y.shape == (2, 8, 5, 10)
+        assert y.is_contiguous(memory_format=reference.output_memory_format(x))
+        grads = torch.ops.bsconv_cuda.cuda_backward(y, x, pw, None, dw, None, *args)
+        assert [tuple(g.shape) for g in grads] == [(2, 4, 9, 10), (8, 4), (8,), (8, 1, 3, 5), (8,)]
+        assert grads[0].is_contiguous(memory_format=reference.output_memory_format(x))
+
+
+def test_unsupported_reason_on_cpu(ext):
+    reason = cuda_backend.unsupported_reason(torch.randn(1, 3, 8, 8), (3, 3))
+    assert reason is not None and "CUDA" in reason
+
+
+def test_fwd_tile_count_mirrors_kernel_limits():
+    # 7x7 with dilation 3: footprint 19x19 = 361 <= 384; the best tile is 1x2 outputs (19 x 20 = 380 pixels)
+    assert cuda_backend._fwd_tile_count(10, 10, 7, 7, [1, 1], [3, 3]) == 50
+    # dilation 4: 25x25 > 384, nothing fits
+    assert cuda_backend._fwd_tile_count(10, 10, 7, 7, [1, 1], [4, 4]) is None
+    assert cuda_backend._fwd_tile_count(56, 56, 3, 3, [1, 1], [1, 1]) == math.ceil(56 / 16) ** 2
+
+
+# ------------------------------------------------------------------------------------------------ GPU checks
+def _flood_nan():
+    """Fills the caching allocator with NaN blocks so C++-side torch::empty outputs start out poisoned."""
+    torch.cuda.empty_cache()
+    flood = [torch.full((1 << 20,), math.nan, device="cuda") for _ in range(64)]
+    flood += [torch.full((1 << 12,), math.nan, device="cuda") for _ in range(256)]
+    del flood
+
+
+def _inputs(n, c_in, c_out, h, w, k, dtype, pw_bias, dw_bias, channels_last, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    x = rand(n, c_in, h, w)
+    pw = rand(c_out, c_in, scale=3.0 / math.sqrt(c_in))
+    dw = rand(c_out, 1, *k, scale=1.0 / math.sqrt(k[0] * k[1]))
+    pb = rand(c_out) if pw_bias else None
+    db = rand(c_out) if dw_bias else None
+    x = x.cuda()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, pw.cuda(), pb if pb is None else pb.cuda(), dw.cuda(), db if db is None else db.cuda()
+
+
+def _close(name, out, ref, strict):
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out = out.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert not out.isnan().any(), f"{name}: NaN (unwritten element?)"
+    if strict:
+        err = (out - ref).abs().max().item()
+        tol = 1e-4 * max(1.0, ref.abs().max().item())
+        assert err <= tol, f"{name}: max abs err {err:.3g} > {tol:.3g}"
+    else:
+        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        assert rel <= 1e-2, f"{name}: relative error {rel:.3g} > 1e-2"
+
+
+# (n, c_in, c_out, h, w, k, stride, padding [t, b, l, r], dilation, act, dtype, channels_last, pw_bias, dw_bias)
+GPU_CASES = [
+    (2, 32, 64, 56, 56, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "relu6", torch.bfloat16, True, True, True),
+    (2, 24, 144, 28, 28, (3, 3), [2, 2], [1, 1, 1, 1], [1, 1], "hardswish", torch.float16, False, True, True),
+    (2, 16, 40, 20, 20, (5, 5), [1, 1], [2, 2, 2, 2], [1, 1], "silu", torch.float32, True, False, True),
+    (1, 3, 32, 33, 31, (7, 7), [2, 2], [3, 3, 3, 3], [1, 1], "none", torch.float32, False, True, False),
+    (2, 70, 33, 19, 23, (3, 5), [1, 1], [1, 2, 0, 3], [2, 1], "relu", torch.bfloat16, True, True, True),
+    (4, 64, 64, 17, 19, (1, 1), [1, 1], [0, 0, 0, 0], [1, 1], "none", torch.float16, True, True, True),
+    (1, 8, 16, 40, 40, (7, 7), [1, 1], [9, 9, 9, 9], [3, 3], "relu", torch.bfloat16, True, False, False),
+    (2, 130, 96, 15, 15, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "hardswish", torch.float32, False, True, True),
+    (8, 32, 64, 64, 64, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "none", torch.bfloat16, True, True, True),
+    (3, 12, 20, 7, 7, (4, 2), [1, 2], [1, 2, 0, 1], [1, 1], "silu", torch.float16, False, True, True),
+    (2, 40, 72, 9, 130, (5, 5), [2, 1], [2, 2, 2, 2], [1, 2], "relu6", torch.float32, True, True, False),
+]
+
+
+def _case_id(case):
+    n, ci, co, h, w, k, s, p, d, act, dt, cl, pb, db = case
+    return f"{n}x{ci}x{h}x{w}-co{co}-k{k[0]}x{k[1]}-s{s[0]}{s[1]}-d{d[0]}{d[1]}-{act}-{str(dt)[6:]}-{'cl' if cl else 'nchw'}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+def test_gpu_matches_reference(ext, case):
+    n, c_in, c_out, h, w, k, stride, padding, dilation, act, dtype, cl, pb, db = case
+    x, pw, pwb, dw, dwb = _inputs(n, c_in, c_out, h, w, k, dtype, pb, db, cl)
+    assert cuda_backend.supports(x, pw, dw, stride, padding, dilation) is None
+    args = (stride, padding, dilation, act)
+    _flood_nan()
+    y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args)
+    torch.cuda.synchronize()
+    gen = torch.Generator().manual_seed(1)
+    grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
+    _flood_nan()
+    grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.cuda(), x, pw, pwb, dw, dwb, *args)
+    torch.cuda.synchronize()
+
+    d64 = [None if t is None else t.detach().cpu().double() for t in (x, pw, pwb, dw, dwb)]
+    y_ref = reference.forward(*d64, *args)
+    g_ref = reference.backward(grad_y.double(), *d64, *args)
+    strict = dtype == torch.float32
+    fmt = reference.output_memory_format(x)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    _close("y", y, y_ref, strict)
+    names = ["grad_x", "grad_pw_weight", "grad_pw_bias", "grad_dw_weight", "grad_dw_bias"]
+    assert grads[0].is_contiguous(memory_format=fmt)
+    for name, g, r in zip(names, grads, g_ref):
+        assert g.dtype == dtype, name
+        _close(name, g, r, strict)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backward_is_bitwise_deterministic(ext, dtype):
+    x, pw, pwb, dw, dwb = _inputs(4, 32, 48, 40, 40, (3, 3), dtype, True, True, True)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "silu")
+    grad_y = torch.randn(4, 48, 40, 40, device="cuda").to(dtype)
+    first = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args)
+    for _ in range(3):
+        again = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_gpu_noncontiguous_inputs_and_side_stream(ext):
+    x, pw, pwb, dw, dwb = _inputs(2, 16, 32, 24, 24, (3, 3), torch.float32, True, True, False)
+    x_view = torch.cat([x, x], dim=3)[..., ::2]  # any strides
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "relu")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        y = torch.ops.bsconv_cuda.cuda_forward(x_view, pw, pwb, dw, dwb, *args)
+        grad_y = torch.randn(y.shape[0], y.shape[2], y.shape[3], y.shape[1], device="cuda").permute(0, 3, 1, 2)
+        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y, x_view, pw, pwb, dw, dwb, *args)
+    stream.synchronize()
+    d64 = [None if t is None else t.detach().cpu().double() for t in (x_view, pw, pwb, dw, dwb)]
+    _close("y", y, reference.forward(*d64, *args), True)
+    for g, r in zip(grads, reference.backward(grad_y.double().cpu(), *d64, *args)):
+        _close("grad", g, r, True)
+
+
+@pytest.mark.cuda
+def test_gpu_unsupported_shape_is_reported_and_raises(ext):
+    x, pw, pwb, dw, dwb = _inputs(1, 4, 8, 64, 64, (7, 7), torch.float16, False, False, False)
+    args = ([1, 1], [12, 12, 12, 12], [4, 4], "none")  # footprint 25 x 25 > 384
+    reason = cuda_backend.supports(x, pw, dw, *args[:3])
+    assert reason is not None and "footprint" in reason
+    with pytest.raises(RuntimeError, match="footprint"):
+        torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args)
+
+
+@pytest.mark.cuda
+def test_gpu_bad_arguments_raise_clear_errors(ext):
+    x, pw, pwb, dw, dwb = _inputs(1, 4, 8, 8, 8, (3, 3), torch.float32, True, True, False)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "none")
+    with pytest.raises(RuntimeError, match="pw_weight"):
+        torch.ops.bsconv_cuda.cuda_forward(x, pw[:, :3].contiguous(), pwb, dw, dwb, *args)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.bsconv_cuda.cuda_forward(x, pw.half(), pwb, dw, dwb, *args)
+    with pytest.raises(RuntimeError, match="activation"):
+        torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args[:3], "gelu")
+    with pytest.raises(RuntimeError, match="stride"):
+        torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, [0, 1], *args[1:])
+
+
+@pytest.mark.cuda
+def test_gpu_opcheck(ext):
+    import bsconv_cuda.ops  # noqa: F401 - fakes
+
+    x, pw, pwb, dw, dwb = _inputs(2, 8, 16, 10, 12, (3, 3), torch.float32, True, True, True)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "hardswish")
+    torch.library.opcheck(torch.ops.bsconv_cuda.cuda_forward.default, (x, pw, pwb, dw, dwb, *args))
+    grad_y = torch.randn(2, 16, 10, 12, device="cuda").contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.bsconv_cuda.cuda_backward.default, (grad_y, x, pw, pwb, dw, dwb, *args))
+
+
+@pytest.mark.cuda
+def test_gpu_auto_picks_cuda_and_autograd_works(ext):
+    x, pw, pwb, dw, dwb = _inputs(2, 16, 32, 14, 14, (3, 3), torch.bfloat16, True, True, True)
+    leaves = [t.requires_grad_() for t in (x, pw, dw, pwb, dwb)]
+    y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[2], leaves[4], stride=1, padding=1,
+                             pw_bias=leaves[3], mid_activation="relu", backend="cuda")
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and not t.grad.isnan().any() for t in leaves)
+    assert "cuda" in bsconv_cuda.available_backends("cuda")
