@@ -155,12 +155,15 @@ def _fwd_kernel(
     lw = tt % TW
     t_ok = tt < TH * TW
     out = tl.zeros((TP, BCO), dtype=acc_dt)
-    for i in tl.static_range(KH):
-        for j in tl.static_range(KW):
-            idx = tl.where(t_ok, (lh * SH + i * DH) * WW + lw * SW + j * DW, 0)
-            g = tl.gather(mid, tl.broadcast_to(idx[:, None], (TP, BCO)), 0)
-            wd = tl.load(dw_ptr + co * (KH * KW) + (i * KW + j), mask=co_ok, other=0.0).to(acc_dt)
-            out += g * wd[None, :]
+    # a runtime loop over taps (not static_range): unrolled, the per-tap weights and gather indices of all taps were
+    # hoisted and spilled for 5x5 / 7x7 on sm_90
+    for tap in tl.range(0, KH * KW):
+        i = tap // KW
+        j = tap % KW
+        idx = tl.where(t_ok, (lh * SH + i * DH) * WW + lw * SW + j * DW, 0)
+        g = tl.gather(mid, tl.broadcast_to(idx[:, None], (TP, BCO)), 0)
+        wd = tl.load(dw_ptr + co * (KH * KW) + tap, mask=co_ok, other=0.0).to(acc_dt)
+        out += g * wd[None, :]
     if HAS_DB:
         out += tl.load(db_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
 
@@ -243,26 +246,26 @@ def _bwd_kernel(
             # depthwise transpose: mid pixel (h, w) feeds output (oh, ow) through tap (i, j) when
             # oh*SH + i*DH - PT == h (and the same for w)
             gmid = tl.zeros((TP, BCO), dtype=acc_dt)
-            for i in tl.static_range(KH):
+            for tap in tl.range(0, T):  # runtime loop: see the forward kernel
+                i = tap // KW
+                j = tap % KW
                 ohn = h + PT - i * DH
+                own = w + PL - j * DW
                 oh = ohn // SH
-                oh_ok = (ohn >= 0) & (ohn % SH == 0) & (oh < H_out)
-                for j in tl.static_range(KW):
-                    own = w + PL - j * DW
-                    ow = own // SW
-                    ok = p_ok & oh_ok & (own >= 0) & (own % SW == 0) & (ow < W_out)
-                    if IDX64:
-                        g_row = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-                    else:
-                        g_row = n * sgn + oh * sgh + ow * sgw
-                    gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
-                                  other=0.0).to(acc_dt)
-                    wd = tl.load(dw_ptr + co * T + (i * KW + j), mask=co_ok, other=0.0).to(acc_dt)
-                    gmid += gyt * wd[None, :]
-                    if lead:
-                        d_ptr = part_g + co * K_PART + (C_in + i * KW + j)
-                        prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
-                        tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
+                ow = own // SW
+                ok = p_ok & (ohn >= 0) & (ohn % SH == 0) & (oh < H_out) & (own >= 0) & (own % SW == 0) & (ow < W_out)
+                if IDX64:
+                    g_row = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+                else:
+                    g_row = n * sgn + oh * sgh + ow * sgw
+                gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
+                              other=0.0).to(acc_dt)
+                wd = tl.load(dw_ptr + co * T + tap, mask=co_ok, other=0.0).to(acc_dt)
+                gmid += gyt * wd[None, :]
+                if lead:
+                    d_ptr = part_g + co * K_PART + (C_in + tap)
+                    prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
+                    tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
             gpre = _act_grad(gmid, pre, ACT)
             if lead:
                 b_ptr = part_g + co * K_PART + (C_in + T)
@@ -338,15 +341,17 @@ def _pow2(v: int) -> int:
 @functools.lru_cache(maxsize=256)
 def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> tuple[int, int]:
     """Output tile (TH, TW) with the least padded work per output pixel: (P + TP) / (TH * TW), where the halo
-    (flattened) is padded to P <= 256 (more only when nothing else fits) and the tile to TP <= 256."""
+    (flattened) is padded to P <= 128 (more only when nothing else fits: large dilated kernels) and the tile to
+    TP <= 128. P = 128 keeps mid [P, BCO=32] plus the output accumulator within registers at 4 warps on sm_90
+    (P = 256 spilled: see compile_report)."""
     best = None
-    for p_max in (256, 1024, 4096):
+    for p_max in (128, 256, 1024, 4096):
         for th in range(1, min(h_out, 64) + 1):
             hh = (th - 1) * sh + (kh - 1) * dh + 1
             for tw in range(1, min(w_out, 128) + 1):
                 ww = (tw - 1) * sw + (kw - 1) * dw + 1
                 p, tp = _pow2(hh * ww), _pow2(th * tw)
-                if p > p_max or tp > 256:
+                if p > p_max or tp > 128:
                     break
                 cost = ((p + tp) / (th * tw), -tw)
                 if best is None or cost < best[0]:
@@ -366,7 +371,7 @@ def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw) -> dict:
     p = max(16, _pow2(hh * ww))  # tl.dot needs M >= 16
     blk = dict(TH=th, TW=tw, HH=hh, WW=ww, TP=_pow2(th * tw), P=p, BCO=max(16, min(32, _pow2(c_out))),
                BCI=max(16, min(64, _pow2(c_in))))
-    blk["num_warps"] = 8 if p * blk["BCO"] >= 8192 else 4
+    blk["num_warps"] = 8 if p * blk["BCO"] > 4096 else 4
     blk.update(forced)
     return blk
 
