@@ -1,0 +1,576 @@
+"""Static report of the fused kernels' machine code, made without a GPU.
+
+    python benchmarks/kernel_report.py [--arch 80,90] [--dtypes bf16,fp16,fp32] [--shapes all|quick|NAMES]
+                                       [--jobs N] [--json PATH] [--markdown PATH] [--update-markdown BENCHMARKS.md]
+
+- Triton: every kernel configuration that the Triton launcher (``bsconv_cuda/kernels/bsconv_u.py``) launches for the
+  benchmark shape table (``bsconv_cuda.shapes``), per dtype, is compiled for each target (``triton.compile`` on an
+  ``ASTSource`` with ``GPUTarget("cuda", arch, 32)``; no driver needed). The configurations come from a provider: the
+  launcher's own ``launch_configs(shapes, dtypes)`` when it has one, else :func:`heuristic_triton_configs` here,
+  which calls the launcher's block-size heuristics (``_fwd_blocks``, ``_bwd_blocks``) the way ``forward``/``backward``
+  do. ``--provider module:function`` plugs in another enumeration.
+- CUDA: the built extension ``bsconv_cuda/_C*.so`` (if present) is read as is (all the architectures it carries).
+
+Per kernel it reports registers, stack/local memory and spill instructions (``STL``/``LDL`` in SASS), shared memory,
+the occupancy those allow (resident warps per SM / 64), whether the matrix stage uses tensor-core instructions
+(``HGMMA`` on sm_90, ``HMMA`` on sm_80+), and the widths of the global loads and stores (``LDG``/``STG``; 16 B =
+``.128``). Tools: ``cuobjdump`` from Triton's wheel (``triton/backends/nvidia/bin``), else ``$CUDA_HOME/bin``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Per-SM limits used for the occupancy estimate (CUDA occupancy calculator values).
+ARCH_LIMITS = {
+    80: dict(regs=65536, smem=167936, smem_block=166912, warps=64, blocks=32, reserved_smem=1024),
+    86: dict(regs=65536, smem=102400, smem_block=101376, warps=48, blocks=16, reserved_smem=1024),
+    89: dict(regs=65536, smem=102400, smem_block=101376, warps=48, blocks=24, reserved_smem=1024),
+    90: dict(regs=65536, smem=233472, smem_block=232448, warps=64, blocks=32, reserved_smem=1024),
+}
+TRITON_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+# ------------------------------------------------------------------------------------------------------------ tools
+def find_tool(name: str) -> str | None:
+    try:
+        import triton
+
+        p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+        if p.exists():
+            return str(p)
+    except Exception:  # noqa: BLE001
+        pass
+    for base in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if base and (Path(base) / "bin" / name).exists():
+            return str(Path(base) / "bin" / name)
+    return shutil.which(name)
+
+
+def _run(tool: str, *args: str) -> str:
+    exe = find_tool(tool)
+    if exe is None:
+        raise RuntimeError(f"{tool} not found (Triton's wheel carries it in triton/backends/nvidia/bin)")
+    res = subprocess.run([exe, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{tool} {' '.join(args)} failed: {res.stderr.strip()[:500]}")
+    return res.stdout
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+_RES_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
+
+
+def parse_resource_usage(text: str) -> list[dict]:
+    """``cuobjdump --dump-resource-usage`` -> [{arch, function, regs, stack, shared, local}]."""
+    out, arch, func = [], None, None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("arch = sm_"):
+            arch = int(line.split("sm_")[1].split()[0].rstrip("a"))
+        elif line.startswith("Function "):
+            func = line[len("Function "):].rstrip(":").strip()
+        elif (m := _RES_LINE.search(line)) and func is not None:
+            regs, stack, shared, local = map(int, m.groups())
+            out.append(dict(arch=arch, function=func, regs=regs, stack=stack, shared=shared, local=local))
+            func = None
+    return out
+
+
+def _access_width(op: str) -> int:
+    """Bytes of one LDG/STG instruction from its modifiers (``LDG.E.128`` -> 16, ``LDG.E`` -> 4)."""
+    mods = op.split(".")[1:]
+    for mod in reversed(mods):
+        if mod in _WIDTH:
+            return _WIDTH[mod]
+    return 4
+
+
+def parse_sass(text: str) -> dict[tuple[int | None, str], dict]:
+    """``cuobjdump --dump-sass`` -> {(arch, function): {tensor_core: Counter, ldg: Counter(bytes), stg: ..., stl, ldl}}."""
+    out: dict = {}
+    arch, cur = None, None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("arch = sm_"):
+            arch = int(s.split("sm_")[1].split()[0].rstrip("a"))
+            continue
+        if s.startswith("Function :"):
+            cur = out.setdefault((arch, s.split(":", 1)[1].strip()),
+                                 dict(tensor_core=Counter(), ldg=Counter(), stg=Counter(), stl=0, ldl=0, instrs=0))
+            continue
+        if cur is None or not s.startswith("/*"):
+            continue
+        m = re.match(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", s)
+        if not m:
+            continue
+        op = m.group(1)
+        base = op.split(".")[0]
+        cur["instrs"] += 1
+        if base in ("HGMMA", "HMMA", "IMMA", "WGMMA"):
+            cur["tensor_core"][op.split(".")[0] + ("." + op.split(".")[1] if "." in op else "")] += 1
+        elif base == "LDG":
+            cur["ldg"][_access_width(op)] += 1
+        elif base == "STG":
+            cur["stg"][_access_width(op)] += 1
+        elif base == "STL":
+            cur["stl"] += 1
+        elif base == "LDL":
+            cur["ldl"] += 1
+    return out
+
+
+def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> dict:
+    """Resident blocks and warps per SM allowed by registers, shared memory and warp/block limits."""
+    lim = ARCH_LIMITS.get(arch, ARCH_LIMITS[90])
+    regs_per_warp = ((max(regs, 1) * 32 + 255) // 256) * 256
+    by_regs = (lim["regs"] // regs_per_warp) // num_warps if regs_per_warp else lim["blocks"]
+    by_smem = lim["smem"] // (shared + lim["reserved_smem"]) if shared <= lim["smem_block"] else 0
+    by_warps = lim["warps"] // num_warps
+    blocks = max(0, min(by_regs, by_smem, by_warps, lim["blocks"]))
+    limiter = min((("registers", by_regs), ("shared memory", by_smem), ("warps", by_warps),
+                   ("blocks", lim["blocks"])), key=lambda kv: kv[1])[0]
+    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * num_warps,
+                occupancy=blocks * num_warps / lim["warps"], limiter=limiter)
+
+
+# --------------------------------------------------------------------------------------------------- the configs
+@dataclass
+class KernelConfig:
+    """One compilation of a Triton kernel: what the launcher passes (signature, constexprs, num_warps)."""
+
+    kernel: str
+    fn: object  # a triton JITFunction, or "module:attribute"
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    dtype: str
+    matrix_stage: bool  # True when the kernel has a tl.dot stage (tensor cores expected for bf16/fp16)
+    num_stages: int | None = None
+    uses: list[str] = field(default_factory=list)  # shapes (and dtypes) that launch it
+
+    def key(self):
+        return (self.kernel, self.dtype, self.num_warps, self.num_stages, tuple(sorted(self.constexprs.items())))
+
+    def label(self) -> str:
+        skip = {"PREC", "ACC64", "IDX64", "UPCAST_DOT", "DH", "DW"}
+        c = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in skip)
+        prec = self.constexprs.get("PREC")
+        return f"{self.kernel}[{self.dtype}{'/' + prec if prec and self.dtype == 'fp32' else ''}] w{self.num_warps} {c}"
+
+
+def _resolve(fn):
+    if isinstance(fn, str):
+        mod, _, attr = fn.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+    return fn
+
+
+def _signature(fn, constexprs: dict, ptr_types: dict, default_ptr: str) -> dict:
+    sig = {}
+    for name in _resolve(fn).arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = ptr_types.get(name, default_ptr)
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def heuristic_triton_configs(shapes, dtypes: Iterable[str], tf32_modes=(True, False)) -> list[KernelConfig]:
+    """The launch configurations of bsconv_cuda.kernels.bsconv_u for ``shapes``, mirroring its launchers.
+
+    Mirrors ``forward``/``backward`` of that module (GPU path: UPCAST_DOT False, 32-bit indexing, fp32
+    accumulation); fp32 comes in both precisions the launcher can pick (``PREC="tf32"`` when
+    ``torch.backends.cudnn.allow_tf32``, else ``"ieee"``).
+    """
+    from bsconv_cuda import reference
+    from bsconv_cuda.kernels import bsconv_u as K
+
+    modname = K.__name__
+    acts = getattr(K, "_ACT_CODES", {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4})
+    configs: dict = {}
+
+    def add(cfg: KernelConfig, use: str):
+        k = cfg.key()
+        if k not in configs:
+            configs[k] = cfg
+        if use not in configs[k].uses:
+            configs[k].uses.append(use)
+
+    for shape in shapes:
+        k, s, pad = shape.k, shape.stride, shape.padding
+        h_out, w_out = reference.output_size(shape.hw, shape.hw, (k, k), (s, s), (pad,) * 4, (1, 1))
+        for dtype in dtypes:
+            precs = (["tf32"] if True in tf32_modes else []) + (["ieee"] if False in tf32_modes else []) \
+                if dtype == "fp32" else ["ieee"]
+            for prec in precs:
+                common = dict(KH=k, KW=k, SH=s, SW=s, DH=1, DW=1)
+                flags = dict(ACT=acts[shape.activation], HAS_PB=shape.pw_bias)
+                # forward
+                blk = K._fwd_blocks(shape.c_in, shape.c_out, h_out, w_out, k, k, s, s, 1, 1)
+                nw = blk.pop("num_warps")
+                const = dict(common, **blk, **flags, HAS_DB=shape.dw_bias, PREC=prec, ACC64=False, IDX64=False,
+                             UPCAST_DOT=False)
+                fn = f"{modname}:_fwd_kernel"
+                add(KernelConfig("triton_fwd", fn, _signature(fn, const, {}, "*" + dtype), const, nw, dtype, True),
+                    f"{shape.name}/{dtype}")
+                # backward
+                blk = K._bwd_blocks(shape.c_in, shape.c_out)
+                nw = blk.pop("num_warps")
+                const = dict(common, **blk, **flags, PREC=prec, ACC64=False, IDX64=False, UPCAST_DOT=False)
+                fn = f"{modname}:_bwd_kernel"
+                add(KernelConfig("triton_bwd", fn, _signature(fn, const, {"part_ptr": "*fp32"}, "*" + dtype), const,
+                                 nw, dtype, True), f"{shape.name}/{dtype}")
+                # reduction of the backward's partial sums (no matrix stage)
+                const = dict(T=k * k, BLOCK=256, ACC64=False)
+                fn = f"{modname}:_reduce_kernel"
+                add(KernelConfig("triton_reduce", fn, _signature(fn, const, {"part_ptr": "*fp32"}, "*" + dtype),
+                                 const, 4, dtype, False), f"{shape.name}/{dtype}")
+    return list(configs.values())
+
+
+def triton_configs(shapes, dtypes, provider: str | None = None) -> list[KernelConfig]:
+    """The configurations to compile: ``provider`` ("module:function"), else the launcher's ``launch_configs`` if
+    it exposes one, else :func:`heuristic_triton_configs`."""
+    if provider:
+        return list(_resolve(provider)(shapes, dtypes))
+    from bsconv_cuda.kernels import bsconv_u as K
+
+    if hasattr(K, "launch_configs"):
+        out = []
+        for c in K.launch_configs(shapes, dtypes):
+            out.append(c if isinstance(c, KernelConfig) else KernelConfig(**c))
+        return out
+    return heuristic_triton_configs(shapes, dtypes)
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+@dataclass
+class KernelStats:
+    source: str  # "triton" or "cuda"
+    kernel: str
+    label: str
+    arch: int | None
+    dtype: str | None
+    num_warps: int | None
+    matrix_stage: bool | None
+    regs: int | None = None
+    stack: int | None = None
+    local: int | None = None
+    shared: int | None = None
+    spill_stores: int | None = None
+    spill_loads: int | None = None
+    tensor_core: dict = field(default_factory=dict)
+    ldg_bytes: dict = field(default_factory=dict)
+    stg_bytes: dict = field(default_factory=dict)
+    occupancy: dict = field(default_factory=dict)
+    uses: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def spills(self) -> bool:
+        return bool(self.local) or bool(self.spill_stores) or bool(self.spill_loads)
+
+    @property
+    def uses_tensor_cores(self) -> bool:
+        return sum(self.tensor_core.values()) > 0
+
+    @property
+    def needs_tensor_cores(self) -> bool:
+        """A bf16/fp16 matrix (pointwise) stage must run on tensor cores."""
+        return bool(self.matrix_stage) and self.dtype in ("bf16", "fp16")
+
+
+def analyze_cubin(path: str | Path) -> list[tuple[dict, dict]]:
+    """[(resource usage, sass summary)] per function in a cubin or a host object carrying a fatbin."""
+    res = parse_resource_usage(_run("cuobjdump", "--dump-resource-usage", str(path)))
+    sass = parse_sass(_run("cuobjdump", "--dump-sass", str(path)))
+    out = []
+    for r in res:
+        s = sass.get((r["arch"], r["function"])) or next(
+            (v for (a, f), v in sass.items() if f == r["function"] and (a is None or r["arch"] is None)), None)
+        out.append((r, s or {}))
+    return out
+
+
+def _fill(stats: KernelStats, r: dict, s: dict, shared: int | None = None) -> KernelStats:
+    stats.regs, stats.stack, stats.local = r["regs"], r["stack"], r["local"]
+    stats.shared = r["shared"] if shared is None else shared
+    stats.spill_stores, stats.spill_loads = s.get("stl", 0), s.get("ldl", 0)
+    stats.tensor_core = dict(s.get("tensor_core", {}))
+    stats.ldg_bytes = {int(k): v for k, v in s.get("ldg", {}).items()}
+    stats.stg_bytes = {int(k): v for k, v in s.get("stg", {}).items()}
+    if stats.num_warps and stats.arch:
+        stats.occupancy = occupancy(stats.regs, stats.shared, stats.num_warps, stats.arch)
+    elif stats.arch:  # block size unknown (CUDA extension): the register limit alone, as warps per SM
+        lim = ARCH_LIMITS.get(stats.arch, ARCH_LIMITS[90])
+        per_warp = ((max(stats.regs, 1) * 32 + 255) // 256) * 256
+        warps = min(lim["warps"], lim["regs"] // per_warp)
+        stats.occupancy = dict(warps_per_sm=warps, occupancy=warps / lim["warps"], limiter="registers (block size "
+                               "unknown statically; shared memory per block not included)")
+    return stats
+
+
+def compile_triton(cfg: KernelConfig, arch: int) -> KernelStats:
+    stats = KernelStats("triton", cfg.kernel, cfg.label(), arch, cfg.dtype, cfg.num_warps, cfg.matrix_stage,
+                        uses=list(cfg.uses))
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        src = triton.compiler.ASTSource(fn=_resolve(cfg.fn), signature=cfg.signature, constexprs=cfg.constexprs)
+        options = {"num_warps": cfg.num_warps}
+        if cfg.num_stages is not None:
+            options["num_stages"] = cfg.num_stages
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "k.cubin"
+            path.write_bytes(compiled.asm["cubin"])
+            (r, s), = analyze_cubin(path)[:1]
+        # Triton allocates its shared memory dynamically: the metadata has the real amount.
+        _fill(stats, r, s, shared=max(int(getattr(compiled.metadata, "shared", 0) or 0), r["shared"]))
+    except Exception as error:  # noqa: BLE001 - one failing configuration must not hide the others
+        stats.error = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300] if str(error) else ''}"
+    return stats
+
+
+def load_json(path: str | Path) -> list[KernelStats]:
+    """The ``--json`` output read back as KernelStats."""
+    names = {f.name for f in dataclasses.fields(KernelStats)}
+    out = []
+    for d in json.loads(Path(path).read_text()):
+        st = KernelStats(**{k: v for k, v in d.items() if k in names})
+        st.ldg_bytes = {int(k): v for k, v in st.ldg_bytes.items()}
+        st.stg_bytes = {int(k): v for k, v in st.stg_bytes.items()}
+        out.append(st)
+    return out
+
+
+def _compile_job(args):
+    cfg, arch = args
+    return compile_triton(cfg, arch)
+
+
+def compile_all(configs: list[KernelConfig], archs: Iterable[int], jobs: int = 1,
+                progress: Callable[[int, int], None] | None = None) -> list[KernelStats]:
+    work = [(c, a) for a in archs for c in configs]
+    if jobs <= 1 or len(work) <= 1:
+        out = []
+        for i, w in enumerate(work):
+            out.append(_compile_job(w))
+            if progress:
+                progress(i + 1, len(work))
+        return out
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Configs whose fn is a JITFunction object cannot cross processes: pass its qualified name instead.
+    for cfg, _ in work:
+        if not isinstance(cfg.fn, str):
+            fn = cfg.fn
+            cfg.fn = f"{fn.fn.__module__}:{fn.fn.__name__}"
+    out = []
+    with ProcessPoolExecutor(max_workers=jobs) as ex:
+        for i, st in enumerate(ex.map(_compile_job, work)):
+            out.append(st)
+            if progress:
+                progress(i + 1, len(work))
+    return out
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    exe = shutil.which("c++filt") or shutil.which("cu++filt") or find_tool("cu++filt")
+    if not exe or not names:
+        return {n: n for n in names}
+    res = subprocess.run([exe], input="\n".join(names), capture_output=True, text=True)
+    lines = res.stdout.splitlines()
+    return dict(zip(names, lines)) if len(lines) == len(names) else {n: n for n in names}
+
+
+def _short_cuda_name(demangled: str) -> str:
+    s = demangled.replace("(anonymous namespace)::", "")
+    s = re.sub(r"\([^()]*\)$", "", s)  # drop the parameter list
+    s = s.replace("bsconv::", "")
+    s = s.replace("__nv_bfloat16", "bf16").replace("__half", "fp16")
+    return s.replace("void ", "")
+
+
+def _cuda_dtype(name: str) -> str | None:
+    if "bf16" in name or "bfloat16" in name:
+        return "bf16"
+    if "fp16" in name or "__half" in name or "<half" in name:
+        return "fp16"
+    if "<float" in name or "float>" in name or "float," in name:
+        return "fp32"
+    if "<double" in name or "double>" in name or "double," in name:
+        return "fp64"
+    return None
+
+
+CUDA_MATRIX_STAGE = re.compile(r"fwd|bwd_tile|gemm|pointwise|fused", re.I)
+
+
+def find_extension() -> Path | None:
+    hits = sorted((REPO / "bsconv_cuda").glob("_C*.so"))
+    return hits[0] if hits else None
+
+
+def cuda_extension_stats(so_path: str | Path | None = None) -> list[KernelStats]:
+    """Every kernel in the built extension, per architecture it carries. Matrix stage: a kernel whose name says
+    fwd / bwd_tile / gemm / pointwise / fused (tensor cores expected there for bf16/fp16)."""
+    so_path = so_path or find_extension()
+    if so_path is None:
+        return []
+    pairs = analyze_cubin(so_path)
+    names = _demangle([r["function"] for r, _ in pairs])
+    out = []
+    for r, s in pairs:
+        short = _short_cuda_name(names[r["function"]])
+        st = KernelStats("cuda", short.split("<")[0], short, r["arch"], _cuda_dtype(short), None,
+                         bool(CUDA_MATRIX_STAGE.search(short.split("<")[0])))
+        out.append(_fill(st, r, s))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- output
+def _widths(c: dict) -> str:
+    return " ".join(f"{b}B×{n}" for b, n in sorted(c.items())) or "–"
+
+
+def problems(stats: Iterable[KernelStats]) -> list[str]:
+    """What the test fails on: spills, and bf16/fp16 matrix stages without tensor-core instructions."""
+    out = []
+    for st in stats:
+        where = f"{st.source} sm_{st.arch} {st.label}"
+        if st.error:
+            out.append(f"{where}: did not compile: {st.error}")
+            continue
+        if st.spills:
+            out.append(f"{where}: spills (local {st.local} B, stack {st.stack} B, {st.spill_stores} STL / "
+                       f"{st.spill_loads} LDL)")
+        if st.needs_tensor_cores and not st.uses_tensor_cores:
+            out.append(f"{where}: {st.dtype} matrix stage without tensor-core instructions")
+    return out
+
+
+def markdown(stats: list[KernelStats]) -> str:
+    lines = ["| source | arch | kernel / config | regs | spills (STL/LDL, local B) | stack B | smem KiB | "
+             "occupancy (warps/SM, limiter) | tensor cores | LDG widths | STG widths | used by |",
+             "|---|---|---|---:|---|---:|---:|---|---|---|---|---|"]
+    for st in stats:
+        if st.error:
+            lines.append(f"| {st.source} | sm_{st.arch} | `{st.label}` | compile error: {st.error} |||||||||")
+            continue
+        occ = st.occupancy
+        if occ and "blocks_per_sm" in occ:
+            occ_s = f"{100 * occ['occupancy']:.0f}% ({occ['warps_per_sm']}, {occ['limiter']})"
+        elif occ:
+            occ_s = f"≤{100 * occ['occupancy']:.0f}% (≤{occ['warps_per_sm']} by registers)"
+        else:
+            occ_s = "–"
+        tc = ", ".join(f"{k}×{v}" for k, v in sorted(st.tensor_core.items())) or (
+            "**none**" if st.needs_tensor_cores else "none")
+        spill = f"{st.spill_stores}/{st.spill_loads}, {st.local}"
+        if st.spills:
+            spill = f"**{spill}**"
+        uses = ", ".join(st.uses[:3]) + (f" +{len(st.uses) - 3}" if len(st.uses) > 3 else "")
+        lines.append(f"| {st.source} | sm_{st.arch} | `{st.label}` | {st.regs} | {spill} | {st.stack} | "
+                     f"{st.shared / 1024:.1f} | {occ_s} | {tc} | {_widths(st.ldg_bytes)} | {_widths(st.stg_bytes)} | "
+                     f"{uses} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(stats: list[KernelStats], notes: Iterable[str] = ()) -> str:
+    probs = problems(stats)
+    n_tr = sum(1 for s in stats if s.source == "triton")
+    n_cu = sum(1 for s in stats if s.source == "cuda")
+    lines = [f"{n_tr} Triton compilations and {n_cu} CUDA-extension kernels analysed; "
+             f"{len(probs)} problem(s) (spills, or bf16/fp16 matrix stage without tensor cores)."]
+    lines += [f"Note: {n}" for n in notes]
+    if probs:
+        lines.append("")
+        lines += [f"- {p}" for p in probs[:40]]
+        if len(probs) > 40:
+            lines.append(f"- ... and {len(probs) - 40} more")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="80,90", help="comma-separated SM versions to compile Triton kernels for")
+    p.add_argument("--dtypes", default="bf16,fp16,fp32")
+    p.add_argument("--shapes", default="all", help="shape spec of bsconv_cuda.shapes.select (default: all)")
+    p.add_argument("--provider", default=None, help="module:function returning the Triton configs to compile")
+    p.add_argument("--no-triton", action="store_true")
+    p.add_argument("--no-cuda", action="store_true")
+    p.add_argument("--extension", type=Path, default=None, help="path of the built _C*.so (default: the package's)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--markdown", type=Path, default=None, help="write the table here (default: stdout)")
+    p.add_argument("--update-markdown", type=Path, default=None, metavar="FILE",
+                   help="replace the <!-- kernel-report:begin/end --> section of FILE (e.g. BENCHMARKS.md)")
+    args = p.parse_args(argv)
+
+    from bsconv_cuda.shapes import select
+
+    stats: list[KernelStats] = []
+    if not args.no_triton:
+        configs = triton_configs(select(args.shapes), args.dtypes.split(","), args.provider)
+        archs = [int(a) for a in args.arch.split(",")]
+
+        def progress(i, n):
+            sys.stderr.write(f"\rcompiling Triton configurations: {i}/{n}")
+            sys.stderr.flush()
+
+        stats += compile_all(configs, archs, jobs=args.jobs, progress=progress)
+        sys.stderr.write("\n")
+    notes = []
+    if not args.no_cuda:
+        if (args.extension or find_extension()) is None:
+            notes.append("the CUDA extension bsconv_cuda/_C*.so is not built: no CUDA kernels analysed")
+        else:
+            try:
+                stats += cuda_extension_stats(args.extension)
+            except Exception as error:  # noqa: BLE001
+                notes.append(f"CUDA extension not analysed: {error}")
+    md = summary_markdown(stats, notes) + "\n\n" + markdown(stats) + "\n"
+    if args.markdown:
+        args.markdown.write_text(md)
+    else:
+        print(md)
+    if args.update_markdown:
+        begin, end = "<!-- kernel-report:begin -->", "<!-- kernel-report:end -->"
+        text = args.update_markdown.read_text() if args.update_markdown.exists() else ""
+        block = f"{begin}\n{md.rstrip()}\n{end}"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            text = head + block + rest.split(end, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        args.update_markdown.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps([dict(dataclasses.asdict(s), spills=s.spills) for s in stats], indent=1))
+    return 1 if problems(stats) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Static machine-code checks of the fused kernels, without a GPU (benchmarks/kernel_report.py).
+
+- The report machinery (cuobjdump parsing, occupancy, tensor-core and load-width detection) is checked on a tiny
+  Triton kernel of this test, plugged in through ``--provider``.
+- The real kernels: the Triton configurations that the launcher picks for the quick benchmark shapes (bf16; sm_80 and
+  sm_90) and every kernel of the built CUDA extension (when built) must not spill, and their bf16/fp16 matrix
+  (pointwise) stages must use tensor-core instructions (HMMA/HGMMA).
+
+Compilation runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it on GPU-less machines, and
+``triton.jit`` then yields interpreter functions that ``triton.compile`` cannot take).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "kernel_report.py"
+
+
+@pytest.fixture(scope="module")
+def kr():
+    spec = importlib.util.spec_from_file_location("bsconv_kernel_report", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tools_or_skip(kr):
+    pytest.importorskip("triton")
+    if kr.find_tool("cuobjdump") is None:
+        pytest.skip("cuobjdump not found (neither in Triton's wheel nor in CUDA_HOME)")
+
+
+def _run_report(tmp_path, *args, extra_path=None, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(extra_path or ""), str(REPO), env.get("PYTHONPATH", "")) if p)
+    out = tmp_path / "report.json"
+    res = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(out), "--markdown",
+                          str(tmp_path / "report.md")], capture_output=True, text=True, env=env, timeout=timeout)
+    assert out.exists(), f"kernel_report failed (rc {res.returncode}):\n{res.stdout}\n{res.stderr}"
+    return out, res
+
+
+TINY_KERNELS = textwrap.dedent('''
+    import triton
+    import triton.language as tl
+    import sys
+    sys.path.insert(0, {bench!r})
+    from kernel_report import KernelConfig
+
+
+    @triton.jit
+    def tiny_dot(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+        m = tl.arange(0, M)
+        n = tl.arange(0, N)
+        k = tl.arange(0, K)
+        a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+        b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+        c = tl.dot(a, b)
+        tl.store(c_ptr + m[:, None] * N + n[None, :], c.to(c_ptr.dtype.element_ty))
+
+
+    @triton.jit
+    def tiny_scale(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i) * 2)
+
+
+    def configs(shapes, dtypes):
+        out = []
+        for dt in dtypes:
+            sig = dict(a_ptr="*" + dt, b_ptr="*" + dt, c_ptr="*" + dt, M="constexpr", N="constexpr", K="constexpr")
+            out.append(KernelConfig("tiny_dot", __name__ + ":tiny_dot", sig, dict(M=64, N=64, K=32), 4, dt, True,
+                                    uses=["tiny"]))
+            sig = dict(x_ptr="*" + dt, y_ptr="*" + dt, BLOCK="constexpr")
+            out.append(KernelConfig("tiny_scale", __name__ + ":tiny_scale", sig, dict(BLOCK=1024), 4, dt, False))
+        return out
+''')
+
+
+def test_parsers_on_canned_output(kr):
+    res = kr.parse_resource_usage(textwrap.dedent("""
+        Fatbin elf code:
+        arch = sm_90
+         Function _Z3fooPf:
+          REG:40 STACK:16 SHARED:2048 LOCAL:8 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
+    """))
+    assert res == [dict(arch=90, function="_Z3fooPf", regs=40, stack=16, shared=2048, local=8)]
+    sass = kr.parse_sass(textwrap.dedent("""
+        arch = sm_80
+                Function : _Z3fooPf
+            /*0010*/                   LDG.E.128 R4, [R2.64] ;
+            /*0020*/              @!P0 LDG.E.U16 R8, [R2.64+0x10] ;
+            /*0030*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;
+            /*0040*/                   STL [R1], R12 ;
+            /*0050*/                   LDL R13, [R1] ;
+            /*0060*/                   STG.E.64 [R6.64], R12 ;
+            /*0070*/                   STG.E [R6.64], R12 ;
+    """))
+    s = sass[(80, "_Z3fooPf")]
+    assert s["ldg"] == {16: 1, 2: 1} and s["stg"] == {8: 1, 4: 1}
+    assert s["stl"] == 1 and s["ldl"] == 1 and sum(s["tensor_core"].values()) == 1
+    occ = kr.occupancy(regs=255, shared=0, num_warps=4, arch=90)
+    assert occ["warps_per_sm"] == 8 and occ["limiter"] == "registers"
+    occ = kr.occupancy(regs=32, shared=200 * 1024, num_warps=4, arch=90)
+    assert occ["blocks_per_sm"] == 1 and occ["limiter"] == "shared memory"
+    st = kr.KernelStats("triton", "k", "k", 90, "bf16", 4, True, regs=40, local=0, spill_stores=1, spill_loads=0)
+    assert st.spills and any("spills" in p for p in kr.problems([st]))
+    assert any("without tensor-core" in p for p in kr.problems([st]))
+
+
+def test_report_machinery_on_a_tiny_kernel(kr, tmp_path):
+    _tools_or_skip(kr)
+    mod = tmp_path / "tiny_kernels.py"
+    mod.write_text(TINY_KERNELS.format(bench=str(REPO / "benchmarks")))
+    out, res = _run_report(tmp_path, "--provider", "tiny_kernels:configs", "--arch", "80,90", "--dtypes",
+                           "bf16,fp16", "--no-cuda", "--jobs", "1", extra_path=tmp_path)
+    stats = {(s.kernel, s.arch, s.dtype): s for s in kr.load_json(out)}
+    assert len(stats) == 8, res.stderr
+    for (kernel, arch, dtype), s in stats.items():
+        assert s.error is None, s.error
+        assert not s.spills and s.regs > 0 and s.occupancy["warps_per_sm"] > 0
+        assert s.ldg_bytes and s.stg_bytes
+    assert any(k.startswith("HGMMA") for k in stats[("tiny_dot", 90, "bf16")].tensor_core)
+    assert any(k.startswith("HMMA") for k in stats[("tiny_dot", 80, "fp16")].tensor_core)
+    assert not stats[("tiny_scale", 90, "bf16")].tensor_core
+    assert res.returncode == 0 and kr.problems(stats.values()) == []
+    assert "tiny_dot[bf16]" in (tmp_path / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def real_report(kr, tmp_path_factory):
+    """One report run: the Triton configurations of the quick benchmark shapes (bf16, sm_80 + sm_90) and the built
+    CUDA extension's kernels."""
+    _tools_or_skip(kr)
+    pytest.importorskip("bsconv_cuda.kernels.bsconv_u")
+    tmp = tmp_path_factory.mktemp("kernel_report")
+    out, res = _run_report(tmp, "--shapes", "quick", "--arch", "80,90", "--dtypes", "bf16", "--jobs",
+                           str(min(4, os.cpu_count() or 1)))
+    stats = kr.load_json(out)
+    assert any(s.source == "triton" for s in stats), res.stderr
+    return stats
+
+
+@pytest.mark.parametrize("kernel", ["triton_fwd", "triton_bwd", "triton_reduce"])
+def test_triton_kernels_do_not_spill_and_use_tensor_cores(kr, real_report, kernel):
+    stats = [s for s in real_report if s.source == "triton" and s.kernel == kernel]
+    assert stats, f"no {kernel} configuration compiled"
+    problems = kr.problems(stats)
+    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
+
+
+def test_cuda_extension_kernels_do_not_spill_and_use_tensor_cores(kr, real_report):
+    stats = [s for s in real_report if s.source == "cuda"]
+    if not stats:
+        pytest.skip("the CUDA extension bsconv_cuda/_C*.so is not built")
+    assert any(s.needs_tensor_cores for s in stats), "no bf16/fp16 matrix-stage kernel recognised in the extension"
+    problems = kr.problems(stats)
+    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
