@@ -43,6 +43,9 @@ note "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS): $(
 SO=$(ls bsconv_cuda/_C*.so 2>/dev/null | head -1)
 if [ -n "$SO" ]; then
   CUOBJDUMP=$CUDA_HOME/bin/cuobjdump
+  if [ ! -x "$CUOBJDUMP" ]; then  # Triton's wheel carries one
+    CUOBJDUMP=$("$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null)
+  fi
   "$CUOBJDUMP" --dump-resource-usage "$SO" >"$RESULTS/resource_usage.txt" 2>&1
   "$CUOBJDUMP" --dump-sass "$SO" 2>/dev/null | grep -cE "HMMA|HGMMA" >"$RESULTS/tensor_core_instr_count.txt"
   note "SASS: $(grep -c 'Function' "$RESULTS/resource_usage.txt") kernels, max REG $(grep -oE 'REG:[0-9]+' "$RESULTS/resource_usage.txt" | cut -d: -f2 | sort -n | tail -1), $(grep -oE 'LOCAL:[0-9]+' "$RESULTS/resource_usage.txt" | grep -vc 'LOCAL:0$') with local memory, $(cat "$RESULTS/tensor_core_instr_count.txt") HMMA/HGMMA instructions"
