@@ -61,23 +61,26 @@ def bsconv_u(
             f"x: input of spatial size {tuple(x.shape[2:])} is too small for a {kernel_size} kernel with "
             f"padding {padding} and dilation {dilation} (output would be {out_h}x{out_w})"
         )
-    backend = select_backend(backend, x, kernel_size)
+    backend = select_backend(backend, x, kernel_size, stride, padding, dilation)
     return BSConvUFunction.apply(
         x, pw_weight.reshape(c_out, c_in).contiguous(), pw_bias, dw_weight.contiguous(), dw_bias,
         stride, padding, dilation, activation, backend,
     )
 
 
-def select_backend(requested: str, x: Tensor, kernel_size: Sequence[int]) -> str:
+def select_backend(
+    requested: str, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int],
+) -> str:
     """The backend that runs this call: ``requested`` if it can, the best one that can for ``"auto"``."""
     if requested not in backends.BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {backends.BACKEND_CHOICES}, got {requested!r}")
     if requested == "auto":
         for candidate in _auto_candidates(x.device):
-            if _call_unsupported_reason(candidate, x, kernel_size) is None:
+            if _call_unsupported_reason(candidate, x, kernel_size, stride, padding, dilation) is None:
                 return candidate
         return "reference"
-    reason = _call_unsupported_reason(requested, x, kernel_size)
+    reason = _call_unsupported_reason(requested, x, kernel_size, stride, padding, dilation)
     if reason is not None:
         raise RuntimeError(f"backend={requested!r} cannot run this call: {reason}")
     return requested
@@ -90,7 +93,10 @@ def _auto_candidates(device: torch.device) -> tuple[str, ...]:
     return ("cuda", "triton", "reference")
 
 
-def _call_unsupported_reason(backend: str, x: Tensor, kernel_size: Sequence[int]) -> str | None:
+def _call_unsupported_reason(
+    backend: str, x: Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int],
+) -> str | None:
     reason = backends.unavailable_reason(backend, x.device)
     if reason is not None or backend == "reference":
         return reason
@@ -106,7 +112,7 @@ def _call_unsupported_reason(backend: str, x: Tensor, kernel_size: Sequence[int]
     if backend == "cuda":
         from . import cuda_backend
 
-        return cuda_backend.unsupported_reason(x, kernel_size)
+        return cuda_backend.unsupported_reason(x, kernel_size, stride, padding, dilation)
     return None
 
 
