@@ -379,7 +379,8 @@ def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw) -> dict:
 def _bwd_blocks(c_in, c_out) -> dict:
     """Backward block sizes and launch options, by shape (G, the number of tile programs, is chosen by the launcher)."""
     forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k not in ("IDX64", "G")}
-    blk = dict(TP=64, BCO=max(16, min(32, _pow2(c_out))), BCI=max(16, min(64, _pow2(c_in))), num_warps=4)
+    # 8 warps: at 4 the [TP, BCI] grad_x accumulator + pre/mid/grad_mid tiles spilled on sm_90 (compile_report)
+    blk = dict(TP=64, BCO=max(16, min(32, _pow2(c_out))), BCI=max(16, min(64, _pow2(c_in))), num_warps=8)
     blk.update(forced)
     return blk
 
