@@ -102,7 +102,11 @@ def test_model(benchmark, device, model_name, mode, precision, variant):
         try:
             from bsconv_cuda.functional import select_backend
 
-            info["auto_backend"] = select_backend("auto", torch.empty(1, 1, 8, 8, device=device), (3, 3))
+            probe = torch.empty(1, 1, 8, 8, device=device)
+            try:
+                info["auto_backend"] = select_backend("auto", probe, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+            except TypeError:  # older signature without stride/padding/dilation
+                info["auto_backend"] = select_backend("auto", probe, (3, 3))
         except Exception as error:  # noqa: BLE001 - informational only
             info["auto_backend"] = f"unknown ({type(error).__name__})"
     if device.type != "cuda":
