@@ -7,7 +7,8 @@ backward kernels with the launch configuration the launchers would pick (the sam
 and prints registers, spill (local memory) bytes, shared memory, and counts of tensor-core (HGMMA / HMMA) and
 16-byte global load instructions from the SASS (``cuobjdump`` from Triton's wheel). Needs no GPU and no driver; must
 run WITHOUT ``TRITON_INTERPRET=1``. Runtime integer specialization (a stride of 1, multiples of 16) is mimicked
-approximately: unit strides become constants and the pointers / large strides are marked 16-divisible.
+approximately: unit strides become constants; pointers, channel counts and the n/h strides are marked 16-divisible
+(what Triton's launcher specializes when they are multiples of 16, as in the benchmark layers).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def _sass_stats(cubin: bytes) -> dict:
         regs=get("REG"), local=get("LOCAL"), stack=get("STACK"),
         hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
         ldg128=len(re.findall(r"LDG\.E\.128", sass)), ldg=len(re.findall(r"\bLDG\.", sass)),
+        ldgsts128=len(re.findall(r"LDGSTS\.E\.BYPASS\.128|LDGSTS\.E\.128", sass)),
+        ldgsts=len(re.findall(r"\bLDGSTS\.", sass)), stg128=len(re.findall(r"STG\.E\.128", sass)),
         stg=len(re.findall(r"\bSTG\.", sass)),
     )
 
@@ -71,9 +74,9 @@ def fwd_report(dtype: str, c_in, c_out, h, w, k, stride, channels_last, act="non
     num_warps = blk.pop("num_warps")
     unit = lambda name, cl_unit: (name, 1) if cl_unit == channels_last else (name, "i32d16")  # noqa: E731
     args = [(n, ptr) for n in ("x_ptr", "pw_ptr", "pb_ptr", "dw_ptr", "db_ptr", "y_ptr")]
-    args += [(n, "i32") for n in ("C_in", "C_out", "H", "W", "H_out", "W_out")]
-    args += [("sxn", "i32d16"), unit("sxc", True), ("sxh", "i32"), unit("sxw", False)]
-    args += [("syn", "i32d16"), unit("syc", True), ("syh", "i32"), unit("syw", False)]
+    args += [("C_in", "i32d16"), ("C_out", "i32d16")] + [(n, "i32") for n in ("H", "W", "H_out", "W_out")]
+    args += [("sxn", "i32d16"), unit("sxc", True), ("sxh", "i32d16"), unit("sxw", False)]
+    args += [("syn", "i32d16"), unit("syc", True), ("syh", "i32d16"), unit("syw", False)]
     args += [(n, "i32") for n in ("tiles_w", "tiles_per_img", "n_co_blk", "PT", "PL")]
     consts = dict(KH=k, KW=k, SH=stride, SW=stride, DH=1, DW=1, **blk, ACT=K._ACT_CODES[act], HAS_PB=True,
                   HAS_DB=True, PREC="tf32" if dtype == "fp32" else "ieee", ACC64=False, IDX64=False, UPCAST_DOT=False)
@@ -87,9 +90,9 @@ def bwd_report(dtype: str, c_in, c_out, k, stride, channels_last, act="none", ar
     num_warps = blk.pop("num_warps")
     unit = lambda name, cl_unit: (name, 1) if cl_unit == channels_last else (name, "i32d16")  # noqa: E731
     args = [(n, ptr) for n in ("gy_ptr", "x_ptr", "pw_ptr", "pb_ptr", "dw_ptr", "gx_ptr")] + [("part_ptr", "*fp32")]
-    args += [(n, "i32") for n in ("N", "C_in", "C_out", "H", "W", "H_out", "W_out")]
+    args += [("N", "i32"), ("C_in", "i32d16"), ("C_out", "i32d16")] + [(n, "i32") for n in ("H", "W", "H_out", "W_out")]
     for pre in ("sx", "sg", "sxg"):
-        args += [(pre + "n", "i32d16"), unit(pre + "c", True), (pre + "h", "i32"), unit(pre + "w", False)]
+        args += [(pre + "n", "i32d16"), unit(pre + "c", True), (pre + "h", "i32d16"), unit(pre + "w", False)]
     args += [(n, "i32") for n in ("PT", "PL", "G", "K_PART")]
     consts = dict(KH=k, KW=k, SH=stride, SW=stride, DH=1, DW=1, **blk, ACT=K._ACT_CODES[act], HAS_PB=True,
                   PREC="tf32" if dtype == "fp32" else "ieee", ACC64=False, IDX64=False, UPCAST_DOT=False)
