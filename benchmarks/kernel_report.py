@@ -525,6 +525,9 @@ def main(argv=None) -> int:
     p.add_argument("--extension", type=Path, default=None, help="path of the built _C*.so (default: the package's)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--from-json", type=Path, default=None, help="render a previous --json output; compile nothing")
+    p.add_argument("--table-arch", default=None,
+                   help="comma-separated SM versions whose rows go into the table (problems list all)")
     p.add_argument("--markdown", type=Path, default=None, help="write the table here (default: stdout)")
     p.add_argument("--update-markdown", type=Path, default=None, metavar="FILE",
                    help="replace the <!-- kernel-report:begin/end --> section of FILE (e.g. BENCHMARKS.md)")
@@ -533,6 +536,10 @@ def main(argv=None) -> int:
     from bsconv_cuda.shapes import select
 
     stats: list[KernelStats] = []
+    notes = []
+    if args.from_json:
+        stats = load_json(args.from_json)
+        args.no_triton = args.no_cuda = True
     if not args.no_triton:
         configs = triton_configs(select(args.shapes), args.dtypes.split(","), args.provider)
         archs = [int(a) for a in args.arch.split(",")]
@@ -543,7 +550,6 @@ def main(argv=None) -> int:
 
         stats += compile_all(configs, archs, jobs=args.jobs, progress=progress)
         sys.stderr.write("\n")
-    notes = []
     if not args.no_cuda:
         if (args.extension or find_extension()) is None:
             notes.append("the CUDA extension bsconv_cuda/_C*.so is not built: no CUDA kernels analysed")
@@ -552,7 +558,12 @@ def main(argv=None) -> int:
                 stats += cuda_extension_stats(args.extension)
             except Exception as error:  # noqa: BLE001
                 notes.append(f"CUDA extension not analysed: {error}")
-    md = summary_markdown(stats, notes) + "\n\n" + markdown(stats) + "\n"
+    shown = stats
+    if args.table_arch:
+        keep = {int(a) for a in args.table_arch.split(",")}
+        shown = [s for s in stats if s.arch in keep]
+        notes.append(f"table rows: sm_{', sm_'.join(map(str, sorted(keep)))} only")
+    md = summary_markdown(stats, notes) + "\n\n" + markdown(shown) + "\n"
     if args.markdown:
         args.markdown.write_text(md)
     else:
@@ -567,7 +578,7 @@ def main(argv=None) -> int:
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
         args.update_markdown.write_text(text)
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps([dict(dataclasses.asdict(s), spills=s.spills) for s in stats], indent=1))
     return 1 if problems(stats) else 0
 
