@@ -27,11 +27,14 @@ When ``C_in > BCI`` the ci-blocks are a second grid axis and ``pre`` is recomput
 finishing ``grad_x`` on chip without writing ``grad_pre``); weight partials of the channel-only gradients are then
 written by ci-block 0 only.
 
-sm_90 code (``python -m bsconv_cuda.kernels.compile_report``, triton 3.8, no GPU needed), registers / spills:
-forward, 4 warps, halo P <= 128, BCO = 32: bf16 143-224 regs, fp32 127-245 regs, no spills (stack 0) for 3x3, 5x5
-stride 2 and 7x7 layers in NCHW and NHWC; the pointwise tl.dot lowers to HGMMA (wgmma) in bf16 and TF32. Backward,
-8 warps, TP = 64: bf16 175-242 regs, no spills; fp32 with BCI = 64 255 regs and a 256-376 byte stack (C_in <= 32:
-192-200 regs, no spills). Global loads are not 16-byte vectorized (LDG.E.128 = 0): a known tuning gap.
+sm_90 code (``python -m bsconv_cuda.kernels.compile_report``, triton 3.8, no GPU needed; ints that are multiples of
+16 marked divisible, as Triton's launcher specializes them), registers / spills:
+- forward, 4 warps, halo P <= 128, BCO = 32: bf16 80-168 regs, no spills (stack 0) for 3x3, 5x5 stride 2 and 7x7
+  layers, NCHW and NHWC; the pointwise tl.dot lowers to HGMMA (wgmma) in bf16 and TF32. NHWC: x through 16-byte
+  cp.async (LDGSTS.128), y stored with 16-byte STG.128; NCHW: mostly narrow loads (the flattened halo is contiguous
+  only within a row) - a tuning gap.
+- backward, 8 warps, TP = 64: bf16 204-234 regs, no spills; fp32 with BCI = 64: 255 regs and a 256-376 byte stack
+  (C_in <= 32: 192-200 regs, no spills).
 
 Interpreter notes: under ``TRITON_INTERPRET=1`` (CPU tensors) the kernels run through NumPy; float64 works there
 (tl.dot in fp64), which lets ``gradcheck`` exercise the backward. Triton 3.8's interpreter computes bf16 ``tl.dot``
