@@ -33,25 +33,29 @@ GPU_SANITY_ROUNDS = 3
 REL_ERR_LIMIT = 2e-2  # fused vs fp32 reference on the same (rounded) inputs; the real accuracy tests live in tests/
 
 
+def contenders(which: str, gpu: bool) -> list[tuple[str, str]]:
+    """(contender, layout) pairs of a set, baselines first."""
+    if not gpu:
+        return [("reference", "nchw"), ("reference", "cl"), ("composed", "nchw"), ("composed", "cl"),
+                ("triton", "cl"), ("cuda", "cl")]
+    if which == "full":
+        return [(c, lay) for c in bench.CONTENDERS for lay in bench.LAYOUTS]
+    return [("reference", "nchw"), ("reference", "cl"), ("composed", "cl"), ("compile", "cl"), ("triton", "cl"),
+            ("cuda", "cl")]
+
+
 def plan(which: str, gpu: bool) -> list[tuple[Shape, str, str, str, str]]:
     """(shape, dtype, pass, contender, layout) in run order: for each shape/dtype/pass the baselines come first, so
     the fused contenders find them measured."""
     if not gpu:
         shapes = [s.with_batch(1) for s in QUICK_SHAPES if not s.is_latency]
-        contenders = [("reference", "nchw"), ("reference", "cl"), ("composed", "nchw"), ("composed", "cl"),
-                      ("triton", "cl"), ("cuda", "cl")]
     else:
         shapes = list(QUICK_SHAPES if which == "quick" else SHAPES)
-        if which == "full":
-            contenders = [(c, lay) for c in bench.CONTENDERS for lay in bench.LAYOUTS]
-        else:
-            contenders = [("reference", "nchw"), ("reference", "cl"), ("composed", "cl"), ("compile", "cl"),
-                          ("triton", "cl"), ("cuda", "cl")]
     out = []
     for shape in shapes:
         for dtype in DTYPE_NAMES:
             for pass_ in bench.PASSES:
-                for contender, layout in contenders:
+                for contender, layout in contenders(which, gpu):
                     out.append((shape, dtype, pass_, contender, layout))
     return out
 
@@ -107,9 +111,9 @@ def peak(memo, device, shape, dtype_name, contender, layout) -> int | None:
 
 
 def baselines_for(which: str, shape: Shape, dtype_name: str) -> list[tuple[str, str]]:
+    """The non-fused contenders that run for this shape/dtype in this set (GPU)."""
     out = []
-    gpu_plan = {(c, lay) for s, d, p, c, lay in plan(which, True) if s == shape and d == dtype_name}
-    for contender, layout in sorted(gpu_plan):
+    for contender, layout in contenders(which, True):
         if contender not in bench.BASELINES:
             continue
         if contender == "composed" and not bench.composed_supported(shape):
