@@ -20,7 +20,6 @@ import subprocess
 import tempfile
 
 import triton
-import triton.language as tl  # noqa: F401
 from triton.backends.compiler import GPUTarget
 
 from . import bsconv_u as K
