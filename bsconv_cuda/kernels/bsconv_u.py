@@ -27,8 +27,8 @@ When ``C_in > BCI`` the ci-blocks are a second grid axis and ``pre`` is recomput
 finishing ``grad_x`` on chip without writing ``grad_pre``); weight partials of the channel-only gradients are then
 written by ci-block 0 only.
 
-sm_90 code (``python -m bsconv_cuda.kernels.compile_report``, triton 3.8, no GPU needed; ints that are multiples of
-16 marked divisible, as Triton's launcher specializes them), registers / spills:
+sm_90 code (compiled without a GPU, triton 3.8, as ``benchmarks/kernel_report.py`` does, plus ``tt.divisibility=16``
+attrs on pointers, channel counts and n/h strides, as Triton's launcher specializes multiples of 16), regs / spills:
 - forward, 4 warps, halo P <= 128, BCO = 32: bf16 80-168 regs, no spills (stack 0) for 3x3, 5x5 stride 2 and 7x7
   layers, NCHW and NHWC; the pointwise tl.dot lowers to HGMMA (wgmma) in bf16 and TF32. NHWC: x through 16-byte
   cp.async (LDGSTS.128), y stored with 16-byte STG.128; NCHW: mostly narrow loads (the flattened halo is contiguous
