@@ -352,7 +352,7 @@ def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: in
     """Output tile (TH, TW) with the least padded work per output pixel: (P + TP) / (TH * TW), where the halo
     (flattened) is padded to P <= 128 (more only when nothing else fits: large dilated kernels) and the tile to
     TP <= 128. P = 128 keeps mid [P, BCO=32] plus the output accumulator within registers at 4 warps on sm_90
-    (P = 256 spilled: see compile_report)."""
+    (P = 256 spilled on sm_90)."""
     best = None
     for p_max in (128, 256, 1024, 4096):
         for th in range(1, min(h_out, 64) + 1):
@@ -388,7 +388,7 @@ def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw) -> dict:
 def _bwd_blocks(c_in, c_out) -> dict:
     """Backward block sizes and launch options, by shape (G, the number of tile programs, is chosen by the launcher)."""
     forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k not in ("IDX64", "G")}
-    # 8 warps: at 4 the [TP, BCI] grad_x accumulator + pre/mid/grad_mid tiles spilled on sm_90 (compile_report)
+    # 8 warps: at 4 the [TP, BCI] grad_x accumulator + pre/mid/grad_mid tiles spilled on sm_90
     blk = dict(TP=64, BCO=max(16, min(32, _pow2(c_out))), BCI=max(16, min(64, _pow2(c_in))), num_warps=8)
     blk.update(forced)
     return blk
