@@ -51,9 +51,7 @@ def bsconv_u(
     _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias)
     c_out, c_in = pw_weight.shape[:2]
     kernel_size = tuple(dw_weight.shape[2:])
-    stride = _pair("stride", stride, minimum=1)
-    dilation = _pair("dilation", dilation, minimum=1)
-    padding = _padding(padding, kernel_size, stride, dilation)
+    stride, padding, dilation = normalize_conv_args(kernel_size, stride, padding, dilation)
     activation = _activation(mid_activation)
     out_h, out_w = reference.output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
     if out_h <= 0 or out_w <= 0:
@@ -145,6 +143,17 @@ def _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias) -> None:
             raise TypeError(f"{name} has dtype {tensor.dtype} but x has {x.dtype}; all tensors must share one dtype")
         if tensor.device != x.device:
             raise RuntimeError(f"{name} is on {tensor.device} but x is on {x.device}; all tensors must share one device")
+
+
+def normalize_conv_args(
+    kernel_size: Sequence[int], stride: int | Sequence[int], padding: int | Sequence[int] | str,
+    dilation: int | Sequence[int],
+) -> tuple[tuple[int, int], tuple[int, int, int, int], tuple[int, int]]:
+    """``bsconv_u``'s stride, padding and dilation in the operators' form: (sh, sw), (top, bottom, left, right),
+    (dh, dw)."""
+    stride = _pair("stride", stride, minimum=1)
+    dilation = _pair("dilation", dilation, minimum=1)
+    return stride, _padding(padding, kernel_size, stride, dilation), dilation
 
 
 def _pair(name: str, value: int | Sequence[int], minimum: int) -> tuple[int, int]:

@@ -20,12 +20,10 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, reference
+from bsconv_cuda.functional import normalize_conv_args
 
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # the grid runs without hypothesis; only the random-configuration test needs it
-    st = None
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 FUSED_BACKENDS = ["triton", "cuda"]
 
@@ -181,11 +179,7 @@ def check_case(case: Case, backend: str, device: torch.device, seed: int = 0) ->
 
     # the truth: the reference in float64 on the same (rounded) inputs, through the backend's normalized arguments
     d64 = [None if t is None else t.detach().cpu().double() for t in (x, pw, pw_bias, dw, dw_bias)]
-    stride = bsconv_cuda.functional._pair("stride", case.stride, 1)
-    dilation = bsconv_cuda.functional._pair("dilation", case.dilation, 1)
-    padding = bsconv_cuda.functional._padding(case.padding, case.k, stride, dilation)
-    activation = case.act or "none"
-    conv = (stride, padding, dilation, activation)
+    conv = (*normalize_conv_args(case.k, case.stride, case.padding, case.dilation), case.act or "none")
     y_ref = reference.forward(*d64, *conv)
     grads_ref = reference.backward(grad_y.to(case.dtype).double(), *d64, *conv)
 
@@ -209,34 +203,28 @@ def test_against_reference(case: Case, backend: str, device: torch.device) -> No
     check_case(case, backend, device)
 
 
-if st is None:
-
-    def test_random_configurations():
-        pytest.skip("hypothesis is not installed")
-
-else:
-    @st.composite
-    def cases(draw):
-        kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7))
-        stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-        dilation = (draw(st.integers(1, 2 if kh <= 4 else 1)), draw(st.integers(1, 2 if kw <= 4 else 1)))
-        same = draw(st.booleans()) and stride == (1, 1)
-        padding = "same" if same else (draw(st.integers(0, kh // 2 + 1)), draw(st.integers(0, kw // 2 + 1)))
-        pads = (0, 0) if same else padding
-        min_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * pads[0])
-        min_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * pads[1])
-        h, w = draw(st.integers(min_h, max(min_h, 9))), draw(st.integers(min_w, max(min_w, 9)))
-        return Case(
-            n=draw(st.integers(1, 2)), c_in=draw(st.integers(1, 9)), c_out=draw(st.integers(1, 9)), h=h, w=w,
-            k=(kh, kw), stride=stride, padding=padding, dilation=dilation, pw_bias=draw(st.booleans()),
-            dw_bias=draw(st.booleans()), act=draw(st.sampled_from([None, "relu", "relu6", "hardswish", "silu"])),
-            dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16])),
-            channels_last=draw(st.booleans()),
-        )
+@st.composite
+def cases(draw):
+    kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2 if kh <= 4 else 1)), draw(st.integers(1, 2 if kw <= 4 else 1)))
+    same = draw(st.booleans()) and stride == (1, 1)
+    padding = "same" if same else (draw(st.integers(0, kh // 2 + 1)), draw(st.integers(0, kw // 2 + 1)))
+    pads = (0, 0) if same else padding
+    min_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * pads[0])
+    min_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * pads[1])
+    h, w = draw(st.integers(min_h, max(min_h, 9))), draw(st.integers(min_w, max(min_w, 9)))
+    return Case(
+        n=draw(st.integers(1, 2)), c_in=draw(st.integers(1, 9)), c_out=draw(st.integers(1, 9)), h=h, w=w,
+        k=(kh, kw), stride=stride, padding=padding, dilation=dilation, pw_bias=draw(st.booleans()),
+        dw_bias=draw(st.booleans()), act=draw(st.sampled_from([None, "relu", "relu6", "hardswish", "silu"])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16, torch.float16])),
+        channels_last=draw(st.booleans()),
+    )
 
 
-    @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-    @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(case=cases(), seed=st.integers(0, 1000))
-    def test_random_configurations(case: Case, seed: int, backend: str, device: torch.device) -> None:
-        check_case(case, backend, device, seed)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases(), seed=st.integers(0, 1000))
+def test_random_configurations(case: Case, seed: int, backend: str, device: torch.device) -> None:
+    check_case(case, backend, device, seed)
