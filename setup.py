@@ -7,6 +7,9 @@ BSCONV_CUDA_BUILD=1   build the extension, fail loudly if that is impossible
 TORCH_CUDA_ARCH_LIST  architectures to compile for (default "8.0;8.6;8.9;9.0+PTX"; below 8.0 is dropped: the
                       kernels use bf16 tensor cores). MAX_JOBS limits parallel compile jobs (ninja).
 CUDA_HOME             defaults to /usr/local/cuda when that folder exists.
+BSCONV_CUDA_LOCAL_VERSION  a PEP 440 local version label appended to the version in the wheel's METADATA (and to
+                      `bsconv_cuda.__version__` in the built package), e.g. "cu130torch2.10" gives 0.1.0+cu130torch2.10;
+                      set by scripts/build_wheel.sh. Unset: the plain version.
 
 The extension uses only torch's stable C ABI (TORCH_TARGET_VERSION = 2.10) and CPython's limited API (3.10), so one
 build loads into every torch >= 2.10 and every Python >= 3.10. Use `pip install --no-build-isolation -e .` so the
@@ -19,9 +22,14 @@ import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 MIN_TORCH = (2, 10)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_VERSION_LINE = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.M)
 
 
 def _log(msg):
@@ -112,6 +120,47 @@ def _cuda_extension():
     return [ext], cmdclass
 
 
+def _version():
+    """The base version (`__version__` in bsconv_cuda/__init__.py, the one place it is written) plus the local label
+    from BSCONV_CUDA_LOCAL_VERSION, if set."""
+    with open(os.path.join(HERE, "bsconv_cuda", "__init__.py")) as f:
+        m = _VERSION_LINE.search(f.read())
+    if not m:
+        raise RuntimeError("bsconv_cuda/__init__.py has no `__version__ = \"...\"` line")
+    base = m.group(1)
+    label = os.environ.get("BSCONV_CUDA_LOCAL_VERSION", "").strip().lstrip("+")
+    if not label:
+        return base
+    if "+" in base:
+        raise RuntimeError(f"the base version {base!r} already has a local label")
+    if not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", label):
+        raise RuntimeError(f"BSCONV_CUDA_LOCAL_VERSION={label!r} is not a PEP 440 local version label")
+    return f"{base}+{label}"
+
+
+VERSION = _version()
+
+
+class BuildPyWithVersion(build_py):
+    """Writes the full version (with the local label) into the built copy of bsconv_cuda/__init__.py, so that
+    `bsconv_cuda.__version__` of an installed wheel equals its METADATA version. The source tree is not touched."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "bsconv_cuda", "__init__.py")
+        if not os.path.exists(target):
+            return
+        with open(target) as f:
+            text = f.read()
+        m = _VERSION_LINE.search(text)
+        if m and m.group(1) != VERSION:
+            with open(target, "w") as f:
+                f.write(text[: m.start(1)] + VERSION + text[m.end(1) :])
+            _log(f"bsconv_cuda.__version__ = {VERSION!r} in the built package")
+
+
 ext_modules, cmdclass = _cuda_extension()
+cmdclass = {**cmdclass, "build_py": BuildPyWithVersion}
 options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
-setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)
+_log(f"version {VERSION}")
+setup(version=VERSION, ext_modules=ext_modules, cmdclass=cmdclass, options=options)
