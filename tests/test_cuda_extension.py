@@ -17,6 +17,7 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, cuda_backend, reference
+from fused_checks import assert_close, poisoned_outputs
 
 PKG_DIR = os.path.dirname(bsconv_cuda.__file__)
 BUILT = bool(glob.glob(os.path.join(PKG_DIR, "_C*.so")) or glob.glob(os.path.join(PKG_DIR, "_C*.pyd")))
@@ -77,7 +78,6 @@ def test_cpu_tensors_have_no_kernel(ext):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fake_implementations(ext, channels_last):
     """Shapes / memory formats of the fakes registered by bsconv_cuda.ops (no GPU needed)."""
-    import bsconv_cuda.ops  # noqa: F401 - registers the fakes
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -108,14 +108,6 @@ def test_fwd_tile_count_mirrors_kernel_limits():
 
 
 # ------------------------------------------------------------------------------------------------ GPU checks
-def _flood_nan():
-    """Fills the caching allocator with NaN blocks so C++-side torch::empty outputs start out poisoned."""
-    torch.cuda.empty_cache()
-    flood = [torch.full((1 << 20,), math.nan, device="cuda") for _ in range(64)]
-    flood += [torch.full((1 << 12,), math.nan, device="cuda") for _ in range(256)]
-    del flood
-
-
 def _inputs(n, c_in, c_out, h, w, k, dtype, pw_bias, dw_bias, channels_last, seed=0):
     gen = torch.Generator().manual_seed(seed)
 
@@ -131,20 +123,6 @@ def _inputs(n, c_in, c_out, h, w, k, dtype, pw_bias, dw_bias, channels_last, see
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, pw.cuda(), pb if pb is None else pb.cuda(), dw.cuda(), db if db is None else db.cuda()
-
-
-def _close(name, out, ref, strict):
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out = out.detach().double().cpu()
-    ref = ref.detach().double().cpu()
-    assert not out.isnan().any(), f"{name}: NaN (unwritten element?)"
-    if strict:
-        err = (out - ref).abs().max().item()
-        tol = 1e-4 * max(1.0, ref.abs().max().item())
-        assert err <= tol, f"{name}: max abs err {err:.3g} > {tol:.3g}"
-    else:
-        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        assert rel <= 1e-2, f"{name}: relative error {rel:.3g} > 1e-2"
 
 
 # (n, c_in, c_out, h, w, k, stride, padding [t, b, l, r], dilation, act, dtype, channels_last, pw_bias, dw_bias)
@@ -175,13 +153,13 @@ def test_gpu_matches_reference(ext, case):
     x, pw, pwb, dw, dwb = _inputs(n, c_in, c_out, h, w, k, dtype, pb, db, cl)
     assert cuda_backend.supports(x, pw, dw, stride, padding, dilation) is None
     args = (stride, padding, dilation, act)
-    _flood_nan()
-    y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args)
+    with poisoned_outputs(x.device):
+        y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args)
     torch.cuda.synchronize()
     gen = torch.Generator().manual_seed(1)
     grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
-    _flood_nan()
-    grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.cuda(), x, pw, pwb, dw, dwb, *args)
+    with poisoned_outputs(x.device):
+        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.cuda(), x, pw, pwb, dw, dwb, *args)
     torch.cuda.synchronize()
 
     d64 = [None if t is None else t.detach().cpu().double() for t in (x, pw, pwb, dw, dwb)]
@@ -190,12 +168,12 @@ def test_gpu_matches_reference(ext, case):
     strict = dtype == torch.float32
     fmt = reference.output_memory_format(x)
     assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
-    _close("y", y, y_ref, strict)
+    assert_close("y", y, y_ref, strict)
     names = ["grad_x", "grad_pw_weight", "grad_pw_bias", "grad_dw_weight", "grad_dw_bias"]
     assert grads[0].is_contiguous(memory_format=fmt)
     for name, g, r in zip(names, grads, g_ref):
         assert g.dtype == dtype, name
-        _close(name, g, r, strict)
+        assert_close(name, g, r, strict)
 
 
 @pytest.mark.cuda
@@ -223,9 +201,9 @@ def test_gpu_noncontiguous_inputs_and_side_stream(ext):
         grads = torch.ops.bsconv_cuda.cuda_backward(grad_y, x_view, pw, pwb, dw, dwb, *args)
     stream.synchronize()
     d64 = [None if t is None else t.detach().cpu().double() for t in (x_view, pw, pwb, dw, dwb)]
-    _close("y", y, reference.forward(*d64, *args), True)
+    assert_close("y", y, reference.forward(*d64, *args), True)
     for g, r in zip(grads, reference.backward(grad_y.double().cpu(), *d64, *args)):
-        _close("grad", g, r, True)
+        assert_close("grad", g, r, True)
 
 
 @pytest.mark.cuda
@@ -254,7 +232,6 @@ def test_gpu_bad_arguments_raise_clear_errors(ext):
 
 @pytest.mark.cuda
 def test_gpu_opcheck(ext):
-    import bsconv_cuda.ops  # noqa: F401 - fakes
 
     x, pw, pwb, dw, dwb = _inputs(2, 8, 16, 10, 12, (3, 3), torch.float32, True, True, True)
     args = ([1, 1], [1, 1, 1, 1], [1, 1], "hardswish")

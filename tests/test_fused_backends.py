@@ -11,79 +11,14 @@ are tiny; tiling edges are tested with forced small blocks in tests/test_triton_
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
-
 import pytest
 import torch
-
-import bsconv_cuda
-from bsconv_cuda import backends, reference
-from bsconv_cuda.functional import normalize_conv_args
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fused_checks import Case, check_case
+
 FUSED_BACKENDS = ["triton", "cuda"]
-
-
-@contextlib.contextmanager
-def poisoned_outputs(device: torch.device):
-    """Makes freshly allocated output memory NaN, so an element a kernel forgets to write fails the comparison.
-
-    Python-side allocations (the triton launchers, the autograd layer) go through ``torch.empty``, which is
-    patched to return NaN-filled tensors; on a GPU the caching allocator is also flooded with NaN blocks first, so
-    allocations made in C++ (the cuda backend) get poisoned memory too.
-    """
-    original = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        out = original(*args, **kwargs)
-        if out.is_floating_point():
-            out.fill_(math.nan)
-        return out
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        flood = [torch.full((1 << 20,), math.nan, device=device) for _ in range(64)]  # 256 MiB of NaN blocks
-        flood += [torch.full((1 << 12,), math.nan, device=device) for _ in range(256)]
-        del flood
-    torch.empty = nan_empty
-    try:
-        yield
-    finally:
-        torch.empty = original
-
-
-def skip_unless_available(backend: str, device: torch.device) -> None:
-    reason = backends.unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(f"backend {backend!r} unavailable on {device}: {reason}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    n: int = 2
-    c_in: int = 5
-    c_out: int = 7
-    h: int = 9
-    w: int = 11
-    k: tuple[int, int] = (3, 3)
-    stride: int | tuple[int, int] = 1
-    padding: int | tuple[int, int] | str = 1
-    dilation: int | tuple[int, int] = 1
-    pw_bias: bool = True
-    dw_bias: bool = True
-    act: str | None = None
-    dtype: torch.dtype = torch.float32
-    channels_last: bool = False
-    tf32: bool = False
-    sliced: bool = False  # x is a non-contiguous view (any strides)
-
-    def __str__(self) -> str:
-        return "-".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                        if getattr(self, f.name) != f.default).replace("torch.", "") or "base"
 
 
 GRID = [
@@ -121,80 +56,6 @@ GRID = [
     Case(dtype=torch.float64, act="hardswish"),
     Case(n=1, c_in=70, c_out=40, h=5, w=6),  # more than one channel block with the default block sizes
 ]
-
-
-def make_inputs(case: Case, device: torch.device, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(case.dtype).to(device)
-
-    x = rand(case.n, case.c_in, case.h, case.w * (2 if case.sliced else 1))
-    if case.sliced:
-        x = x[..., ::2]
-    if case.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    # pre-activations of a few units: the activations' kinks (0, 6, +-3) are all visited
-    pw = rand(case.c_out, case.c_in, scale=3.0 / math.sqrt(case.c_in))
-    dw = rand(case.c_out, 1, *case.k, scale=1.0 / math.sqrt(case.k[0] * case.k[1]))
-    pw_bias = rand(case.c_out) if case.pw_bias else None
-    dw_bias = rand(case.c_out) if case.dw_bias else None
-    return x, pw, dw, pw_bias, dw_bias
-
-
-def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, strict: bool) -> None:
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out = out.detach().to("cpu", torch.float64)
-    ref = ref.detach().to("cpu", torch.float64)
-    assert not out.isnan().any(), f"{name}: NaN in output (unwritten element?)"
-    if strict:
-        err = (out - ref).abs().max().item()
-        tol = 1e-4 * max(1.0, ref.abs().max().item())
-        assert err <= tol, f"{name}: max abs err {err:.3g} > {tol:.3g}"
-    else:
-        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        assert rel <= 1e-2, f"{name}: relative error {rel:.3g} > 1e-2"
-
-
-def check_case(case: Case, backend: str, device: torch.device, seed: int = 0) -> None:
-    skip_unless_available(backend, device)
-    if case.dtype == torch.float64 and device.type == "cuda":
-        pytest.skip("float64 goes to the reference on GPU")
-    x, pw, dw, pw_bias, dw_bias = make_inputs(case, device, seed)
-    leaves = [t.detach().requires_grad_() for t in (x, pw, dw)]
-    biases = [None if b is None else b.detach().requires_grad_() for b in (pw_bias, dw_bias)]
-    kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, mid_activation=case.act)
-
-    saved_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = case.tf32
-    try:
-        with poisoned_outputs(device):
-            y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[2], biases[1], pw_bias=biases[0], backend=backend,
-                                     **kwargs)
-        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-        with poisoned_outputs(device):
-            y.backward(grad_y.to(case.dtype).to(device))
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved_tf32
-
-    # the truth: the reference in float64 on the same (rounded) inputs, through the backend's normalized arguments
-    d64 = [None if t is None else t.detach().cpu().double() for t in (x, pw, pw_bias, dw, dw_bias)]
-    conv = (*normalize_conv_args(case.k, case.stride, case.padding, case.dilation), case.act or "none")
-    y_ref = reference.forward(*d64, *conv)
-    grads_ref = reference.backward(grad_y.to(case.dtype).double(), *d64, *conv)
-
-    strict = case.dtype in (torch.float32, torch.float64) and not case.tf32
-    assert y.dtype == case.dtype
-    assert y.is_contiguous(memory_format=reference.output_memory_format(x)), "y has the wrong memory format"
-    assert_close("y", y, y_ref, strict)
-    pb_grad, db_grad = (None if b is None else b.grad for b in biases)
-    got = [leaves[0].grad, leaves[1].grad, pb_grad, leaves[2].grad, db_grad]
-    names = ["grad_x", "grad_pw_weight", "grad_pw_bias", "grad_dw_weight", "grad_dw_bias"]
-    for name, g, r in zip(names, got, grads_ref):
-        if g is None:
-            continue
-        assert g.dtype == case.dtype, f"{name}: dtype {g.dtype}"
-        assert_close(name, g, r, strict)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -10,7 +10,7 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, reference
-from test_fused_backends import assert_close, poisoned_outputs
+from fused_checks import assert_close, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton") is not None,
