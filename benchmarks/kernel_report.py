@@ -166,15 +166,21 @@ class KernelConfig:
     matrix_stage: bool  # True when the kernel has a tl.dot stage (tensor cores expected for bf16/fp16)
     num_stages: int | None = None
     uses: list[str] = field(default_factory=list)  # shapes (and dtypes) that launch it
+    attrs: dict = field(default_factory=dict)  # {(arg index,): [["tt.divisibility", 16]]}, as Triton's launcher
+    spec_ones: list[str] = field(default_factory=list)  # int arguments specialized to the constant 1
 
     def key(self):
-        return (self.kernel, self.dtype, self.num_warps, self.num_stages, tuple(sorted(self.constexprs.items())))
+        return (self.kernel, self.dtype, self.num_warps, self.num_stages, tuple(sorted(self.signature.items())),
+                tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())), tuple(sorted(self.attrs)))
 
     def label(self) -> str:
-        skip = {"PREC", "ACC64", "IDX64", "UPCAST_DOT", "DH", "DW"}
+        skip = {"PREC", "ACC64", "IDX64", "UPCAST_DOT", "DH", "DW", *self.spec_ones}
         c = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in skip)
         prec = self.constexprs.get("PREC")
-        return f"{self.kernel}[{self.dtype}{'/' + prec if prec and self.dtype == 'fp32' else ''}] w{self.num_warps} {c}"
+        s = f"{self.kernel}[{self.dtype}{'/' + prec if prec and self.dtype == 'fp32' else ''}] w{self.num_warps} {c}"
+        if self.spec_ones:
+            s += f" | =1: {','.join(self.spec_ones)}"
+        return s
 
 
 def _resolve(fn):
@@ -196,62 +202,142 @@ def _signature(fn, constexprs: dict, ptr_types: dict, default_ptr: str) -> dict:
     return sig
 
 
-def heuristic_triton_configs(shapes, dtypes: Iterable[str], tf32_modes=(True, False)) -> list[KernelConfig]:
-    """The launch configurations of bsconv_cuda.kernels.bsconv_u for ``shapes``, mirroring its launchers.
+_TORCH_TO_TRITON = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int32": "i32",
+                    "int64": "i64", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
-    Mirrors ``forward``/``backward`` of that module (GPU path: UPCAST_DOT False, 32-bit indexing, fp32
-    accumulation); fp32 comes in both precisions the launcher can pick (``PREC="tf32"`` when
-    ``torch.backends.cudnn.allow_tf32``, else ``"ieee"``).
-    """
-    from bsconv_cuda import reference
+
+def _specialize_int(value: int) -> tuple[str, str]:
+    """What Triton's launcher does with an int argument: 1 -> constexpr, multiple of 16 -> 'D' (divisibility 16)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        return kind, attr if isinstance(attr, str) else ""
+    except Exception:  # noqa: BLE001 - older Triton: the same rules by hand
+        if value == 1:
+            return "constexpr", ""
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return kind, "D" if value % 16 == 0 else ""
+
+
+def config_from_launch(kernel, args: tuple, kwargs: dict, dtype: str, use: str) -> KernelConfig:
+    """A KernelConfig equal to what ``kernel[grid](*args, **kwargs)`` compiles on a GPU: constexpr parameters,
+    ints specialized as Triton's launcher does (1 -> constant, multiples of 16 -> divisibility hint), tensors as
+    16-byte aligned pointers (torch's allocations are)."""
+    import torch
+
+    names = list(kernel.arg_names)
+    bound = dict(zip(names, args))
+    options = {}
+    for k, v in kwargs.items():
+        if k in names:
+            bound[k] = v
+        else:
+            options[k] = v
+    const_params = {p.name for p in kernel.params if p.is_constexpr}
+    signature, constexprs, attrs, spec_ones = {}, {}, {}, []
+    for i, name in enumerate(names):
+        v = bound.get(name)
+        if name in const_params:
+            signature[name], constexprs[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TORCH_TO_TRITON[str(v.dtype).replace("torch.", "")]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            kind, attr = _specialize_int(v)
+            if kind == "constexpr":
+                signature[name], constexprs[name] = "constexpr", v
+                spec_ones.append(name)
+            else:
+                signature[name] = kind
+                if attr == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[name] = "fp32"
+        elif v is None:
+            signature[name], constexprs[name] = "constexpr", None
+        else:
+            raise TypeError(f"{kernel.__name__}: cannot specialize argument {name}={v!r}")
+    src = getattr(kernel, "src", "") or ""
+    return KernelConfig(kernel=kernel.__name__.lstrip("_"), fn=f"{kernel.fn.__module__}:{kernel.fn.__name__}",
+                        signature=signature, constexprs=constexprs, num_warps=int(options.get("num_warps", 4)),
+                        dtype=dtype, matrix_stage="tl.dot" in src, num_stages=options.get("num_stages"),
+                        uses=[use], attrs=attrs, spec_ones=spec_ones)
+
+
+def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"),
+                            tf32_modes=(True, False)) -> list[KernelConfig]:
+    """Every kernel launch of the Triton backend's ``forward`` and ``backward`` for ``shapes`` x ``dtypes`` x
+    ``layouts``, captured by running the real launchers on meta tensors with ``torch.library.wrap_triton``
+    replaced by a recorder (nothing runs; the launchers' own heuristics choose every block size). fp32 is captured
+    with TF32 on and off (``torch.backends.cudnn.allow_tf32``), the two precisions the launcher can pick."""
+    from unittest import mock
+
+    import torch
+
     from bsconv_cuda.kernels import bsconv_u as K
 
-    modname = K.__name__
-    acts = getattr(K, "_ACT_CODES", {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4})
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    launches: list = []
+
+    class _Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel, args, kwargs))
+            return launch
+
     configs: dict = {}
-
-    def add(cfg: KernelConfig, use: str):
-        k = cfg.key()
-        if k not in configs:
-            configs[k] = cfg
-        if use not in configs[k].uses:
-            configs[k].uses.append(use)
-
-    for shape in shapes:
-        k, s, pad = shape.k, shape.stride, shape.padding
-        h_out, w_out = reference.output_size(shape.hw, shape.hw, (k, k), (s, s), (pad,) * 4, (1, 1))
-        for dtype in dtypes:
-            precs = (["tf32"] if True in tf32_modes else []) + (["ieee"] if False in tf32_modes else []) \
-                if dtype == "fp32" else ["ieee"]
-            for prec in precs:
-                common = dict(KH=k, KW=k, SH=s, SW=s, DH=1, DW=1)
-                flags = dict(ACT=acts[shape.activation], HAS_PB=shape.pw_bias)
-                # forward
-                blk = K._fwd_blocks(shape.c_in, shape.c_out, h_out, w_out, k, k, s, s, 1, 1)
-                nw = blk.pop("num_warps")
-                const = dict(common, **blk, **flags, HAS_DB=shape.dw_bias, PREC=prec, ACC64=False, IDX64=False,
-                             UPCAST_DOT=False)
-                fn = f"{modname}:_fwd_kernel"
-                add(KernelConfig("triton_fwd", fn, _signature(fn, const, {}, "*" + dtype), const, nw, dtype, True),
-                    f"{shape.name}/{dtype}")
-                # backward
-                blk = K._bwd_blocks(shape.c_in, shape.c_out)
-                nw = blk.pop("num_warps")
-                const = dict(common, **blk, **flags, PREC=prec, ACC64=False, IDX64=False, UPCAST_DOT=False)
-                fn = f"{modname}:_bwd_kernel"
-                add(KernelConfig("triton_bwd", fn, _signature(fn, const, {"part_ptr": "*fp32"}, "*" + dtype), const,
-                                 nw, dtype, True), f"{shape.name}/{dtype}")
-                # reduction of the backward's partial sums (no matrix stage)
-                const = dict(T=k * k, BLOCK=256, ACC64=False)
-                fn = f"{modname}:_reduce_kernel"
-                add(KernelConfig("triton_reduce", fn, _signature(fn, const, {"part_ptr": "*fp32"}, "*" + dtype),
-                                 const, 4, dtype, False), f"{shape.name}/{dtype}")
+    saved_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        with mock.patch.object(torch.library, "wrap_triton", _Recorder):
+            for shape in shapes:
+                for dtype in dtypes:
+                    for tf32 in (tf32_modes if dtype == "fp32" else (True,)):
+                        torch.backends.cudnn.allow_tf32 = tf32
+                        for layout in layouts:
+                            launches.clear()
+                            _launch_on_meta(K, shape, tdt[dtype], layout)
+                            use = f"{shape.name}/{dtype}{'/tf32' if dtype == 'fp32' and tf32 else ''}/{layout}"
+                            for kernel, args, kwargs in launches:
+                                cfg = config_from_launch(kernel, args, kwargs, dtype, use)
+                                k = cfg.key()
+                                if k in configs:
+                                    configs[k].uses.append(use)
+                                else:
+                                    configs[k] = cfg
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved_tf32
     return list(configs.values())
 
 
-def triton_configs(shapes, dtypes, provider: str | None = None) -> list[KernelConfig]:
+def _launch_on_meta(K, shape, dtype, layout) -> None:
+    import torch
+
+    from bsconv_cuda import reference
+
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    dev = "meta"
+    x = torch.empty(shape.batch, shape.c_in, shape.hw, shape.hw, dtype=dtype, device=dev).contiguous(memory_format=fmt)
+    pw = torch.empty(shape.c_out, shape.c_in, dtype=dtype, device=dev)
+    dw = torch.empty(shape.c_out, 1, shape.k, shape.k, dtype=dtype, device=dev)
+    pb = torch.empty(shape.c_out, dtype=dtype, device=dev) if shape.pw_bias else None
+    db = torch.empty(shape.c_out, dtype=dtype, device=dev) if shape.dw_bias else None
+    stride, padding, dilation = [shape.stride] * 2, [shape.padding] * 4, [1, 1]
+    h_out, w_out = reference.output_size(shape.hw, shape.hw, (shape.k, shape.k), stride, padding, dilation)
+    K.forward(x, pw, pb, dw, db, stride, padding, dilation, shape.activation)
+    gy = torch.empty(shape.batch, shape.c_out, h_out, w_out, dtype=dtype, device=dev).contiguous(memory_format=fmt)
+    K.backward(gy, x, pw, pb, dw, db, stride, padding, dilation, shape.activation)
+
+
+def triton_configs(shapes, dtypes, provider: str | None = None, layouts=("cl", "nchw")) -> list[KernelConfig]:
     """The configurations to compile: ``provider`` ("module:function"), else the launcher's ``launch_configs`` if
-    it exposes one, else :func:`heuristic_triton_configs`."""
+    it exposes one, else :func:`captured_triton_configs` (the real launchers, recorded on meta tensors)."""
     if provider:
         return list(_resolve(provider)(shapes, dtypes))
     from bsconv_cuda.kernels import bsconv_u as K
@@ -261,7 +347,7 @@ def triton_configs(shapes, dtypes, provider: str | None = None) -> list[KernelCo
         for c in K.launch_configs(shapes, dtypes):
             out.append(c if isinstance(c, KernelConfig) else KernelConfig(**c))
         return out
-    return heuristic_triton_configs(shapes, dtypes)
+    return captured_triton_configs(shapes, dtypes, layouts=layouts)
 
 
 # ------------------------------------------------------------------------------------------------------ analysis
@@ -338,7 +424,8 @@ def compile_triton(cfg: KernelConfig, arch: int) -> KernelStats:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        src = triton.compiler.ASTSource(fn=_resolve(cfg.fn), signature=cfg.signature, constexprs=cfg.constexprs)
+        src = triton.compiler.ASTSource(fn=_resolve(cfg.fn), signature=cfg.signature, constexprs=cfg.constexprs,
+                                        attrs=cfg.attrs or None)
         options = {"num_warps": cfg.num_warps}
         if cfg.num_stages is not None:
             options["num_stages"] = cfg.num_stages
@@ -519,6 +606,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="80,90", help="comma-separated SM versions to compile Triton kernels for")
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
     p.add_argument("--shapes", default="all", help="shape spec of bsconv_cuda.shapes.select (default: all)")
+    p.add_argument("--layouts", default="cl,nchw", help="input layouts to capture launches for (cl, nchw)")
     p.add_argument("--provider", default=None, help="module:function returning the Triton configs to compile")
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--no-cuda", action="store_true")
@@ -541,7 +629,8 @@ def main(argv=None) -> int:
         stats = load_json(args.from_json)
         args.no_triton = args.no_cuda = True
     if not args.no_triton:
-        configs = triton_configs(select(args.shapes), args.dtypes.split(","), args.provider)
+        configs = triton_configs(select(args.shapes), args.dtypes.split(","), args.provider,
+                                 layouts=tuple(args.layouts.split(",")))
         archs = [int(a) for a in args.arch.split(",")]
 
         def progress(i, n):

@@ -2,8 +2,8 @@
 
 - The report machinery (cuobjdump parsing, occupancy, tensor-core and load-width detection) is checked on a tiny
   Triton kernel of this test, plugged in through ``--provider``.
-- The real kernels: the Triton configurations that the launcher picks for the quick benchmark shapes (bf16; sm_80 and
-  sm_90) and every kernel of the built CUDA extension (when built) must not spill, and their bf16/fp16 matrix
+- The real kernels: every Triton launch of the quick benchmark shapes (bf16, both layouts, captured from the real
+  launchers on meta tensors; compiled for sm_80 and sm_90) and every kernel of the built CUDA extension (when built) must not spill, and their bf16/fp16 matrix
   (pointwise) stages must use tensor-core instructions (HMMA/HGMMA).
 
 Compilation runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it on GPU-less machines, and
@@ -139,24 +139,30 @@ def test_report_machinery_on_a_tiny_kernel(kr, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_report(kr, tmp_path_factory):
-    """One report run: the Triton configurations of the quick benchmark shapes (bf16, sm_80 + sm_90) and the built
-    CUDA extension's kernels."""
+    """One report run: every Triton launch of the quick benchmark shapes (bf16, channels_last and NCHW, captured
+    from the real launchers; compiled for sm_80 and sm_90) and the built CUDA extension's kernels."""
     _tools_or_skip(kr)
     pytest.importorskip("bsconv_cuda.kernels.bsconv_u")
+    if os.environ.get("BSCONV_SKIP_KERNEL_REPORT") == "1":
+        pytest.skip("BSCONV_SKIP_KERNEL_REPORT=1")
     tmp = tmp_path_factory.mktemp("kernel_report")
     out, res = _run_report(tmp, "--shapes", "quick", "--arch", "80,90", "--dtypes", "bf16", "--jobs",
-                           str(min(4, os.cpu_count() or 1)))
+                           str(min(8, os.cpu_count() or 1)))
     stats = kr.load_json(out)
     assert any(s.source == "triton" for s in stats), res.stderr
     return stats
 
 
-@pytest.mark.parametrize("kernel", ["triton_fwd", "triton_bwd", "triton_reduce"])
-def test_triton_kernels_do_not_spill_and_use_tensor_cores(kr, real_report, kernel):
-    stats = [s for s in real_report if s.source == "triton" and s.kernel == kernel]
-    assert stats, f"no {kernel} configuration compiled"
+def _grouped(problems: list[str]) -> str:
+    return f"{len(problems)} problem(s):\n" + "\n".join(problems)
+
+
+def test_triton_kernels_do_not_spill_and_use_tensor_cores(kr, real_report):
+    stats = [s for s in real_report if s.source == "triton"]
+    kernels = {s.kernel for s in stats}
+    assert len(kernels) >= 2, f"expected forward and backward kernels, got {kernels}"
     problems = kr.problems(stats)
-    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
+    assert not problems, _grouped(problems)
 
 
 def test_cuda_extension_kernels_do_not_spill_and_use_tensor_cores(kr, real_report):
@@ -165,4 +171,4 @@ def test_cuda_extension_kernels_do_not_spill_and_use_tensor_cores(kr, real_repor
         pytest.skip("the CUDA extension bsconv_cuda/_C*.so is not built")
     assert any(s.needs_tensor_cores for s in stats), "no bf16/fp16 matrix-stage kernel recognised in the extension"
     problems = kr.problems(stats)
-    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems)
+    assert not problems, _grouped(problems)
