@@ -68,6 +68,59 @@ def build_summary() -> str:
     )
 
 
+MIN_TORCH = (2, 10)  # the stable-ABI target of csrc/ (TORCH_TARGET_VERSION in setup.py)
+
+
+def _installed_label() -> str | None:
+    """The local version label of the installed distribution (e.g. ``cu130torch2.10`` for a prebuilt wheel)."""
+    try:
+        import importlib.metadata
+
+        version = importlib.metadata.version("bsconv-cuda")
+    except Exception:  # noqa: BLE001 - not installed as a distribution (e.g. a plain source checkout)
+        return None
+    return version.split("+", 1)[1] if "+" in version else None
+
+
+def load_failure_hint(error: BaseException | str | None = None) -> str | None:
+    """Why ``bsconv_cuda._C`` cannot load into this torch, in words a user can act on, or None when nothing obvious
+    explains it (then the raw error is the message). For ``backends`` to add to its load-failure warning / reason.
+
+    Covers the usual mismatches of a prebuilt wheel: a CPU-only torch, a torch older than the stable-ABI target
+    (2.10), and a torch built for another CUDA major version than the wheel (read from the wheel's local version
+    label, ``cu<major><minor>torch<min torch>``).
+    """
+    version = torch.__version__
+    tv = tuple(int(v) for v in re.findall(r"\d+", version)[:2])
+    fallback = "the Triton and reference backends still work"
+    if torch.version.cuda is None:
+        return (
+            f"torch {version} is a CPU-only build, and the compiled CUDA kernels need a CUDA build of torch >= "
+            f"{MIN_TORCH[0]}.{MIN_TORCH[1]}; {fallback}"
+        )
+    if tv < MIN_TORCH:
+        return (
+            f"bsconv_cuda._C is built on torch's stable ABI, which starts at torch {MIN_TORCH[0]}.{MIN_TORCH[1]}; "
+            f"torch {version} is older (upgrade torch to use the compiled kernels); "
+            f"{fallback}"
+        )
+    label = _installed_label()
+    m = re.match(r"cu(\d+?)(\d)(?:\D|$)", label or "")
+    if m and torch.version.cuda.split(".")[0] != m.group(1):
+        return (
+            f"this bsconv-cuda build ({label}) is compiled for CUDA {m.group(1)}.x, but torch {version} is built for "
+            f"CUDA {torch.version.cuda}; install the bsconv-cuda wheel for CUDA {torch.version.cuda.split('.')[0]}, or "
+            f"build from source; {fallback}"
+        )
+    text = str(error or "")
+    if "undefined symbol" in text and ("aoti_torch" in text or "torch_" in text):
+        return (
+            f"torch {version} lacks a stable-ABI function this build needs (was it built against a newer torch "
+            f"than the one installed?); rebuild from source against this torch; {fallback}"
+        )
+    return None
+
+
 def _parse_arch(arch: str) -> tuple[int, int, bool] | None:
     m = re.match(r"^(\d+)\.(\d+)", arch)
     if not m:

@@ -7,6 +7,9 @@
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores), CUDA_HOME (default
 # /usr/local/cuda), PYTHON (default: python), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,
 # BSCONV_BENCH_SET (quick / default / full) picks the benchmark set.
+# WHEEL=path/to/bsconv_cuda-*.whl: test a prebuilt wheel (scripts/build_wheel.sh) instead of building: it is
+# pip-installed (--no-deps --force-reinstall) and the tests / benchmarks run from a copy of tests/, benchmarks/ and
+# pyproject.toml outside the repo, so they import the installed wheel, not the source tree.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -30,17 +33,29 @@ echo "== machine"
 
 # 1. build (editable, no build isolation: the build must see the installed torch; no deps: no internet)
 t0=$(date +%s)
+if [ -n "${WHEEL:-}" ]; then  # ... or install a prebuilt wheel and test it from outside the source tree
+  "$PY" -m pip install --no-deps --force-reinstall -v "$WHEEL" >"$RESULTS/build.log" 2>&1
+  build=$?
+  note "install prebuilt wheel $(basename "$WHEEL"): $(step_rc $build) in $(($(date +%s) - t0)) s (log: build.log)"
+  [ $build -ne 0 ] && tail -40 "$RESULTS/build.log"
+  WHEEL_TESTROOT=$(mktemp -d)
+  cp -r tests pyproject.toml "$WHEEL_TESTROOT/" && { [ ! -d benchmarks ] || cp -r benchmarks "$WHEEL_TESTROOT/"; }
+  cd "$WHEEL_TESTROOT"  # from here on, `import bsconv_cuda` finds the installed wheel
+  "$PY" -c "import bsconv_cuda; print('testing', bsconv_cuda.__version__, 'from', bsconv_cuda.__file__)" 2>&1 \
+    | tee -a "$RESULTS/machine.txt"
+else
 rm -f bsconv_cuda/_C*.so
 "$PY" -m pip install --no-build-isolation --no-deps -v -e . >"$RESULTS/build.log" 2>&1
 build=$?
 t1=$(date +%s)
 note "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS): $(step_rc $build) in $((t1 - t0)) s (log: build.log)"
 [ $build -ne 0 ] && tail -40 "$RESULTS/build.log"
+fi
 
 "$PY" -m bsconv_cuda.info 2>&1 | tee "$RESULTS/info.txt"
 
 # SASS resource usage of the built kernels (registers, spills, shared memory) and tensor-core instructions
-SO=$(ls bsconv_cuda/_C*.so 2>/dev/null | head -1)
+SO=$("$PY" -c "import glob, os, bsconv_cuda; print((glob.glob(os.path.join(os.path.dirname(bsconv_cuda.__file__), '_C*.so')) + [''])[0])" 2>/dev/null)
 if [ -n "$SO" ]; then
   CUOBJDUMP=$CUDA_HOME/bin/cuobjdump
   if [ ! -x "$CUOBJDUMP" ]; then  # Triton's wheel carries one
