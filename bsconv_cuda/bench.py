@@ -376,7 +376,10 @@ def _plan(args, device: torch.device) -> list[tuple[str, str]]:
 def run_benchmarks(args) -> tuple[list[Result], dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
-    shapes = select(args.shapes)
+    try:
+        shapes = select(args.shapes)
+    except KeyError as error:
+        raise SystemExit(f"--shapes: {error.args[0]}") from None
     if device.type != "cuda":
         shapes = [s.with_batch(min(s.batch, args.batch or 2)) for s in shapes]
     elif args.batch:
@@ -520,7 +523,10 @@ def format_table(results: list[Result], meta: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m bsconv_cuda.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bsconv_cuda.bench",
+        description="Time the BSConv-U backends on this machine's device: on GPU the fused backends against the "
+                    "unfused reference (CUDA-event timing); on CPU the reference in NCHW vs channels_last.")
     p.add_argument("--shapes", default="quick",
                    help="comma-separated shape names or families (mbv1, mbv2, mbv3, cifar_mbv1, cifar_resnet), "
                         "'quick' (default), 'latency' or 'all'; see --list")
@@ -535,7 +541,8 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--compile", action="store_true", help="GPU: also time torch.compile of the reference")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU: torch threads (default: torch's; 1 is steadier on a busy machine)")
+                   help="CPU: torch threads (default 1: steady on a shared machine; these CPU numbers only compare "
+                        "layouts of the reference)")
     p.add_argument("--triton-interpret", action="store_true",
                    help="CPU: also run the Triton kernels in Triton's interpreter on tiny crops of the first "
                         "shapes (correctness smoke test, NOT a speed measurement)")
@@ -563,8 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.dtype = "bf16" if on_gpu else "fp32"
     if args.triton_interpret and on_gpu:
         raise SystemExit("--triton-interpret is for CPU-only machines")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if not on_gpu:
+        torch.set_num_threads(args.threads or 1)
     results, meta = run_benchmarks(args)
     print(format_table(results, meta))
     if args.json:
