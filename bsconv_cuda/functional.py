@@ -48,6 +48,13 @@ def bsconv_u(
     Returns:
         (N, C_out, H_out, W_out), in the memory format that torch's own convolutions would give.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Like torch's convolutions under autocast: everything runs in the autocast dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, pw_weight, dw_weight, dw_bias, pw_bias = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, pw_weight, dw_weight, dw_bias, pw_bias)
+        )
     _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias)
     c_out, c_in = pw_weight.shape[:2]
     kernel_size = tuple(dw_weight.shape[2:])

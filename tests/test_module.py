@@ -90,3 +90,16 @@ def test_extra_repr_names_backend():
 def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="backend must be one of"):
         FusedBSConvU(3, 4, 3, backend="fast")
+
+
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_autocast_runs_in_the_autocast_dtype_like_torch_layers(with_bn):
+    original, fused = _pair(dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, with_bn=with_bn))
+    original.eval()
+    fused.eval()
+    x = torch.randn(2, 4, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = original(x)
+        actual = fused(x)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=2e-2)
