@@ -181,6 +181,14 @@ if label and not failures:
     needed = re.findall(r"\(NEEDED\).*\[(.*)\]", readelf)
     check(not any(n.startswith("libpython") for n in needed), f"does not link libpython (NEEDED: {', '.join(needed)})")
     check(not re.search(r"\((RPATH|RUNPATH)\)", readelf), "no RPATH/RUNPATH baked in")
+    # the C/C++ runtime it needs from the user's system (the build machine's glibc / libstdc++ set the floor)
+    import shutil
+    objdump = subprocess.run(["objdump", "-T", so], capture_output=True, text=True).stdout if shutil.which("objdump") else ""
+    floor = {}
+    for lib, ver in re.findall(r"\b(GLIBC|GLIBCXX|CXXABI)_(\d+(?:\.\d+)*)", objdump):
+        floor[lib] = max(floor.get(lib, "0"), ver, key=lambda v: tuple(int(x) for x in v.split(".")))
+    print(f"[build_wheel]   info needs from the system: " + ", ".join(f"{k}_{v}" for k, v in sorted(floor.items()))
+          + " (glibc 2.28 would match torch's manylinux_2_28 wheels; build in such a container for that)")
 if failures:
     print(f"[build_wheel] {len(failures)} check(s) failed", file=sys.stderr)
     sys.exit(1)
