@@ -115,7 +115,8 @@ def parse_sass(text: str) -> dict[tuple[int | None, str], dict]:
             continue
         if s.startswith("Function :"):
             cur = out.setdefault((arch, s.split(":", 1)[1].strip()),
-                                 dict(tensor_core=Counter(), ldg=Counter(), stg=Counter(), stl=0, ldl=0, instrs=0))
+                                 dict(tensor_core=Counter(), ldg=Counter(), stg=Counter(), stl=0, ldl=0, instrs=0,
+                                      tma=0))
             continue
         if cur is None or not s.startswith("/*"):
             continue
@@ -127,8 +128,10 @@ def parse_sass(text: str) -> dict[tuple[int | None, str], dict]:
         cur["instrs"] += 1
         if base in ("HGMMA", "HMMA", "IMMA", "WGMMA"):
             cur["tensor_core"][op.split(".")[0] + ("." + op.split(".")[1] if "." in op else "")] += 1
-        elif base == "LDG":
+        elif base in ("LDG", "LDGSTS"):  # LDGSTS: cp.async global -> shared (how Triton feeds tl.dot on sm_80+)
             cur["ldg"][_access_width(op)] += 1
+        elif base in ("UTMALDG", "UBLKCP", "UTMASTG"):  # Hopper TMA bulk copies
+            cur["tma"] += 1
         elif base == "STG":
             cur["stg"][_access_width(op)] += 1
         elif base == "STL":
@@ -367,7 +370,8 @@ class KernelStats:
     spill_stores: int | None = None
     spill_loads: int | None = None
     tensor_core: dict = field(default_factory=dict)
-    ldg_bytes: dict = field(default_factory=dict)
+    ldg_bytes: dict = field(default_factory=dict)  # LDG and LDGSTS (cp.async) instructions by bytes per thread
+    tma: int = 0  # TMA bulk-copy instructions
     stg_bytes: dict = field(default_factory=dict)
     occupancy: dict = field(default_factory=dict)
     uses: list[str] = field(default_factory=list)
@@ -406,6 +410,7 @@ def _fill(stats: KernelStats, r: dict, s: dict, shared: int | None = None) -> Ke
     stats.tensor_core = dict(s.get("tensor_core", {}))
     stats.ldg_bytes = {int(k): v for k, v in s.get("ldg", {}).items()}
     stats.stg_bytes = {int(k): v for k, v in s.get("stg", {}).items()}
+    stats.tma = s.get("tma", 0)
     if stats.num_warps and stats.arch:
         stats.occupancy = occupancy(stats.regs, stats.shared, stats.num_warps, stats.arch)
     elif stats.arch:  # block size unknown (CUDA extension): the register limit alone, as warps per SM
@@ -561,7 +566,7 @@ def problems(stats: Iterable[KernelStats]) -> list[str]:
 
 def markdown(stats: list[KernelStats]) -> str:
     lines = ["| source | arch | kernel / config | regs | spills (STL/LDL, local B) | stack B | smem KiB | "
-             "occupancy (warps/SM, limiter) | tensor cores | LDG widths | STG widths | used by |",
+             "occupancy (warps/SM, limiter) | tensor cores | global loads (LDG+LDGSTS) | STG widths | used by |",
              "|---|---|---|---:|---|---:|---:|---|---|---|---|---|"]
     for st in stats:
         if st.error:
@@ -580,9 +585,9 @@ def markdown(stats: list[KernelStats]) -> str:
         if st.spills:
             spill = f"**{spill}**"
         uses = ", ".join(st.uses[:3]) + (f" +{len(st.uses) - 3}" if len(st.uses) > 3 else "")
+        loads = _widths(st.ldg_bytes) + (f" +TMA×{st.tma}" if st.tma else "")
         lines.append(f"| {st.source} | sm_{st.arch} | `{st.label}` | {st.regs} | {spill} | {st.stack} | "
-                     f"{st.shared / 1024:.1f} | {occ_s} | {tc} | {_widths(st.ldg_bytes)} | {_widths(st.stg_bytes)} | "
-                     f"{uses} |")
+                     f"{st.shared / 1024:.1f} | {occ_s} | {tc} | {loads} | {_widths(st.stg_bytes)} | {uses} |")
     return "\n".join(lines)
 
 

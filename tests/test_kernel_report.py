@@ -105,9 +105,11 @@ def test_parsers_on_canned_output(kr):
             /*0050*/                   LDL R13, [R1] ;
             /*0060*/                   STG.E.64 [R6.64], R12 ;
             /*0070*/                   STG.E [R6.64], R12 ;
+            /*0080*/                   LDGSTS.E.BYPASS.LTC128B.128 [R9], [R2.64] ;
+            /*0090*/                   UTMALDG.2D [UR8], [UR4] ;
     """))
     s = sass[(80, "_Z3fooPf")]
-    assert s["ldg"] == {16: 1, 2: 1} and s["stg"] == {8: 1, 4: 1}
+    assert s["ldg"] == {16: 2, 2: 1} and s["stg"] == {8: 1, 4: 1} and s["tma"] == 1
     assert s["stl"] == 1 and s["ldl"] == 1 and sum(s["tensor_core"].values()) == 1
     occ = kr.occupancy(regs=255, shared=0, num_warps=4, arch=90)
     assert occ["warps_per_sm"] == 8 and occ["limiter"] == "registers"
