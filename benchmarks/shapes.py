@@ -4,7 +4,7 @@
 the table lives in the package and this module only re-exports it.
 """
 
-from bsconv_cuda.shapes import (  # noqa: F401
+from bsconv_cuda.shapes import (
     CIFAR_BATCH,
     IMAGENET_BATCH,
     QUICK_SHAPES,
@@ -14,3 +14,5 @@ from bsconv_cuda.shapes import (  # noqa: F401
     get_shape,
     select,
 )
+
+__all__ = ["CIFAR_BATCH", "IMAGENET_BATCH", "QUICK_SHAPES", "SHAPES", "SHAPES_BY_NAME", "Shape", "get_shape", "select"]

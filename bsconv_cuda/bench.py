@@ -272,10 +272,9 @@ def time_ms(fn: Callable, device: torch.device, **kwargs) -> dict:
 def copy_bandwidth_gbs(device_index: int = 0) -> float:
     """The card's measured device-to-device copy bandwidth in GB/s (read + write bytes / time), 1 GiB copy."""
     n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device=f"cuda:{device_index}")
-    dst = torch.empty_like(src)
-    t = gpu_time_ms(lambda: dst.copy_(src), warmup_ms=20, rep_ms=100)["ms"]
-    del src, dst
+    bufs = [torch.empty(n, dtype=torch.uint8, device=f"cuda:{device_index}") for _ in range(2)]
+    t = gpu_time_ms(lambda: bufs[1].copy_(bufs[0]), warmup_ms=20, rep_ms=100)["ms"]
+    bufs.clear()
     torch.cuda.empty_cache()
     return 2 * n / (t * 1e-3) / 1e9
 
