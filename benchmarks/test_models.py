@@ -99,16 +99,10 @@ def test_model(benchmark, device, model_name, mode, precision, variant):
         fused = [m for m in model.modules() if isinstance(m, bsconv_cuda.FusedBSConvU)]
         assert fused, "convert() replaced no BSConvU block"
         info["fused_blocks"] = len(fused)
-        try:
-            from bsconv_cuda.functional import select_backend
+        from bsconv_cuda.functional import select_backend
 
-            probe = torch.empty(1, 1, 8, 8, device=device)
-            try:
-                info["auto_backend"] = select_backend("auto", probe, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-            except TypeError:  # older signature without stride/padding/dilation
-                info["auto_backend"] = select_backend("auto", probe, (3, 3))
-        except Exception as error:  # noqa: BLE001 - informational only
-            info["auto_backend"] = f"unknown ({type(error).__name__})"
+        probe = torch.empty(1, 1, 8, 8, device=device)
+        info["auto_backend"] = select_backend("auto", probe, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     if device.type != "cuda":
         benchmark.pedantic(run, rounds=2, warmup_rounds=1, iterations=1)
         info["time_ms"] = benchmark.stats.stats.min * 1e3

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .reference import activate
 from .shapes import SHAPES, Shape, select
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,23 +43,9 @@ CONTENDERS = BASELINES + FUSED
 
 
 # --------------------------------------------------------------------------------------------------- the contenders
-def _activate(t: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "none":
-        return t
-    if activation == "relu":
-        return F.relu(t)
-    if activation == "relu6":
-        return F.relu6(t)
-    if activation == "hardswish":
-        return F.hardswish(t)
-    if activation == "silu":
-        return F.silu(t)
-    raise ValueError(f"unknown activation {activation!r}")
-
-
 def reference_block(x, pw_weight, pw_bias, dw_weight, dw_bias, stride: int, padding: int, activation: str):
     """What a user runs today: 1x1 conv (cuDNN), activation, depthwise conv (cuDNN). ``pw_weight`` is 4-D."""
-    mid = _activate(F.conv2d(x, pw_weight, pw_bias), activation)
+    mid = activate(F.conv2d(x, pw_weight, pw_bias), activation)
     return F.conv2d(mid, dw_weight, dw_bias, stride, padding, 1, dw_weight.shape[0])
 
 
