@@ -408,8 +408,11 @@ __host__ __device__ __forceinline__ int bwd_smem_bytes() {
   return region0_bytes<T>(kBwdPix) + (KSize<K>::kMax * KSize<K>::kMax + 1) * CB * (int)sizeof(float);
 }
 
+// Launch bounds (256 threads, 2 blocks/SM): caps registers at 128, the budget it was tuned to (2 x 8 warps per SM;
+// shared memory, about 43 KB per block, would allow more). Per-tap state lives in registers only because every
+// array index below is a compile-time constant after full unrolling (gD[i * KM + j], owj[j]).
 template <typename T, int K>
-__global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t, bool vec) {
+__global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTile t, bool vec) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int KM = KSize<K>::kMax;
   const ConvShape& s = a.s;
@@ -448,21 +451,27 @@ __global__ void __launch_bounds__(kThreads) bwd_tile_kernel(BwdArgs a, BwdTile t
     const float pre = acc_s[p * LDM + c] + pbs[c];
     const float m = act_fwd(pre, (int)s.act);
     float gm = 0.f;
-    // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff oh*sh + i*dh - pad_top == h (same for w)
+    // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff oh*sh + i*dh - pad_top == h (same for w).
+    // owj[j]: the output column that tap column j reaches, -1 when none. Computed once per pixel and reused by every
+    // tap row (recomputing it per (i, j), with the 64-bit address, pushed the 7x7 variants past 128 registers).
+    int owj[KM];
+#pragma unroll
+    for (int j = 0; j < KM; ++j) {
+      const int own = w + s.pad_left - j * s.dw;
+      const int ow = own / s.sw;
+      owj[j] = (own >= 0 && ow * s.sw == own && ow < s.W_out && (K > 0 || j < KW)) ? ow : -1;
+    }
 #pragma unroll
     for (int i = 0; i < KM; ++i) {
       if (K == 0 && i >= KH) break;
       const int ohn = h + s.pad_top - i * s.dh;
       const int oh = ohn / s.sh;
-      const bool hok = ohn >= 0 && oh * s.sh == ohn && oh < s.H_out;
+      if (ohn < 0 || oh * s.sh != ohn || oh >= s.H_out) continue;
+      const T* __restrict__ grow = gy + ((gy_img + oh) * s.W_out) * C_out + c0 + c;
 #pragma unroll
       for (int j = 0; j < KM; ++j) {
-        if (K == 0 && j >= KW) break;
-        const int own = w + s.pad_left - j * s.dw;
-        const int ow = own / s.sw;
-        const bool wok = own >= 0 && ow * s.sw == own && ow < s.W_out;
-        if (hok && wok) {
-          const float g = to_f(gy[((gy_img + oh) * s.W_out + ow) * C_out + c0 + c]);
+        if (owj[j] >= 0) {
+          const float g = to_f(grow[(int64_t)owj[j] * C_out]);
           gm = fmaf(g, dws[(i * KW + j) * CB + c], gm);
           gD[i * KM + j] = fmaf(g, m, gD[i * KM + j]);
         }
@@ -513,8 +522,10 @@ struct GemmCfg {
   static constexpr int kSmem = (kABytes + kBBytes) > kCBytes ? (kABytes + kBBytes) : kCBytes;
 };
 
+// Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (17 KB static shared memory per block). Without the
+// min-blocks hint ptxas picked a register target by itself (64 for fp16 on sm_90, 48 for bf16 on sm_80) and spilled.
 template <typename T, bool PARTIAL>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     gemm_kernel(const T* __restrict__ A, int64_t sAm, int64_t sAk, const T* __restrict__ B, int64_t sBk,
                 int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout) {
   using G = GemmCfg<T>;
@@ -527,7 +538,16 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t m0 = (int64_t)blockIdx.x * GBM, n0 = (int64_t)blockIdx.y * GBN;
   const int64_t kb = (int64_t)blockIdx.z * kchunk;
   const int64_t ke = kb + kchunk < Ktot ? kb + kchunk : Ktot;
+  // Element e = tid + r * kThreads of a tile goes along the operand's contiguous dimension (coalesced loads).
+  static_assert((GBM * BK) % kThreads == 0 && (BK * GBN) % kThreads == 0, "tile loads assume whole passes");
   const bool a_kfast = sAk == 1, b_nfast = sBn == 1;
+  const int a_mm0 = a_kfast ? tid / BK : tid % GBM, a_kk0 = a_kfast ? tid % BK : tid / GBM;
+  const int a_dmm = a_kfast ? kThreads / BK : 0, a_dkk = a_kfast ? 0 : kThreads / GBM;
+  const int b_kk0 = b_nfast ? tid / GBN : tid % BK, b_nn0 = b_nfast ? tid % GBN : tid / BK;
+  const int b_dkk = b_nfast ? kThreads / GBN : 0, b_dnn = b_nfast ? 0 : kThreads / BK;
+  const int64_t a_step = a_dmm * sAm + a_dkk * sAk, b_step = b_dkk * sBk + b_dnn * sBn;
+  const T* a_ptr = A + (m0 + a_mm0) * sAm + (kb + a_kk0) * sAk;
+  const T* b_ptr = B + (kb + b_kk0) * sBk + (n0 + b_nn0) * sBn;
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[Cfg<T>::kTC ? 2 : 1];
   float facc[Cfg<T>::kTC ? 1 : 4][Cfg<T>::kTC ? 1 : 4];
@@ -542,18 +562,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   for (int64_t k0 = kb; k0 < ke; k0 += BK) {
-    for (int e = tid; e < GBM * BK; e += kThreads) {
-      int mm, kk;
-      if (a_kfast) { mm = e / BK; kk = e - mm * BK; } else { kk = e / GBM; mm = e - kk * GBM; }
+    // Tile loads. Thread tid's element in pass r is (mm0 + r*dmm, kk0 + r*dkk): one base pointer per operand and a
+    // constant step instead of re-deriving 64-bit addresses per element (keeps the kernel free of spills).
+#pragma unroll 4
+    for (int r = 0; r < GBM * BK / kThreads; ++r) {
+      const int mm = a_mm0 + r * a_dmm, kk = a_kk0 + r * a_dkk;
       const int64_t m = m0 + mm, k = k0 + kk;
-      As[mm * LDA + kk] = (m < M && k < ke) ? A[m * sAm + k * sAk] : zero_val<T>();
+      As[mm * LDA + kk] = (m < M && k < ke) ? a_ptr[r * a_step] : zero_val<T>();
     }
-    for (int e = tid; e < BK * GBN; e += kThreads) {
-      int kk, nn;
-      if (b_nfast) { kk = e / GBN; nn = e - kk * GBN; } else { nn = e / BK; kk = e - nn * BK; }
+#pragma unroll 4
+    for (int r = 0; r < BK * GBN / kThreads; ++r) {
+      const int kk = b_kk0 + r * b_dkk, nn = b_nn0 + r * b_dnn;
       const int64_t k = k0 + kk, nq = n0 + nn;
-      Bs[kk * LDB + nn] = (k < ke && nq < N) ? B[k * sBk + nq * sBn] : zero_val<T>();
+      Bs[kk * LDB + nn] = (k < ke && nq < N) ? b_ptr[r * b_step] : zero_val<T>();
     }
+    a_ptr += BK * sAk;
+    b_ptr += BK * sBk;
     __syncthreads();
     if constexpr (Cfg<T>::kTC) {
       const int mt = warp >> 1, nt0 = (warp & 1) * 2;
