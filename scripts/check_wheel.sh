@@ -16,7 +16,8 @@
 #
 # Environment: PYTHON (default python), WHEEL_CHECK_DIR (venvs, default /tmp/bsconv-wheel-check; reused when their
 # torch matches, so a second run takes seconds), TORCH_SAME (pip spec, default torch==<$PYTHON's torch version>),
-# TORCH_CPU (default torch==2.13.0; "skip" skips step 2), PYTHONS (space-separated interpreters for step 3,
+# TORCH_CPU (default torch==2.13.0, on the project machine a +cpu wheel from /opt/wheels; elsewhere give pip the CPU
+# index too: TORCH_CPU="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"; "skip" skips step 2), PYTHONS (space-separated interpreters for step 3,
 # "skip" skips it), WHEEL_CHECK_FRESH=1 rebuilds the venvs.
 # Exit status 0 when every check passed.
 set -u -o pipefail
@@ -44,12 +45,14 @@ result() {  # result <rc> <what>
 # make_venv <dir> <torch spec> [extra packages...]: a clean venv with that torch (reused when it already has it)
 make_venv() {
   local dir=$1 spec=$2; shift 2
-  local want=${spec#torch==}
+  local want
+  want=$(echo "$spec" | sed -n 's/.*torch==\([^ +]*\).*/\1/p')
   if [ "${WHEEL_CHECK_FRESH:-0}" = "1" ] || ! "$dir/bin/python" -c "
 import sys, torch; sys.exit(0 if torch.__version__.split('+')[0] == '$want' else 1)" 2>/dev/null; then
     rm -rf "$dir"
     "$PY" -m venv "$dir" || return 1
-    "$dir/bin/python" -m pip install -q "$spec" "$@" 2>&1 | grep -v "^WARNING: Location" || true
+    # $spec unquoted on purpose: it may carry pip options, e.g. "torch==2.13.0 --index-url .../whl/cpu"
+    "$dir/bin/python" -m pip install -q $spec "$@" 2>&1 | grep -v "^WARNING: Location" || true
   else
     [ $# -eq 0 ] || "$dir/bin/python" -m pip install -q "$@" 2>&1 | grep -v "^WARNING: Location" || true
   fi
