@@ -47,7 +47,12 @@ def extension_load_error() -> str | None:
 
 
 def _warn_extension_failure(error: BaseException) -> str:
+    from .cuda_backend import load_failure_hint
+
     reason = f"bsconv_cuda._C failed to load ({type(error).__name__}: {error})"
+    hint = load_failure_hint(error)
+    if hint is not None:
+        reason = f"{reason}. {hint}"
     warnings.warn(f"{reason}; the 'cuda' backend is disabled, falling back to triton/reference", stacklevel=3)
     return reason
 
