@@ -33,8 +33,9 @@ attrs on pointers, channel counts and n/h strides, as Triton's launcher speciali
   layers, NCHW and NHWC; the pointwise tl.dot lowers to HGMMA (wgmma) in bf16 and TF32. NHWC: x through 16-byte
   cp.async (LDGSTS.128), y stored with 16-byte STG.128; NCHW: mostly narrow loads (the flattened halo is contiguous
   only within a row) - a tuning gap.
-- backward, 8 warps, TP = 64: bf16 204-234 regs, no spills; fp32 with BCI = 64: 255 regs and a 256-376 byte stack
-  (C_in <= 32: 192-200 regs, no spills).
+- backward, 8 warps, TP = 64, BCI = 32 (bf16/fp16/TF32): 200-237 regs (sm_80 up to 255), no spills; fp32 without
+  TF32 (FMA dots): TP = 32, BCO = 16, 1 stage, 80-209 regs, no spills. BCI = 64 spilled (fp32: 255 regs, 256-376 B
+  stack); see :func:`_bwd_blocks`.
 
 Interpreter notes: under ``TRITON_INTERPRET=1`` (CPU tensors) the kernels run through NumPy; float64 works there
 (tl.dot in fp64), which lets ``gradcheck`` exercise the backward. Triton 3.8's interpreter computes bf16 ``tl.dot``
@@ -370,8 +371,20 @@ def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: in
     return 1, 1
 
 
-def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw) -> dict:
-    """Forward block sizes and launch options (the kernel's tile constexprs + num_warps), by shape."""
+def _fma_dots(dtype, prec) -> bool:
+    """True when tl.dot runs on FMA units (fp32 without TF32, fp64): its operands are then held in registers whole
+    along K, so the blocks must be smaller. dtype: a torch dtype or "bf16"/"fp16"/"fp32"/"fp64" (None: a
+    tensor-core dtype); prec: the launcher's input precision (None: "tf32" for fp32)."""
+    name = str(dtype).replace("torch.", "") if dtype is not None else "bf16"
+    if name in ("fp64", "float64"):
+        return True
+    return name in ("fp32", "float32") and (prec or "tf32") != "tf32"
+
+
+def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw, dtype=None, prec: str | None = None) -> dict:
+    """Forward block sizes and launch options (the kernel's tile constexprs + num_warps), by shape and dtype
+    (see :func:`_fma_dots`): FMA dots (fp32 without TF32) take BCI = 16 (BCI = 32/64 spilled up to 4.9 KB on
+    sm_80)."""
     forced = dict(_FORCED["forward"] or {})
     forced.pop("IDX64", None)
     th, tw = _fwd_tile(h_out, w_out, kh, kw, sh, sw, dh, dw)
@@ -379,17 +392,37 @@ def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw) -> dict:
     hh, ww = (th - 1) * sh + (kh - 1) * dh + 1, (tw - 1) * sw + (kw - 1) * dw + 1
     p = max(16, _pow2(hh * ww))  # tl.dot needs M >= 16
     blk = dict(TH=th, TW=tw, HH=hh, WW=ww, TP=_pow2(th * tw), P=p, BCO=max(16, min(32, _pow2(c_out))),
-               BCI=max(16, min(64, _pow2(c_in))))
+               BCI=max(16, min(16 if _fma_dots(dtype, prec) else 64, _pow2(c_in))))
     blk["num_warps"] = 8 if p * blk["BCO"] > 4096 else 4
+    if _fma_dots(dtype, prec):
+        # 3 pipeline stages (the default) left a few live values spilled at low register counts (8-16 B stack,
+        # sm_80 and sm_90); 2 stages do not
+        blk["num_stages"] = 2
     blk.update(forced)
     return blk
 
 
-def _bwd_blocks(c_in, c_out) -> dict:
-    """Backward block sizes and launch options, by shape (G, the number of tile programs, is chosen by the launcher)."""
+def _bwd_blocks(c_in, c_out, dtype=None, prec: str | None = None) -> dict:
+    """Backward block sizes and launch options, by shape and dtype (G, the number of tile programs, is chosen by the
+    launcher).
+
+    dtype: a torch dtype or "bf16"/"fp16"/"fp32"/"fp64" (None: a tensor-core dtype); prec: the tl.dot input
+    precision the launcher picks ("tf32"/"ieee"; None: "tf32" for fp32). Register pressure, compiled without a GPU
+    (triton 3.8, 8 warps, worst case 7x7 + silu + pw_bias, with and without divisibility-16 hints):
+    - tensor-core dots (bf16/fp16, fp32 as TF32): TP = 64, BCI = 32: sm_80 220-255 regs, sm_90 200-237 regs, no
+      spills. BCI = 64 spilled on sm_80 (bf16 24-192 B stack, TF32 470-660 B) and on sm_90 TF32 (330-380 B), and on
+      sm_90 bf16/fp16 without the divisibility hints (16-32 B).
+    - fp32 without TF32 (and fp64): the dots run on FMA units with their operands in registers: TP = 32, BCO = 16,
+      BCI = 32, 1 pipeline stage: sm_80 80-206 regs, sm_90 80-209 regs, no spills (TP = 64 spilled even at
+      BCI = 16; BCO = 32 spilled 112 B on sm_90 with relu6 + pw_bias).
+    8 warps: at 4 the [TP, BCI] grad_x accumulator + pre/mid/grad_mid tiles spilled.
+    """
     forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k not in ("IDX64", "G")}
-    # 8 warps: at 4 the [TP, BCI] grad_x accumulator + pre/mid/grad_mid tiles spilled on sm_90
-    blk = dict(TP=64, BCO=max(16, min(32, _pow2(c_out))), BCI=max(16, min(64, _pow2(c_in))), num_warps=8)
+    fma = _fma_dots(dtype, prec)
+    blk = dict(TP=32 if fma else 64, BCO=max(16, min(16 if fma else 32, _pow2(c_out))),
+               BCI=max(16, min(32, _pow2(c_in))), num_warps=8)
+    if fma:
+        blk["num_stages"] = 1  # 3 or 2 stages: 8-16 B spilled on sm_90 at 80-255 regs; 1 stage: none
     blk.update(forced)
     return blk
 
@@ -435,9 +468,9 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
     if y.numel() == 0:
         return y
 
-    blk = _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dwl)
-    th, tw, bco = blk["TH"], blk["TW"], blk["BCO"]
     prec, acc64, upcast = _dot_settings(x.dtype, x.device)
+    blk = _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dwl, x.dtype, prec)
+    th, tw, bco = blk["TH"], blk["TW"], blk["BCO"]
     tiles_h, tiles_w = triton.cdiv(h_out, th), triton.cdiv(w_out, tw)
     n_co = triton.cdiv(c_out, bco)
     grid = (n * tiles_h * tiles_w * n_co,)
@@ -475,7 +508,8 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         return (grad_x.zero_(), grad_pw.zero_(), grad_pb.zero_(), grad_dw.zero_(),
                 grad_db.copy_(grad_y.sum((0, 2, 3))))
 
-    blk = _bwd_blocks(c_in, c_out)
+    prec, acc64, upcast = _dot_settings(dt, dev)
+    blk = _bwd_blocks(c_in, c_out, dt, prec)
     forced = _FORCED["backward"] or {}
     tp, bci = blk["TP"], blk["BCI"]
     n_ci = triton.cdiv(c_in, bci)
@@ -486,7 +520,6 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
     g = max(1, min(n_tiles, forced.get("G", max(1, 1024 // n_ci)), (1 << 24) // (c_out * k_part)))
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
     part = torch.empty((g, c_out, k_part), dtype=acc_dt, device=dev)
-    prec, acc64, upcast = _dot_settings(dt, dev)
     torch.library.wrap_triton(_bwd_kernel)[(g, n_ci)](
         grad_y, x, pw, pw_bias if pw_bias is not None else pw, dw, grad_x, part,
         n, c_in, c_out, h, w, h_out, w_out,
