@@ -6,7 +6,8 @@
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores), CUDA_HOME (default
 # /usr/local/cuda), PYTHON (default: python), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,
-# BSCONV_BENCH_SET (quick / default / full) picks the benchmark set.
+# BSCONV_BENCH_SET (quick / default / full) picks the benchmark set; quick here by default, so that the whole script
+# fits one 10-minute device call (run BSCONV_GPU_CHECK_SKIP_BENCH=1 first and the default set separately for more).
 # WHEEL=path/to/bsconv_cuda-*.whl: test a prebuilt wheel (scripts/build_wheel.sh) instead of building: it is
 # pip-installed (--no-deps --force-reinstall) and the tests / benchmarks run from a copy of tests/, benchmarks/ and
 # pyproject.toml outside the repo, so they import the installed wheel, not the source tree.
@@ -20,6 +21,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export BSCONV_CUDA_BUILD=1
+export BSCONV_BENCH_SET=${BSCONV_BENCH_SET:-quick}
 export PYTHONUNBUFFERED=1
 
 declare -a SUMMARY=()
