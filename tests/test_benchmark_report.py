@@ -13,7 +13,6 @@ REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
 
 @pytest.fixture(scope="module")
 def report():
-    pytest.importorskip("matplotlib")
     spec = importlib.util.spec_from_file_location("bsconv_bench_report", REPORT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,11 +1,10 @@
 """convert() swaps every BSConvU in a model for FusedBSConvU and leaves outputs unchanged."""
 
+import bsconv.pytorch as bsconv_pytorch
 import pytest
 import torch
 
-bsconv_pytorch = pytest.importorskip("bsconv.pytorch", reason="the bsconv package is a test dependency")
-
-import bsconv_cuda  # noqa: E402
+import bsconv_cuda
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

@@ -1,11 +1,10 @@
 """FusedBSConvU is a drop-in for bsconv.pytorch.BSConvU: same arguments, parameters, state_dict and outputs."""
 
+import bsconv.pytorch as bsconv_pytorch
 import pytest
 import torch
 
-bsconv_pytorch = pytest.importorskip("bsconv.pytorch", reason="the bsconv package is a test dependency")
-
-from bsconv_cuda import FusedBSConvU  # noqa: E402
+from bsconv_cuda import FusedBSConvU
 
 CONFIGS = [
     dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
