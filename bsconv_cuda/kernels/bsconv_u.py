@@ -106,6 +106,32 @@ def _act_grad(g, v, ACT: tl.constexpr):
     return g
 
 
+@triton.jit
+def _pointwise(
+    x_ptr, x_row, row_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc,
+    ROWS: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr,
+    ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The pointwise stage of both passes: pre[ROWS, BCO] = x[rows, :] . P[co, :]^T + b_p[co], a tl.dot chain over
+    C_in blocks. ``x_row`` holds each row's pixel offset; rows with ``row_ok`` False read zeros."""
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    pre = tl.zeros((ROWS, BCO), dtype=acc_dt)
+    for ci0 in range(0, C_in, BCI):
+        ci = ci0 + tl.arange(0, BCI)
+        ci_ok = ci < C_in
+        ci_x = ci.to(tl.int64) if IDX64 else ci
+        xt = tl.load(x_ptr + (x_row[:, None] + ci_x[None, :] * sxc), mask=row_ok[:, None] & ci_ok[None, :],
+                     other=0.0)
+        wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        pre = tl.dot(xt, wt, pre, input_precision=PREC, out_dtype=acc_dt)
+    if HAS_PB:
+        pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+    return pre
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,20 +168,8 @@ def _fwd_kernel(
         ih = ih.to(tl.int64)
         iw = iw.to(tl.int64)
     x_row = n * sxn + ih * sxh + iw * sxw
-    acc = tl.zeros((P, BCO), dtype=acc_dt)
-    for ci0 in range(0, C_in, BCI):
-        ci = ci0 + tl.arange(0, BCI)
-        ci_ok = ci < C_in
-        if IDX64:
-            ci = ci.to(tl.int64)
-        xt = tl.load(x_ptr + (x_row[:, None] + ci[None, :] * sxc), mask=q_ok[:, None] & ci_ok[None, :], other=0.0)
-        wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        if UPCAST_DOT:
-            xt = xt.to(tl.float32)
-            wt = wt.to(tl.float32)
-        acc = tl.dot(xt, wt, acc, input_precision=PREC, out_dtype=acc_dt)
-    if HAS_PB:
-        acc += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+    acc = _pointwise(x_ptr, x_row, q_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, P, BCO, BCI, HAS_PB, PREC, ACC64,
+                     IDX64, UPCAST_DOT)
     # zero padding belongs to mid: padded (and power-of-two filler) rows are 0 after the activation
     mid = tl.where(q_ok[:, None], _act(acc, ACT), 0.0)
 
@@ -235,21 +249,8 @@ def _bwd_kernel(
             co = co0 + tl.arange(0, BCO)
             co_ok = co < C_out
             # recompute pre for this tile (mid pixels only, no halo)
-            pre = tl.zeros((TP, BCO), dtype=acc_dt)
-            for ci0 in range(0, C_in, BCI):
-                ci = ci0 + tl.arange(0, BCI)
-                ci_ok = ci < C_in
-                ci_l = ci.to(tl.int64) if IDX64 else ci
-                xt = tl.load(x_ptr + (x_row[:, None] + ci_l[None, :] * sxc), mask=p_ok[:, None] & ci_ok[None, :],
-                             other=0.0)
-                wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :],
-                             other=0.0)
-                if UPCAST_DOT:
-                    xt = xt.to(tl.float32)
-                    wt = wt.to(tl.float32)
-                pre = tl.dot(xt, wt, pre, input_precision=PREC, out_dtype=acc_dt)
-            if HAS_PB:
-                pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+            pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, TP, BCO, BCI, HAS_PB, PREC,
+                             ACC64, IDX64, UPCAST_DOT)
             mid = _act(pre, ACT)
             co_g = co.to(tl.int64) if IDX64 else co
 
