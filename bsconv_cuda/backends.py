@@ -2,12 +2,12 @@
 
 Nothing here raises at import: a missing Triton or a compiled extension that does not load (built for another
 torch, another CUDA, or not built at all) only removes that backend, with the reason kept for ``info`` and for the
-error a user gets when asking for it explicitly.
+error a user gets when asking for it explicitly. Both are probed once, at import, so that choosing a backend later
+is plain Python over constants, which ``torch.compile(fullgraph=True)`` traces without a graph break.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -22,9 +22,7 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def triton_import_error() -> str | None:
-    """None when Triton imports, else why not."""
+def _import_triton() -> str | None:
     try:
         importlib.import_module("triton")
     except Exception as error:  # noqa: BLE001 - a broken Triton install must not break import bsconv_cuda
@@ -32,9 +30,7 @@ def triton_import_error() -> str | None:
     return None
 
 
-@functools.cache
-def extension_load_error() -> str | None:
-    """Loads ``bsconv_cuda._C`` once; None when it loaded, else why not (warned once when it exists but fails)."""
+def _load_extension() -> str | None:
     try:
         importlib.import_module("bsconv_cuda._C")
     except ModuleNotFoundError as error:
@@ -53,8 +49,22 @@ def _warn_extension_failure(error: BaseException) -> str:
     hint = load_failure_hint(error)
     if hint is not None:
         reason = f"{reason}. {hint}"
-    warnings.warn(f"{reason}; the 'cuda' backend is disabled, falling back to triton/reference", stacklevel=3)
+    warnings.warn(f"{reason}; the 'cuda' backend is disabled, falling back to triton/reference", stacklevel=4)
     return reason
+
+
+_TRITON_IMPORT_ERROR = _import_triton()
+_EXTENSION_LOAD_ERROR = _load_extension()
+
+
+def triton_import_error() -> str | None:
+    """None when Triton imports, else why not."""
+    return _TRITON_IMPORT_ERROR
+
+
+def extension_load_error() -> str | None:
+    """None when ``bsconv_cuda._C`` loaded, else why not (warned once, at import, when it exists but fails)."""
+    return _EXTENSION_LOAD_ERROR
 
 
 def unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:

@@ -15,9 +15,9 @@ accumulation. NCHW inputs are copied to channels_last for the kernels and the re
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
+import sys
 from typing import Sequence
 
 import torch
@@ -31,11 +31,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _module():
-    """The loaded extension module, or None when it is not built / does not load (see bsconv_cuda.backends)."""
-    try:
-        return importlib.import_module("bsconv_cuda._C")
-    except Exception:  # noqa: BLE001 - backends.extension_load_error() reports the reason
-        return None
+    """The extension module, or None when it is not built / did not load. ``bsconv_cuda.backends`` loads it once at
+    import (and reports why not); looking it up in sys.modules keeps this traceable by torch.compile."""
+    return sys.modules.get("bsconv_cuda._C")
 
 
 def compiled_archs() -> list[str]:
@@ -128,12 +126,22 @@ def _parse_arch(arch: str) -> tuple[int, int, bool] | None:
     return int(m.group(1)), int(m.group(2)), arch.endswith("+PTX")
 
 
+@torch.compiler.assume_constant_result
+def _capability(device_index: int) -> tuple[int, int]:
+    # Constant per GPU: torch.compile bakes the value in instead of tracing the CUDA query.
+    return torch.cuda.get_device_capability(device_index)
+
+
 def arch_reason(device: torch.device | str | int | None = None) -> str | None:
     """None when the build has code that runs on ``device`` (SASS of the same major and a lower-or-equal minor, or
     PTX of a lower-or-equal architecture), else why not."""
     if not torch.cuda.is_available():
         return "CUDA is not available"
-    major, minor = torch.cuda.get_device_capability(device)
+    if isinstance(device, torch.device) and device.index is not None:  # a tensor's device: the traced path
+        index = device.index
+    else:
+        index = torch.cuda._utils._get_device_index(device, optional=True)
+    major, minor = _capability(index)
     if (major, minor) < (8, 0):
         return f"the CUDA kernels need compute capability >= 8.0, this GPU is sm_{major}{minor}"
     archs = compiled_archs()

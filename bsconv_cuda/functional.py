@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, cuda_backend, reference
 from .ops import OPS, BSConvUFunction
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -115,8 +115,6 @@ def _call_unsupported_reason(
     if x.numel() == 0:
         return "the input is empty"
     if backend == "cuda":
-        from . import cuda_backend
-
         return cuda_backend.unsupported_reason(x, kernel_size, stride, padding, dilation)
     return None
 

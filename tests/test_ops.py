@@ -107,3 +107,23 @@ def test_info_reports_every_backend():
     assert f"torch       {torch.__version__}" in text
     for backend in backends.BACKENDS:
         assert f"cpu  {backend}" in text
+
+
+def test_backend_selection_traces_without_graph_breaks(monkeypatch):
+    # Everything select_backend consults on a GPU (the probes done at import, the extension's architectures, the
+    # device's capability) must be plain Python over constants for torch.compile(fullgraph=True).
+    from bsconv_cuda import cuda_backend
+    from bsconv_cuda.functional import select_backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    candidates = ["auto", "reference"] + [b for b in ["triton"] if b in bsconv_cuda.available_backends("cpu")]
+
+    def choose(x):
+        names = [select_backend(b, x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)) for b in candidates]
+        archs = cuda_backend.compiled_archs()
+        major, _ = cuda_backend._capability(0)
+        return x + len("".join(names)) + len(archs) + major
+
+    torch._dynamo.reset()
+    x = torch.zeros(1, 3, 5, 5)
+    torch.testing.assert_close(torch.compile(choose, fullgraph=True)(x), choose(x))
