@@ -80,6 +80,8 @@ def select_backend(
     """The backend that runs this call: ``requested`` if it can, the best one that can for ``"auto"``."""
     if requested not in backends.BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {backends.BACKEND_CHOICES}, got {requested!r}")
+    if x.numel() == 0:
+        return "reference"  # nothing to compute: every backend's answer is the same empty tensor
     if requested == "auto":
         for candidate in _auto_candidates(x.device):
             if _call_unsupported_reason(candidate, x, kernel_size, stride, padding, dilation) is None:
@@ -112,8 +114,6 @@ def _call_unsupported_reason(
     # float64 runs natively only in Triton's interpreter (tests); on a GPU it goes to the reference.
     if x.dtype == torch.float64 and x.device.type == "cuda":
         return "the fused kernels do not support float64 on GPU"
-    if x.numel() == 0:
-        return "the input is empty"
     if backend == "cuda":
         return cuda_backend.unsupported_reason(x, kernel_size, stride, padding, dilation)
     return None

@@ -66,6 +66,7 @@ def test_pw_weight_4d_and_2d_agree():
     torch.testing.assert_close(bsconv_cuda.bsconv_u(**args), y2, rtol=0, atol=0)
 
 
-def test_empty_batch_gives_empty_output():
-    y = _call(x=torch.randn(0, 3, 6, 6), padding=1)
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
+def test_empty_batch_gives_empty_output(backend):
+    y = _call(x=torch.randn(0, 3, 6, 6), padding=1, backend=backend)
     assert y.shape == (0, 4, 6, 6)
