@@ -57,6 +57,7 @@ def pytest_configure(config):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     from bsconv_cuda import bench
+    from bsconv_cuda.backends import fp32_uses_tf32
 
     dev = torch.device("cuda" if on_gpu() else "cpu")
     machine_info["bsconv_device"] = bench.device_name(dev)
@@ -71,7 +72,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         machine_info["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         machine_info["copy_bandwidth_gbs"] = bench.copy_bandwidth_gbs(0)
     machine_info["bench_set"] = bench_set(config)
-    machine_info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    machine_info["fp32_uses_tf32"] = fp32_uses_tf32()
 
 
 @pytest.fixture(scope="session")

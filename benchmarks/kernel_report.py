@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import itertools
 import json
 import os
 import re
@@ -276,7 +277,7 @@ def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"
     """Every kernel launch of the Triton backend's ``forward`` and ``backward`` for ``shapes`` x ``dtypes`` x
     ``layouts``, captured by running the real launchers on meta tensors with ``torch.library.wrap_triton``
     replaced by a recorder (nothing runs; the launchers' own heuristics choose every block size). fp32 is captured
-    with TF32 on and off (``torch.backends.cudnn.allow_tf32``), the two precisions the launcher can pick."""
+    with TF32 on and off (``bsconv_cuda.backends.fp32_uses_tf32``), the two precisions the launcher can pick."""
     from unittest import mock
 
     import torch
@@ -296,26 +297,20 @@ def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"
             return launch
 
     configs: dict = {}
-    saved_tf32 = torch.backends.cudnn.allow_tf32
-    try:
-        with mock.patch.object(torch.library, "wrap_triton", _Recorder):
-            for shape in shapes:
-                for dtype in dtypes:
-                    for tf32 in (tf32_modes if dtype == "fp32" else (True,)):
-                        torch.backends.cudnn.allow_tf32 = tf32
-                        for layout in layouts:
-                            launches.clear()
-                            _launch_on_meta(K, shape, tdt[dtype], layout)
-                            use = f"{shape.name}/{dtype}{'/tf32' if dtype == 'fp32' and tf32 else ''}/{layout}"
-                            for kernel, args, kwargs in launches:
-                                cfg = config_from_launch(kernel, args, kwargs, dtype, use)
-                                k = cfg.key()
-                                if k in configs:
-                                    configs[k].uses.append(use)
-                                else:
-                                    configs[k] = cfg
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved_tf32
+    with mock.patch.object(torch.library, "wrap_triton", _Recorder):
+        for shape, dtype, layout in itertools.product(shapes, dtypes, layouts):
+            for tf32 in (tf32_modes if dtype == "fp32" else (True,)):
+                launches.clear()
+                with mock.patch.object(K, "fp32_uses_tf32", lambda tf32=tf32: tf32):
+                    _launch_on_meta(K, shape, tdt[dtype], layout)
+                use = f"{shape.name}/{dtype}{'/tf32' if dtype == 'fp32' and tf32 else ''}/{layout}"
+                for kernel, args, kwargs in launches:
+                    cfg = config_from_launch(kernel, args, kwargs, dtype, use)
+                    k = cfg.key()
+                    if k in configs:
+                        configs[k].uses.append(use)
+                    else:
+                        configs[k] = cfg
     return list(configs.values())
 
 

@@ -67,6 +67,19 @@ def extension_load_error() -> str | None:
     return _EXTENSION_LOAD_ERROR
 
 
+def fp32_uses_tf32() -> bool:
+    """Whether fp32 convolutions may use TF32, as cuDNN's do. Reads the per-operator ``fp32_precision`` flags where
+    torch has them (>= 2.9: conv, then cuDNN, then global; "none" defers to the next), and the legacy
+    ``torch.backends.cudnn.allow_tf32`` only when all defer: reading the legacy flag raises once the new API has
+    given conv and RNN different settings."""
+    cudnn = torch.backends.cudnn
+    for owner in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        precision = getattr(owner, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+    return cudnn.allow_tf32
+
+
 def unavailable_reason(backend: str, device: torch.device | str | None = None) -> str | None:
     """Why ``backend`` cannot run on ``device`` (default: the current CUDA device, else CPU), or None if it can."""
     device = _resolve_device(device)

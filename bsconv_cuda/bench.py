@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .backends import fp32_uses_tf32
+from .functional import bsconv_u
 from .reference import activate
 from .shapes import SHAPES, Shape, select
 
@@ -63,13 +65,8 @@ def composed_supported(shape: Shape) -> bool:
 
 def _fused_block(backend: str):
     def run(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, activation):
-        import bsconv_cuda
-
-        fn = getattr(bsconv_cuda, "bsconv_u", None)
-        if fn is None:  # the public name not exported yet
-            from bsconv_cuda.functional import bsconv_u as fn
-        return fn(x, pw_weight, dw_weight, dw_bias, stride, padding, pw_bias=pw_bias,
-                  mid_activation=None if activation == "none" else activation, backend=backend)
+        return bsconv_u(x, pw_weight, dw_weight, dw_bias, stride, padding, pw_bias=pw_bias,
+                        mid_activation=None if activation == "none" else activation, backend=backend)
 
     return run
 
@@ -377,7 +374,7 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
     plan = _plan(args, device)
     meta = {
         "device": device_name(device), "device_type": device.type, "dtype": args.dtype, "torch": torch.__version__,
-        "python": platform.python_version(), "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "python": platform.python_version(), "fp32_uses_tf32": fp32_uses_tf32(),
     }
     try:
         import triton

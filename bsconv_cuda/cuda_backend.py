@@ -127,8 +127,8 @@ def _parse_arch(arch: str) -> tuple[int, int, bool] | None:
 
 
 @torch.compiler.assume_constant_result
-def _capability(device_index: int) -> tuple[int, int]:
-    # Constant per GPU: torch.compile bakes the value in instead of tracing the CUDA query.
+def device_capability(device_index: int) -> tuple[int, int]:
+    """The GPU's compute capability. Constant per GPU: torch.compile bakes it in instead of tracing the query."""
     return torch.cuda.get_device_capability(device_index)
 
 
@@ -141,7 +141,7 @@ def arch_reason(device: torch.device | str | int | None = None) -> str | None:
         index = device.index
     else:
         index = torch.cuda._utils._get_device_index(device, optional=True)
-    major, minor = _capability(index)
+    major, minor = device_capability(index)
     if (major, minor) < (8, 0):
         return f"the CUDA kernels need compute capability >= 8.0, this GPU is sm_{major}{minor}"
     archs = compiled_archs()

@@ -11,6 +11,9 @@ from torch import Tensor
 from . import backends, cuda_backend, reference
 from .ops import OPS, BSConvUFunction
 
+if backends.triton_import_error() is None:
+    from .kernels import bsconv_u as triton_kernels
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The fused kernels' per-tile halo and on-chip state are sized for kernels up to 7x7 (DESIGN.md).
 MAX_FUSED_KERNEL_SIZE = 7
@@ -116,7 +119,7 @@ def _call_unsupported_reason(
         return "the fused kernels do not support float64 on GPU"
     if backend == "cuda":
         return cuda_backend.unsupported_reason(x, kernel_size, stride, padding, dilation)
-    return None
+    return triton_kernels.unsupported_reason(x, kernel_size, dilation)
 
 
 def _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias) -> None:
@@ -129,12 +132,16 @@ def _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias) -> None:
     if pw_weight.dim() not in (2, 4) or (pw_weight.dim() == 4 and tuple(pw_weight.shape[2:]) != (1, 1)):
         raise ValueError(f"pw_weight must be (C_out, C_in) or (C_out, C_in, 1, 1), got shape {tuple(pw_weight.shape)}")
     c_out, c_in = pw_weight.shape[:2]
+    if c_out < 1 or c_in < 1:
+        raise ValueError(f"pw_weight must have at least one output and one input channel, got shape {tuple(pw_weight.shape)}")
     if x.shape[1] != c_in:
         raise ValueError(f"x has {x.shape[1]} channels but pw_weight expects C_in={c_in} (shape {tuple(pw_weight.shape)})")
     if dw_weight.dim() != 4 or dw_weight.shape[0] != c_out or dw_weight.shape[1] != 1:
         raise ValueError(
             f"dw_weight must be (C_out, 1, kh, kw) with C_out={c_out} from pw_weight, got shape {tuple(dw_weight.shape)}"
         )
+    if min(dw_weight.shape[2:]) < 1:
+        raise ValueError(f"dw_weight must have a kernel of at least 1x1, got shape {tuple(dw_weight.shape)}")
     for name in ("dw_bias", "pw_bias"):
         bias = named[name]
         if bias is not None and tuple(bias.shape) != (c_out,):

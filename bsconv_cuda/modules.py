@@ -10,11 +10,12 @@ from . import backends
 from .functional import bsconv_u
 
 
-class FusedBSConvU(nn.Module):
+class FusedBSConvU(nn.Sequential):
     """BSConv-U (pointwise 1x1 conv, optional BatchNorm, depthwise KxK conv) run as one fused kernel.
 
-    Same constructor, submodules (``pw``, ``bn``, ``dw``), parameter names and state_dict keys as
-    ``bsconv.pytorch.BSConvU``, and the same outputs. The fused path folds an eval-mode BatchNorm into the pointwise
+    Same constructor, base class (``nn.Sequential``), submodules (``pw``, ``bn``, ``dw``), parameter names and
+    state_dict keys as ``bsconv.pytorch.BSConvU``, and the same outputs. The fused path reads the submodules'
+    parameters without calling their ``forward``, so hooks registered on ``pw``/``bn``/``dw`` do not run there. The fused path folds an eval-mode BatchNorm into the pointwise
     stage and handles non-zero padding modes by padding ``x`` first (padding commutes with a per-pixel map, so this
     equals padding the intermediate). Training-mode BatchNorm needs the intermediate's batch statistics, so it runs
     the standard layers.
@@ -88,7 +89,7 @@ class FusedBSConvU(nn.Module):
 
 def _bsconvu_mismatch(module: nn.Module) -> str | None:
     """None when ``module`` computes dw(bn(pw(x))) with BSConvU's layers, else what differs."""
-    if not isinstance(module, (nn.Sequential, FusedBSConvU)):
+    if not isinstance(module, nn.Sequential):
         return f"expected an nn.Sequential of pw, [bn], dw, got {type(module).__name__}"
     names = [name for name, _ in module.named_children()]
     if names not in (["pw", "dw"], ["pw", "bn", "dw"]):

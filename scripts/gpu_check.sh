@@ -33,6 +33,13 @@ echo "== machine"
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
   "$CUDA_HOME/bin/nvcc" --version | tail -1; } 2>&1 | tee "$RESULTS/machine.txt"
 
+# bsconv (pure Python) is a test dependency the offline GPU machine lacks: prepare here with
+# `pip download --no-deps bsconv -d wheelhouse` and carry wheelhouse/ along
+if [ -d wheelhouse ]; then
+  "$PY" -m pip install --no-deps --no-index --find-links wheelhouse bsconv >/dev/null 2>&1 \
+    && note "bsconv installed from wheelhouse/" || note "bsconv NOT installed (drop-in tests will skip)"
+fi
+
 # 1. build (editable, no build isolation: the build must see the installed torch; no deps: no internet)
 t0=$(date +%s)
 if [ -n "${WHEEL:-}" ]; then  # ... or install a prebuilt wheel and test it from outside the source tree

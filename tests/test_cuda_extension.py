@@ -17,6 +17,7 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, cuda_backend, reference
+from bsconv_cuda.functional import select_backend
 from fused_checks import assert_close, poisoned_outputs
 
 PKG_DIR = os.path.dirname(bsconv_cuda.__file__)
@@ -195,6 +196,7 @@ def test_gpu_noncontiguous_inputs_and_side_stream(ext):
     x_view = torch.cat([x, x], dim=3)[..., ::2]  # any strides
     args = ([1, 1], [1, 1, 1, 1], [1, 1], "relu")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
     with torch.cuda.stream(stream):
         y = torch.ops.bsconv_cuda.cuda_forward(x_view, pw, pwb, dw, dwb, *args)
         grad_y = torch.randn(y.shape[0], y.shape[2], y.shape[3], y.shape[1], device="cuda").permute(0, 3, 1, 2)
@@ -244,8 +246,9 @@ def test_gpu_opcheck(ext):
 def test_gpu_auto_picks_cuda_and_autograd_works(ext):
     x, pw, pwb, dw, dwb = _inputs(2, 16, 32, 14, 14, (3, 3), torch.bfloat16, True, True, True)
     leaves = [t.requires_grad_() for t in (x, pw, dw, pwb, dwb)]
+    assert select_backend("auto", x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)) == "cuda"
     y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[2], leaves[4], stride=1, padding=1,
-                             pw_bias=leaves[3], mid_activation="relu", backend="cuda")
+                             pw_bias=leaves[3], mid_activation="relu", backend="auto")
     y.float().square().sum().backward()
     assert all(t.grad is not None and not t.grad.isnan().any() for t in leaves)
     assert "cuda" in bsconv_cuda.available_backends("cuda")

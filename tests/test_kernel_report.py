@@ -172,3 +172,31 @@ def test_cuda_extension_kernels_do_not_spill_and_use_tensor_cores(kr, real_repor
     assert any(s.needs_tensor_cores for s in stats), "no bf16/fp16 matrix-stage kernel recognised in the extension"
     problems = kr.problems(stats)
     assert not problems, _grouped(problems)
+
+
+INT64_PROVIDER = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, {bench!r})
+    from kernel_report import captured_triton_configs
+    from bsconv_cuda.kernels import bsconv_u as K
+    from bsconv_cuda.shapes import Shape
+
+
+    def configs(shapes, dtypes):
+        # 1x1 images: Triton specializes H = W = 1 (and the 1x1 output) to constants, which int64 casts must survive
+        shape = Shape("int64_1x1", "test", c_in=16, c_out=16, hw=1, batch=2, k=1)
+        with K.force_blocks(forward=dict(IDX64=True), backward=dict(IDX64=True)):
+            return captured_triton_configs([shape], dtypes, layouts=("cl", "nchw"))
+''')
+
+
+def test_int64_indexing_compiles_for_gpus(kr, tmp_path):
+    """The 64-bit indexing path runs in the interpreter on tiny tensors (test_triton_kernels); this compiles it."""
+    _tools_or_skip(kr)
+    (tmp_path / "int64_provider.py").write_text(INT64_PROVIDER.format(bench=str(REPO / "benchmarks")))
+    out, res = _run_report(tmp_path, "--provider", "int64_provider:configs", "--arch", "90", "--dtypes", "bf16",
+                           "--no-cuda", "--jobs", "1", extra_path=tmp_path)
+    stats = kr.load_json(out)
+    assert stats and all(s.error is None for s in stats), [s.error for s in stats if s.error]
+    assert {s.kernel for s in stats} >= {"fwd_kernel", "bwd_kernel"}
+    assert all("=1: H,W,H_out,W_out" in s.label for s in stats if s.kernel != "reduce_kernel"), stats

@@ -121,7 +121,7 @@ def test_backend_selection_traces_without_graph_breaks(monkeypatch):
     def choose(x):
         names = [select_backend(b, x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)) for b in candidates]
         archs = cuda_backend.compiled_archs()
-        major, _ = cuda_backend._capability(0)
+        major, _ = cuda_backend.device_capability(0)
         return x + len("".join(names)) + len(archs) + major
 
     torch._dynamo.reset()

@@ -28,6 +28,8 @@ BAD_INPUTS = [
     (dict(pw_weight=torch.randn(4, 5)), ValueError, "x has 3 channels but pw_weight expects C_in=5"),
     (dict(dw_weight=torch.randn(5, 1, 3, 3)), ValueError, "dw_weight must be .C_out, 1, kh, kw. with C_out=4"),
     (dict(dw_weight=torch.randn(4, 2, 3, 3)), ValueError, "dw_weight must be"),
+    (dict(dw_weight=torch.randn(4, 1, 0, 3)), ValueError, "dw_weight must have a kernel of at least 1x1"),
+    (dict(pw_weight=torch.randn(0, 3), dw_weight=torch.randn(0, 1, 3, 3)), ValueError, "at least one output"),
     (dict(dw_bias=torch.randn(5)), ValueError, r"dw_bias must have shape \(4,\)"),
     (dict(pw_bias=torch.randn(3)), ValueError, r"pw_bias must have shape \(4,\)"),
     (dict(x=torch.randint(0, 3, (2, 3, 6, 6))), TypeError, "x has unsupported dtype torch.int64"),
@@ -70,3 +72,11 @@ def test_pw_weight_4d_and_2d_agree():
 def test_empty_batch_gives_empty_output(backend):
     y = _call(x=torch.randn(0, 3, 6, 6), padding=1, backend=backend)
     assert y.shape == (0, 4, 6, 6)
+
+
+def test_triton_refuses_a_halo_it_cannot_keep_on_chip():
+    if "triton" not in bsconv_cuda.available_backends("cpu"):
+        pytest.skip("the triton backend is not available here")
+    x = torch.randn(1, 3, 80, 80)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: the dilated kernel covers 3721"):
+        bsconv_cuda.bsconv_u(x, torch.randn(4, 3), torch.randn(4, 1, 7, 7), dilation=10, backend="triton")

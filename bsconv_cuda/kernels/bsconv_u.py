@@ -53,6 +53,8 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ..backends import fp32_uses_tf32
+from ..cuda_backend import device_capability
 
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -220,7 +222,8 @@ def _bwd_kernel(
     pid_g = tl.program_id(0)
     pid_c = tl.program_id(1)
     lead = pid_c == 0  # ci-block 0 also owns the channel-only partials (grad_dw, grad_pw_bias, grad_dw_bias)
-    HW = H * W
+    # with IDX64 the pixel index and everything derived from it (n, h, w, the offsets) is computed in int64
+    HW = tl.cast(H, tl.int64) * W if IDX64 else H * W  # tl.cast: H may be specialized to a constexpr 1
     n_pix = N * HW
     n_tiles = tl.cdiv(n_pix, TP)
     part_g = part_ptr + pid_g * (C_out * K_PART)  # this program's partials slot [C_out, K_PART]
@@ -230,6 +233,9 @@ def _bwd_kernel(
     cx_l = cx.to(tl.int64) if IDX64 else cx
 
     for tile in range(pid_g, n_tiles, G):
+        # The partial slots are read back and rewritten every tile, possibly by other threads than wrote them:
+        # order the previous tile's stores before this tile's loads.
+        tl.debug_barrier()
         again = tile != pid_g  # later tiles accumulate into the slot, the first one initializes it
         p = tile * TP + tl.arange(0, TP)
         p_ok = p < n_pix
@@ -237,8 +243,6 @@ def _bwd_kernel(
         rr = p % HW
         h = rr // W
         w = rr % W
-        if IDX64:
-            n = n.to(tl.int64)
         x_row = n * sxn + h * sxh + w * sxw
         x_own = tl.load(x_ptr + (x_row[:, None] + cx_l[None, :] * sxc), mask=p_ok[:, None] & cx_ok[None, :],
                         other=0.0)
@@ -265,10 +269,7 @@ def _bwd_kernel(
                 oh = ohn // SH
                 ow = own // SW
                 ok = p_ok & (ohn >= 0) & (ohn % SH == 0) & (oh < H_out) & (own >= 0) & (own % SW == 0) & (ow < W_out)
-                if IDX64:
-                    g_row = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-                else:
-                    g_row = n * sgn + oh * sgh + ow * sgw
+                g_row = n * sgn + oh * sgh + ow * sgw
                 gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
                               other=0.0).to(acc_dt)
                 wd = tl.load(dw_ptr + co * T + tap, mask=co_ok, other=0.0).to(acc_dt)
@@ -294,16 +295,13 @@ def _bwd_kernel(
             w_ok = co_ok[:, None] & cx_ok[None, :]
             prev = tl.load(w_ptr, mask=w_ok & again, other=0.0)
             tl.store(w_ptr, prev + gw, mask=w_ok)
-        if IDX64:
-            gx_row = n * sxgn + h.to(tl.int64) * sxgh + w.to(tl.int64) * sxgw
-        else:
-            gx_row = n * sxgn + h * sxgh + w * sxgw
+        gx_row = n * sxgn + h * sxgh + w * sxgw
         tl.store(gx_ptr + (gx_row[:, None] + cx_l[None, :] * sxgc), gx.to(gx_ptr.dtype.element_ty),
                  mask=p_ok[:, None] & cx_ok[None, :])
 
     # grad_dw_bias partial: sum of grad_y over this program's output tiles (same tile striding, flat output pixels)
     if lead:
-        HWo = H_out * W_out
+        HWo = tl.cast(H_out, tl.int64) * W_out if IDX64 else H_out * W_out
         n_opix = N * HWo
         for co0 in range(0, C_out, BCO):
             co = co0 + tl.arange(0, BCO)
@@ -315,9 +313,6 @@ def _bwd_kernel(
                 o_ok = o < n_opix
                 no = o // HWo
                 ro = o % HWo
-                if IDX64:
-                    no = no.to(tl.int64)
-                    ro = ro.to(tl.int64)
                 g_row = no * sgn + (ro // W_out) * sgh + (ro % W_out) * sgw
                 gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=o_ok[:, None] & co_ok[None, :],
                               other=0.0)
@@ -349,14 +344,30 @@ def _pow2(v: int) -> int:
     return triton.next_power_of_2(max(1, int(v)))
 
 
+# The forward keeps mid for one output tile plus its halo on chip: [P, BCO] with the halo padded to P pixels. At
+# P = 256 it already takes 8 warps; larger dilated kernels go to the reference.
+MAX_HALO = 256
+
+
+def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
+    """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
+    kh, kw = kernel_size
+    footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
+    if _pow2(footprint) > MAX_HALO:
+        return f"the dilated kernel covers {footprint} pixels; the Triton forward keeps at most {MAX_HALO} on chip"
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and device_capability(x.device.index) < (8, 0):
+        return "bfloat16 tensor-core dots need compute capability >= 8.0"
+    return None
+
+
 @functools.lru_cache(maxsize=256)
 def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> tuple[int, int]:
     """Output tile (TH, TW) with the least padded work per output pixel: (P + TP) / (TH * TW), where the halo
-    (flattened) is padded to P <= 128 (more only when nothing else fits: large dilated kernels) and the tile to
-    TP <= 128. P = 128 keeps mid [P, BCO=32] plus the output accumulator within registers at 4 warps on sm_90
+    (flattened) is padded to P <= 128 (up to MAX_HALO only when nothing else fits: large dilated kernels) and the
+    tile to TP <= 128. P = 128 keeps mid [P, BCO=32] plus the output accumulator within registers at 4 warps on sm_90
     (P = 256 spilled on sm_90)."""
     best = None
-    for p_max in (128, 256, 1024, 4096):
+    for p_max in (128, MAX_HALO):
         for th in range(1, min(h_out, 64) + 1):
             hh = (th - 1) * sh + (kh - 1) * dh + 1
             for tw in range(1, min(w_out, 128) + 1):
@@ -369,7 +380,7 @@ def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: in
                     best = (cost, th, tw)
         if best is not None:
             return best[1], best[2]
-    return 1, 1
+    raise ValueError(f"no output tile keeps the halo within {MAX_HALO} pixels (see unsupported_reason)")
 
 
 def _fma_dots(dtype, prec) -> bool:
@@ -443,7 +454,7 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
 
 def _dot_settings(dtype: torch.dtype, device: torch.device) -> tuple[str, bool, bool]:
     """(input_precision, fp64 accumulation, upcast bf16 before tl.dot)."""
-    prec = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+    prec = "tf32" if dtype == torch.float32 and fp32_uses_tf32() else "ieee"
     return prec, dtype == torch.float64, dtype == torch.bfloat16 and device.type == "cpu"
 
 
