@@ -1,8 +1,15 @@
-"""`import bsconv_cuda` never fails because Triton or the compiled extension is missing or broken."""
+"""Backends: `import bsconv_cuda` never fails because Triton or the compiled extension is missing or broken, and the
+fp32 TF32 switch follows torch's own flags."""
 
 import subprocess
 import sys
 import textwrap
+
+import pytest
+import torch
+
+import bsconv_cuda
+from bsconv_cuda import backends
 
 
 def _run(prelude: str) -> subprocess.CompletedProcess:
@@ -50,3 +57,20 @@ def test_import_with_a_broken_extension_warns_once_and_falls_back():
     assert "WARNINGS 1" in result.stdout
     assert "bsconv_cuda._C failed to load (ImportError: undefined symbol" in result.stdout
     assert "OUTPUT (1, 3, 5, 5)" in result.stdout
+
+
+def test_tf32_switch_follows_the_fp32_precision_api():
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has no per-operator fp32_precision API (the legacy flag is read)")
+    saved = conv.fp32_precision
+    try:
+        conv.fp32_precision = "ieee"  # the legacy cudnn.allow_tf32 getter raises from here on (conv != rnn)
+        assert not backends.fp32_uses_tf32()
+        x, pw, dw = torch.randn(1, 3, 5, 5), torch.randn(4, 3), torch.randn(4, 1, 3, 3)
+        for backend in bsconv_cuda.available_backends("cpu"):
+            bsconv_cuda.bsconv_u(x, pw, dw, padding=1, backend=backend)
+        conv.fp32_precision = "tf32"
+        assert backends.fp32_uses_tf32()
+    finally:
+        conv.fp32_precision = saved
