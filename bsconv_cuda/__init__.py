@@ -6,7 +6,8 @@ says which backends are usable here and why the others are not.
 
 from .backends import available_backends
 from .functional import bsconv_u
-from .modules import FusedBSConvU, convert
+from .convert import convert
+from .modules import FusedBSConvU
 from .ops import BSConvUFunction
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""``FusedBSConvU``: a drop-in for ``bsconv.pytorch.BSConvU``, and ``convert`` to swap one for the other in a model."""
+"""``FusedBSConvU``: a drop-in for ``bsconv.pytorch.BSConvU``, and :func:`fused_block_forward`, the forward that every
+fused block runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, reference
 from .functional import bsconv_u
 
 
@@ -63,28 +64,49 @@ class FusedBSConvU(nn.Sequential):
         return f"backend={self.backend!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = getattr(self, "bn", None)
-        if bn is not None and (bn.training or bn.running_mean is None):
-            return self.dw(bn(self.pw(x)))
-        pw_weight, pw_bias = self._pointwise_with_bn_folded(bn)
-        padding = self.dw.padding
-        if self.dw.padding_mode != "zeros":
-            x = F.pad(x, self.dw._reversed_padding_repeated_twice, mode=self.dw.padding_mode)
-            padding = 0
-        return bsconv_u(
-            x, pw_weight, self.dw.weight, self.dw.bias, self.dw.stride, padding, self.dw.dilation,
-            pw_bias=pw_bias, backend=self.backend,
-        )
+        return fused_block_forward(x, self.pw, getattr(self, "bn", None), self.dw, backend=self.backend)
 
-    def _pointwise_with_bn_folded(self, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
-        if bn is None:
-            return self.pw.weight, None
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        shift = -bn.running_mean * scale
-        if bn.affine:
-            scale = scale * bn.weight
-            shift = shift * bn.weight + bn.bias
-        return self.pw.weight * scale[:, None, None, None], shift
+
+def fused_block_forward(
+    x: Tensor, pw: nn.Conv2d, bn: nn.BatchNorm2d | None, dw: nn.Conv2d, *, mid_activation: str | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """``dw(act(bn(pw(x))))`` from the layers' parameters through the fused op: the one forward of every fused block
+    (``FusedBSConvU`` and the blocks that :func:`bsconv_cuda.convert` fuses in other models).
+
+    ``pw``: a bias-free 1x1 ``nn.Conv2d``; ``bn``: an ``nn.BatchNorm2d`` or None; ``dw``: a depthwise ``nn.Conv2d``
+    (any padding mode); ``mid_activation``: as in :func:`bsconv_cuda.bsconv_u`. The layers' ``forward`` (and so their
+    hooks) is not called. An eval-mode BatchNorm is folded into the pointwise stage; non-zero padding modes pad ``x``
+    first (padding commutes with a per-pixel map, so this equals padding the intermediate).
+    """
+    if bn is not None and (bn.training or bn.running_mean is None):
+        # the intermediate's batch statistics are needed: the standard layers
+        return dw(reference.activate(bn(pw(x)), _activation_name(mid_activation)))
+    pw_weight, pw_bias = _pointwise_with_bn_folded(pw, bn)
+    padding = dw.padding
+    if dw.padding_mode != "zeros":
+        x = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
+        padding = 0
+    return bsconv_u(
+        x, pw_weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation,
+        pw_bias=pw_bias, mid_activation=mid_activation, backend=backend,
+    )
+
+
+def _activation_name(mid_activation: str | None) -> str:
+    return "none" if mid_activation is None else mid_activation
+
+
+def _pointwise_with_bn_folded(pw: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
+    """An eval-mode BatchNorm folded into the pointwise stage: (pw weight * scale, shift)."""
+    if bn is None:
+        return pw.weight, None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale = scale * bn.weight
+        shift = shift * bn.weight + bn.bias
+    return pw.weight * scale[:, None, None, None], shift
 
 
 def _bsconvu_mismatch(module: nn.Module) -> str | None:
@@ -104,19 +126,3 @@ def _bsconvu_mismatch(module: nn.Module) -> str | None:
     if bn is not None and type(bn) is not nn.BatchNorm2d:
         return f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}"
     return None
-
-
-def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replaces every BSConvU-shaped module in ``model`` (in place) by a FusedBSConvU over the same layers.
-
-    BSConvU-shaped: ``bsconv.pytorch.BSConvU`` or any ``nn.Sequential`` of exactly ``pw`` (bias-free 1x1 Conv2d),
-    optional ``bn`` (BatchNorm2d) and ``dw`` (depthwise Conv2d). Returns the model (a new module when ``model``
-    itself is BSConvU-shaped).
-    """
-    if not isinstance(model, FusedBSConvU) and _bsconvu_mismatch(model) is None:
-        return FusedBSConvU.from_bsconvu(model, backend=backend)
-    for name, child in model.named_children():
-        converted = convert(child, backend)
-        if converted is not child:
-            setattr(model, name, converted)
-    return model

@@ -67,28 +67,31 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return
 template <typename T>
 __device__ __forceinline__ T zero_val() { return from_f<T>(0.f); }
 
+// Comparisons are written so that NaN is false in each and passes through, as torch's relu / relu6 propagate it
+// (fmaxf(NaN, 0) would return 0).
 __device__ __forceinline__ float act_fwd(float v, int act) {
   switch (act) {
-    case (int)Act::ReLU: return v > 0.f ? v : 0.f;
-    case (int)Act::ReLU6: return v > 0.f ? (v < 6.f ? v : 6.f) : 0.f;
-    case (int)Act::HardSwish: return v * fminf(fmaxf(v + 3.f, 0.f), 6.f) / 6.f;
+    case (int)Act::ReLU: return v < 0.f ? 0.f : v;
+    case (int)Act::ReLU6: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
+    case (int)Act::HardSwish: return v * (v < -3.f ? 0.f : (v > 3.f ? 6.f : v + 3.f)) / 6.f;
     case (int)Act::SiLU: return v / (1.f + expf(-v));
     default: return v;
   }
 }
 
-// d act / d v, with torch's conventions at the kinks (relu: 0 at 0; relu6: 0 at 0 and 6;
-// hardswish: x/3 + 0.5 on [-3, 3]).
-__device__ __forceinline__ float act_bwd(float v, int act) {
+// grad_mid * d act / d v, with torch's conventions at the kinks (relu: 0 at 0; relu6: 0 at 0 and 6; hardswish:
+// x/3 + 0.5 on [-3, 3]) and at NaN: torch's *_backward select 0 only where their comparison holds (so the gradient
+// passes through at NaN) and select, not multiply, elsewhere (so a NaN gradient does not leak where act' = 0).
+__device__ __forceinline__ float act_grad(float grad_mid, float v, int act) {
   switch (act) {
-    case (int)Act::ReLU: return v > 0.f ? 1.f : 0.f;
-    case (int)Act::ReLU6: return (v > 0.f && v < 6.f) ? 1.f : 0.f;
-    case (int)Act::HardSwish: return v < -3.f ? 0.f : (v <= 3.f ? v / 3.f + 0.5f : 1.f);
+    case (int)Act::ReLU: return v <= 0.f ? 0.f : grad_mid;
+    case (int)Act::ReLU6: return (v <= 0.f || v >= 6.f) ? 0.f : grad_mid;
+    case (int)Act::HardSwish: return v < -3.f ? 0.f : (v <= 3.f ? grad_mid * (v / 3.f + 0.5f) : grad_mid);
     case (int)Act::SiLU: {
       const float sg = 1.f / (1.f + expf(-v));
-      return sg * (1.f + v * (1.f - sg));
+      return grad_mid * (sg * (1.f + v * (1.f - sg)));
     }
-    default: return 1.f;
+    default: return grad_mid;
   }
 }
 
@@ -477,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
         }
       }
     }
-    const float gp = gm * act_bwd(pre, (int)s.act);
+    const float gp = act_grad(gm, pre, (int)s.act);
     gpb += gp;
     gpre[(((int64_t)n * H + h) * W + w) * C_out + c0 + c] = from_f<T>(gp);
   }

@@ -83,12 +83,14 @@ def force_blocks(forward: dict | None = None, backward: dict | None = None):
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _act(v, ACT: tl.constexpr):
+    # Comparisons written so that NaN is false in every one and passes through, as in torch's relu / relu6
+    # (tl.maximum(NaN, 0) may return 0 on a GPU).
     if ACT == 1:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)
     elif ACT == 2:
-        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+        v = tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
     elif ACT == 3:
-        v = v * (tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0)
+        v = v * (tl.where(v < -3.0, 0.0, tl.where(v > 3.0, 6.0, v + 3.0)) / 6.0)
     elif ACT == 4:
         v = v / (1.0 + tl.exp(-v))
     return v
@@ -96,10 +98,12 @@ def _act(v, ACT: tl.constexpr):
 
 @triton.jit
 def _act_grad(g, v, ACT: tl.constexpr):
+    # torch's threshold_backward / hardtanh_backward / hardswish_backward zero the gradient only where the
+    # comparison is true, so at NaN the gradient passes through.
     if ACT == 1:
-        g = tl.where(v > 0.0, g, 0.0)
+        g = tl.where(v <= 0.0, 0.0, g)
     elif ACT == 2:
-        g = tl.where((v > 0.0) & (v < 6.0), g, 0.0)
+        g = tl.where((v <= 0.0) | (v >= 6.0), 0.0, g)
     elif ACT == 3:
         g = tl.where(v < -3.0, 0.0, tl.where(v <= 3.0, g * (v / 3.0 + 0.5), g))
     elif ACT == 4:
@@ -463,9 +467,12 @@ def _check(x, dtype_ok=(torch.float16, torch.bfloat16, torch.float32, torch.floa
         raise TypeError(f"triton backend: unsupported dtype {x.dtype}")
 
 
-def _weights(pw_weight, dw_weight):
+def _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias):
+    """The parameters as the kernels index them: dense, row-major (the kernels take no parameter strides, so a
+    strided view, e.g. a bias sliced from a larger tensor, is copied here)."""
     c_out = dw_weight.shape[0]
-    return pw_weight.reshape(c_out, -1).contiguous(), dw_weight.contiguous()
+    return tuple(None if t is None else t.contiguous()
+                 for t in (pw_weight.reshape(c_out, -1), pw_bias, dw_weight, dw_bias))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,7 +480,7 @@ def _weights(pw_weight, dw_weight):
 # ----------------------------------------------------------------------------------------------------------------
 def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
     _check(x)
-    pw, dw = _weights(pw_weight, dw_weight)
+    pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = dw.shape
     sh, sw = stride
@@ -507,7 +514,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
 
 def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
     _check(x)
-    pw, dw = _weights(pw_weight, dw_weight)
+    pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = dw.shape
     h_out, w_out = grad_y.shape[2:]
