@@ -7,7 +7,8 @@ import os
 
 def run_rank(rank: int, world_size: int, workdir: str) -> None:
     """Trains this rank's share of the batch through a FusedBSConvU with nn.SyncBatchNorm on the Triton backend and
-    saves what it saw (outputs, input gradients, all-reduced parameter gradients, buffers) to ``rank{rank}.pt``."""
+    saves what it saw (outputs, input gradients, this rank's and the all-reduced parameter gradients, buffers) to
+    ``rank{rank}.pt``."""
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors through the Triton kernels, on any machine
     import torch
     import torch.distributed as dist
@@ -27,11 +28,12 @@ def run_rank(rank: int, world_size: int, workdir: str) -> None:
             x = x_full.chunk(world_size)[rank].clone().requires_grad_()
             y = fused(x)
             y.backward(grad_full.chunk(world_size)[rank])
-            grads = {}
+            local_grads, grads = {}, {}
             for name, param in fused.named_parameters():
+                local_grads[name] = param.grad.clone()
                 grads[name] = param.grad.clone()
                 dist.all_reduce(grads[name])  # what DDP does (summed: the loss is the sum over all ranks)
-            steps.append(dict(y=y.detach(), grad_x=x.grad, grads=grads))
+            steps.append(dict(y=y.detach(), grad_x=x.grad, local_grads=local_grads, grads=grads))
             fused.zero_grad()
         buffers = {name: buffer.clone() for name, buffer in fused.named_buffers()}
         torch.save(dict(steps=steps, buffers=buffers), f"{workdir}/rank{rank}.pt")

@@ -431,10 +431,37 @@ def test_sync_batch_norm_without_a_process_group_is_batch_norm(device):
     assert isinstance(converted, FusedBSConvU) and isinstance(converted.bn, torch.nn.SyncBatchNorm)
 
 
+def _forward_backward_per_rank(truth, x, grad_y, world_size):
+    """One training step of the standard layers on the whole batch, and each rank's share of every parameter gradient
+    (what nn.SyncBatchNorm and the convolutions leave on a rank before DDP reduces them): its own pixels' terms with
+    the whole batch's statistics."""
+    mid = truth.pw(x)
+    mid.retain_grad()
+    normalized = truth.bn(mid)
+    normalized.retain_grad()
+    y = truth.dw(normalized)
+    y.backward(grad_y)
+    mean, var = mid.mean((0, 2, 3), keepdim=True), mid.var((0, 2, 3), unbiased=False, keepdim=True)
+    x_hat = (mid - mean) / torch.sqrt(var + truth.bn.eps)
+    shares = []
+    for part in torch.arange(x.shape[0]).chunk(world_size):
+        grad_mid, grad_normalized = mid.grad[part], normalized.grad[part]
+        dw_weight, dw_bias = torch.autograd.grad(truth.dw(normalized[part].detach()), truth.dw.parameters(),
+                                                 grad_y[part])
+        shares.append({
+            "pw.weight": torch.einsum("nohw,nihw->oi", grad_mid, x[part].detach())[:, :, None, None],
+            "bn.weight": (grad_normalized * x_hat[part]).sum((0, 2, 3)),
+            "bn.bias": grad_normalized.sum((0, 2, 3)),
+            "dw.weight": dw_weight,
+            "dw.bias": dw_bias,
+        })
+    return y, shares
+
+
 def test_sync_batch_norm_two_processes(tmp_path):
     """Two gloo processes, each with half the batch, through the fused (Triton) path: the same outputs, input
     gradients, all-reduced parameter gradients and running statistics as one process with the whole batch and a plain
-    BSConvU."""
+    BSConvU; and each rank's own parameter gradients are its share of them."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -450,15 +477,16 @@ def test_sync_batch_norm_two_processes(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for step, (x, grad_y) in enumerate(steps):
         x = x.clone().requires_grad_()
-        y = truth(x)
-        y.backward(grad_y)
+        y, local_grads = _forward_backward_per_rank(truth, x, grad_y, world_size=2)
         assert_matches(f"step {step} y", torch.cat([r["steps"][step]["y"] for r in ranks]), y, torch.float64)
         grad_x = torch.cat([r["steps"][step]["grad_x"] for r in ranks])
         assert_matches(f"step {step} grad_x", grad_x, x.grad, torch.float64)
         for name, param in truth.named_parameters():
             for rank, result in enumerate(ranks):
-                assert_matches(f"step {step} rank {rank} grad {name}", result["steps"][step]["grads"][name],
+                assert_matches(f"step {step} rank {rank} all-reduced grad {name}", result["steps"][step]["grads"][name],
                                param.grad, torch.float64)
+                assert_matches(f"step {step} rank {rank} local grad {name}", result["steps"][step]["local_grads"][name],
+                               local_grads[rank][name], torch.float64)
         truth.zero_grad()
     for name, buffer in truth.named_buffers():
         for rank, result in enumerate(ranks):
