@@ -115,6 +115,8 @@ def batch_norm_call(
     """The training-mode computation of :func:`bsconv_u_batch_norm` on a prepared call (``call.pw_bias`` is None):
     the fused forward, and the running statistics updated in place when given."""
     x = call.x
+    if process_group is not None and torch.distributed.get_world_size(process_group) == 1:
+        process_group = None  # nothing to synchronize: a plain BatchNorm, as nn.SyncBatchNorm decides
     if process_group is None:
         _check_batch_size(x)
         if x.numel() == 0:  # torch's own answer: an empty result, zero gradients, running statistics untouched

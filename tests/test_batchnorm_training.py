@@ -239,24 +239,29 @@ def test_unbatched_input(device):
     assert_matches("running_var", fused.bn.running_var, truth.bn.running_var, dtype)
 
 
-@pytest.mark.parametrize("option", ["default", "track_running_stats=False"])
+@pytest.mark.parametrize("option", [None, "default", "track_running_stats=False"])
 def test_explicit_backend_that_cannot_run_raises_in_train_and_eval(option):
     """An explicit backend that cannot run the call says so, the same way in every mode; auto falls back silently."""
+    with_bn = option is not None
+    bn_kwargs = BN_OPTIONS[option] if with_bn else None
     x = torch.randn(2, C_IN, SIZE, SIZE)
     messages = []
     for training in (True, False):
-        module = FusedBSConvU(C_IN, C_OUT, 3, padding=1, with_bn=True, bn_kwargs=BN_OPTIONS[option],
+        module = FusedBSConvU(C_IN, C_OUT, 3, padding=1, with_bn=with_bn, bn_kwargs=bn_kwargs,
                               backend="cuda").train(training)
         with pytest.raises(RuntimeError, match="backend='cuda' cannot run this call") as error:
             module(x)
         messages.append(str(error.value))
-        assert module.bn.num_batches_tracked is None or module.bn.num_batches_tracked.item() == 0
+        if with_bn and module.bn.track_running_stats:  # a refused call changes nothing
+            assert module.bn.num_batches_tracked.item() == 0
     assert messages[0] == messages[1]
-    truth, fused = make_pair(BN_OPTIONS[option], 1, torch.float32, torch.device("cpu"), "auto")
+    torch.manual_seed(0)
+    truth = bsconv_pytorch.BSConvU(C_IN, C_OUT, 3, padding=1, with_bn=with_bn, bn_kwargs=bn_kwargs)
+    fused = FusedBSConvU.from_bsconvu(copy.deepcopy(truth), backend="auto")
     for training in (True, False):
         truth.train(training)
         fused.train(training)
-        torch.testing.assert_close(fused(x), truth(x.double()).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(x), truth(x), rtol=1e-5, atol=1e-5)
 
 
 def _standard_functional(x, pw, dw, dw_bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
@@ -429,6 +434,26 @@ def test_sync_batch_norm_without_a_process_group_is_batch_norm(device):
     check_training(truth, fused, device, dtype)
     converted = bsconv_cuda.convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(truth)))
     assert isinstance(converted, FusedBSConvU) and isinstance(converted.bn, torch.nn.SyncBatchNorm)
+
+
+def test_sync_batch_norm_with_world_size_one_is_batch_norm(tmp_path, device):
+    """An initialized process group of one rank: nothing to synchronize (nn.SyncBatchNorm falls back to F.batch_norm)."""
+    import torch.distributed as dist
+
+    skip_unless_available("triton", device)
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo and no process group of its own")
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    truth, fused = make_pair({}, 1, dtype, device, "triton")
+    fused = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fused)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        check_training(truth, fused, device, dtype, steps=1)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # as F.batch_norm
+            bsconv_u_batch_norm(torch.randn(1, 3, 1, 1), torch.randn(4, 3), torch.randn(4, 1, 1, 1),
+                                running_mean=None, running_var=None, process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
 
 
 def _forward_backward_per_rank(truth, x, grad_y, world_size):
