@@ -402,17 +402,13 @@ def test_compile_fullgraph_functional():
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
-def test_compile_fullgraph_training_module_on_gpu(backend):
-    if backend != "auto" and backend not in bsconv_cuda.available_backends("cuda"):
-        pytest.skip(f"backend {backend!r} unavailable on cuda")
+def _compile_training_module_check(backend: str, device: str) -> None:
     torch.manual_seed(0)
-    eager = FusedBSConvU(16, 32, 3, stride=2, padding=1, with_bn=True, backend=backend).cuda().train()
+    eager = FusedBSConvU(16, 32, 3, stride=2, padding=1, with_bn=True, backend=backend).to(device).train()
     model = copy.deepcopy(eager)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(4, 16, 16, 16, device="cuda")
+    x = torch.randn(4, 16, 16, 16, device=device)
     x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected, actual = eager(x_eager), compiled(x_compiled)
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-3)
@@ -422,6 +418,20 @@ def test_compile_fullgraph_training_module_on_gpu(backend):
     for (name, a), (_, e) in zip(model.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-3, atol=1e-3, msg=name)
     torch.testing.assert_close(model.bn.running_var, eager.bn.running_var)
+    assert model.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item() == 1
+
+
+def test_compile_fullgraph_training_module_on_cpu():
+    """The module's training path (backend resolution, then the standard layers on CPU) traces without breaks."""
+    _compile_training_module_check("auto", "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_compile_fullgraph_training_module_on_gpu(backend):
+    if backend != "auto" and backend not in bsconv_cuda.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} unavailable on cuda")
+    _compile_training_module_check(backend, "cuda")
 
 
 def test_sync_batch_norm_without_a_process_group_is_batch_norm(device):
