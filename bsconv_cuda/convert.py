@@ -11,7 +11,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replaces every BSConvU-shaped module in ``model`` (in place) by a FusedBSConvU over the same layers.
 
     BSConvU-shaped: ``bsconv.pytorch.BSConvU`` or any ``nn.Sequential`` of exactly ``pw`` (bias-free 1x1 Conv2d),
-    optional ``bn`` (BatchNorm2d) and ``dw`` (depthwise Conv2d). Returns the model (a new module when ``model``
+    optional ``bn`` (BatchNorm2d or SyncBatchNorm) and ``dw`` (depthwise Conv2d). Returns the model (a new module when ``model``
     itself is BSConvU-shaped).
     """
     if not isinstance(model, FusedBSConvU) and _bsconvu_mismatch(model) is None:
