@@ -11,6 +11,12 @@ gradients with the reference computed in float64, with these tolerances (:func:`
   u * sqrt(sum of squared terms), about u * |ref|, not like u * L: a torch emulation of both backends' rounding
   points measured at most 1.2 u * max|ref| with L up to 65536 (tests/test_fused_checks.py keeps the rounding
   model and the single-pixel cases).
+
+What no bound here can check: TF32 with relu / relu6 / hardswish. TF32 rounds the fp32 operands of the pointwise dot,
+which moves pre by about 2^-11 of its terms' magnitude, so pixels with pre that close to a kink fall on the other side
+of it than in the reference, and their gradients differ by a whole grad_mid (the emulation, with fp32 inputs: up to
+0.2 * max|ref| in grad_x and 1-2 % in norm). bf16 / fp16 inputs make the dot's products exact in fp32, so their
+kinks move only by fp32 accumulation error, as in the strict fp32 checks. The grid's TF32 case has no activation.
 """
 
 from __future__ import annotations
