@@ -61,6 +61,18 @@ def poisoned_outputs(device: torch.device):
         torch.empty = original
 
 
+@contextlib.contextmanager
+def tf32_convolutions(enabled: bool):
+    """cuDNN's TF32 switch for fp32 convolutions, which the triton backend follows (``backends.fp32_uses_tf32``): off
+    for every check with the strict fp32 bound."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
 def skip_unless_available(backend: str, device: torch.device) -> None:
     reason = backends.unavailable_reason(backend, device)
     if reason is not None:
@@ -172,9 +184,7 @@ def check_case(case: Case, backend: str, device: torch.device, seed: int = 0) ->
     biases = [None if b is None else b.detach().requires_grad_() for b in (pw_bias, dw_bias)]
     kwargs = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, mid_activation=case.act)
 
-    saved_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = case.tf32
-    try:
+    with tf32_convolutions(case.tf32):
         with poisoned_outputs(device):
             y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[2], biases[1], pw_bias=biases[0], backend=backend,
                                      **kwargs)
@@ -182,8 +192,6 @@ def check_case(case: Case, backend: str, device: torch.device, seed: int = 0) ->
         grad_y_in = grad_y.to(case.dtype).to(device)
         with poisoned_outputs(device):
             y.backward(strided_view(grad_y_in) if case.sliced else grad_y_in)
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved_tf32
 
     # the truth: the reference in float64 on the same (rounded) inputs, through the backend's normalized arguments
     d64 = [None if t is None else t.detach().cpu().double() for t in (x, pw, pw_bias, dw, dw_bias)]

@@ -22,7 +22,7 @@ from bsconv_cuda import reference
 from bsconv_cuda.ops import OPS
 from fused_checks import (
     Case, assert_close, assert_close_with_nan, check_case, make_inputs, poisoned_outputs, skip_unless_available,
-    strided_view,
+    strided_view, tf32_convolutions,
 )
 
 FUSED_BACKENDS = ["triton", "cuda"]
@@ -110,7 +110,7 @@ def test_operators_take_strided_views_of_every_tensor(backend, device):
     grad_y = torch.randn(forward_op(x, pw, pw_bias, dw, dw_bias, *conv).shape, dtype=x.dtype).to(device)
     views = [strided_view(t) for t in (grad_y, x, pw, pw_bias, dw, dw_bias)]
     assert not any(v.is_contiguous() for v in views)
-    with poisoned_outputs(x.device):
+    with tf32_convolutions(False), poisoned_outputs(x.device):
         y = forward_op(*views[1:], *conv)
         grads = backward_op(*views, *conv)
     d64 = [t.cpu().double() for t in (x, pw, pw_bias, dw, dw_bias)]
@@ -137,12 +137,14 @@ def test_nan_propagates_like_torch(act, nan_in, backend, device):
     else:
         x[1, :, 4, 5] = float("nan")
     leaves = [t.detach().requires_grad_() for t in (x, pw, pw_bias, dw, dw_bias)]
-    with poisoned_outputs(device):
-        y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[3], leaves[4], padding=1, pw_bias=leaves[2],
-                                 mid_activation=act, backend=backend)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    with poisoned_outputs(device):
-        y.backward(grad_y.to(case.dtype).to(device))
+    grad_y = torch.randn(case.n, case.c_out, case.h, case.w, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    with tf32_convolutions(False):
+        with poisoned_outputs(device):
+            y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[3], leaves[4], padding=1, pw_bias=leaves[2],
+                                     mid_activation=act, backend=backend)
+        with poisoned_outputs(device):
+            y.backward(grad_y.to(case.dtype).to(device))
 
     d64 = [t.detach().cpu().double() for t in (x, pw, pw_bias, dw, dw_bias)]
     conv = ((1, 1), (1, 1, 1, 1), (1, 1), act or "none")
