@@ -138,11 +138,14 @@ UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32
 ELEMENT_ROUNDOFFS = 8
 
 
-def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, strict: bool) -> None:
+def assert_close(
+    name: str, out: torch.Tensor, ref: torch.Tensor, strict: bool, precision: torch.dtype | None = None
+) -> None:
     """``out`` (a kernel's result) against ``ref`` (float64) with the module docstring's bounds: strict = fp32
-    without TF32; else the low-precision bounds of ``out``'s dtype."""
+    without TF32; else the low-precision bounds of ``precision``, the dtype the result was computed in (default:
+    ``out``'s dtype; e.g. bfloat16 for a float32 parameter gradient computed under bf16 autocast)."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    dtype = out.dtype
+    dtype = out.dtype if precision is None else precision
     out = out.detach().to("cpu", torch.float64)
     ref = ref.detach().to("cpu", torch.float64)
     assert not out.isnan().any(), f"{name}: NaN in output (unwritten element?)"

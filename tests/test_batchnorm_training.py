@@ -367,11 +367,12 @@ def test_autocast_keeps_batch_norm_in_float32(device):
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert fused.bn.running_mean.dtype == torch.float32
     assert_close("y", y, y_ref, strict=False)
-    assert_close("running_var", fused.bn.running_var, truth.bn.running_var, strict=False)
+    # float32 results computed from bf16 products: held to bf16's bounds
+    assert_close("running_var", fused.bn.running_var, truth.bn.running_var, strict=False, precision=torch.bfloat16)
     y.float().square().sum().backward()
     y_ref.float().square().sum().backward()
     assert fused.bn.weight.grad.dtype == torch.float32
-    assert_close("grad bn.weight", fused.bn.weight.grad, truth.bn.weight.grad, strict=False)
+    assert_close("grad bn.weight", fused.bn.weight.grad, truth.bn.weight.grad, strict=False, precision=torch.bfloat16)
 
 
 def test_compile_fullgraph_functional():
