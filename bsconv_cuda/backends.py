@@ -90,7 +90,7 @@ _INTERPRETER_ERROR = None if _TRITON_IMPORT_ERROR else interpreter_numpy_conflic
 
 
 def triton_import_error() -> str | None:
-    """None when Triton imports, else why not."""
+    """None when Triton imports and has what the kernels use (``tl.gather``, triton >= 3.3), else why not."""
     return _TRITON_IMPORT_ERROR
 
 
