@@ -9,7 +9,9 @@ is plain Python over constants, which ``torch.compile(fullgraph=True)`` traces w
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
+import re
 import warnings
 
 import torch
@@ -24,9 +26,37 @@ def triton_interpreter_enabled() -> bool:
 
 def _import_triton() -> str | None:
     try:
-        importlib.import_module("triton")
+        triton = importlib.import_module("triton")
     except Exception as error:  # noqa: BLE001 - a broken Triton install must not break import bsconv_cuda
         return f"triton is not importable ({type(error).__name__}: {error})"
+    if not hasattr(triton.language, "gather"):  # the forward kernel's depthwise stage shifts rows with tl.gather
+        return f"triton {triton.__version__} has no tl.gather, which the Triton kernels use (triton >= 3.3 has it)"
+    return None
+
+
+def installed_version(package: str) -> str | None:
+    """The installed distribution's version, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as ``"3.6.0"`` or ``"2.11.0+cu130"``."""
+    return tuple(int(v) for v in re.findall(r"\d+", version)[:2])  # type: ignore[return-value]
+
+
+def interpreter_numpy_conflict(triton_version: str | None, numpy_version: str | None) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None. Triton < 3.7's interpreter
+    turns a one-element array into a loop bound with ``int()``, which numpy >= 2.4 refuses (TypeError in every
+    kernel whose loop bounds are runtime arguments, i.e. all of them)."""
+    if triton_version is None or numpy_version is None:
+        return None
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter does not work with numpy {numpy_version} (numpy >= 2.4 "
+                f"refuses int() of a one-element array, which Triton < 3.7 uses for loop bounds); install "
+                f"numpy<2.4 or triton>=3.7")
     return None
 
 
@@ -55,10 +85,12 @@ def _warn_extension_failure(error: BaseException) -> str:
 
 _TRITON_IMPORT_ERROR = _import_triton()
 _EXTENSION_LOAD_ERROR = _load_extension()
+_INTERPRETER_ERROR = None if _TRITON_IMPORT_ERROR else interpreter_numpy_conflict(
+    importlib.import_module("triton").__version__, installed_version("numpy"))
 
 
 def triton_import_error() -> str | None:
-    """None when Triton imports, else why not."""
+    """None when Triton imports and has what the kernels use (``tl.gather``, triton >= 3.3), else why not."""
     return _TRITON_IMPORT_ERROR
 
 
@@ -92,7 +124,7 @@ def unavailable_reason(backend: str, device: torch.device | str | None = None) -
             return None if torch.cuda.is_available() else "CUDA is not available"
         if device.type == "cpu":
             if triton_interpreter_enabled():
-                return None
+                return _INTERPRETER_ERROR
             return "Triton runs on CPU tensors only under Triton's interpreter (set TRITON_INTERPRET=1)"
         return f"Triton kernels do not run on {device.type} tensors"
     if backend == "cuda":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 
 import torch
@@ -12,19 +11,12 @@ import bsconv_cuda
 from . import backends
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def report() -> str:
     lines = [
         f"bsconv_cuda {bsconv_cuda.__version__}",
         f"python      {platform.python_version()}",
         f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
-        f"triton      {_version('triton')}",
+        f"triton      {backends.installed_version('triton') or 'not installed'}",
     ]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

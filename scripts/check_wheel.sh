@@ -13,12 +13,20 @@
 #    reference backend computes, and `python -m bsconv_cuda.info` explains why `cuda` is unavailable.
 # 3. Tags: pip on every other CPython >= 3.10 found (PYTHONS, default: python3.10 / 3.12 / 3.13 from PATH or pyenv)
 #    accepts the abi3 wheel (`pip install --dry-run --no-deps`, nothing is installed).
+# 4. Other torch versions: for each torch / triton pair of TORCH_PAIRS, a clean venv with that pair and the wheel
+#    with its test extra (`pip install WHEEL[test]`), then the whole test suite (the repo's tests/, run from an
+#    empty folder so that it imports the installed wheel) with the Triton kernels under the interpreter; the pairs run
+#    concurrently (each test run keeps about one core busy; one's download overlaps another's tests). Default:
+#    the GPU machine's pair (torch 2.11.0 + triton 3.6.0, where _C loads) and the oldest claimed pair (torch 2.7.0 +
+#    triton 3.3.0, older than the stable ABI: _C fails to load, with one warning, and the cuda backend is unavailable;
+#    no float64 tl.dot, so the Triton float64 tests are replaced by a test of the refusal).
 #
 # Environment: PYTHON (default python), WHEEL_CHECK_DIR (venvs, default /tmp/bsconv-wheel-check; reused when their
 # torch matches, so a second run takes seconds), TORCH_SAME (pip spec, default torch==<$PYTHON's torch version>),
 # TORCH_CPU (default torch==2.13.0, on the project machine a +cpu wheel from /opt/wheels; elsewhere give pip the CPU
 # index too: TORCH_CPU="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"; "skip" skips step 2), PYTHONS (space-separated interpreters for step 3,
-# "skip" skips it), WHEEL_CHECK_FRESH=1 rebuilds the venvs.
+# "skip" skips it), TORCH_PAIRS (";"-separated pip specs for step 4, "skip" skips it), WHEEL_CHECK_FRESH=1 rebuilds
+# the venvs.
 # Exit status 0 when every check passed.
 set -u -o pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +38,9 @@ ROOT=${WHEEL_CHECK_DIR:-/tmp/bsconv-wheel-check}
 mkdir -p "$ROOT"
 TORCH_SAME=${TORCH_SAME:-torch==$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")}
 TORCH_CPU=${TORCH_CPU:-torch==2.13.0}
+# numpy<2.4 with triton < 3.7: that interpreter turns one-element arrays into loop bounds with int(), which numpy 2.4
+# refuses (bsconv_cuda.backends.interpreter_numpy_conflict)
+TORCH_PAIRS=${TORCH_PAIRS:-torch==2.11.0 triton==3.6.0 numpy<2.4;torch==2.7.0 triton==3.3.0 numpy<2.4}
 VERSION=$(basename "$WHEEL" | cut -d- -f2)
 LABEL=${VERSION#*+}; [ "$LABEL" = "$VERSION" ] && LABEL=""
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -194,8 +205,57 @@ if [ "${PYTHONS:-}" != "skip" ]; then
   done
 fi
 
+# ------------------------------------------------------------------------------------------------ 4. other torch
+# check_pair <pair>: the venv, the wheel and the whole suite next to one pair; what it prints goes to pair_<torch>.log
+# and its verdicts, "<rc> <what>" lines, to pair_<torch>.results (the pairs run concurrently: the interpreter uses one
+# core, and one pair's download overlaps the other's tests)
+check_pair() {
+  local pair=$1 want other t0 t1 rc
+  want=$(echo "$pair" | sed -n 's/.*torch==\([^ +]*\).*/\1/p')
+  other=$ROOT/torch-$want
+  exec >"$WORK/pair_$want.log" 2>&1 3>"$WORK/pair_$want.results"
+  echo "== 4. the test suite next to $pair in $other"
+  t0=$(date +%s)
+  make_venv "$other" "$pair"
+  echo "$? venv with $pair ($(($(date +%s) - t0)) s)" >&3
+  "$other/bin/python" -m pip uninstall -q -y bsconv-cuda >/dev/null 2>&1
+  "$other/bin/python" -m pip install -q "$WHEEL[test]" >"$WORK/pip_$want.txt" 2>&1
+  rc=$?; grep -v "^WARNING: Location" "$WORK/pip_$want.txt"
+  echo "$rc pip install the wheel with its test extra next to $pair" >&3
+  t1=$(date +%s)
+  # from the empty $WORK: pytest puts tests/ (not the repo root) on sys.path, so bsconv_cuda is the installed wheel;
+  # not -q: the header (tests/conftest.py) says which bsconv_cuda, torch, triton and backends were tested
+  timeout 2400 "$other/bin/python" -m pytest "$REPO/tests" -rs -p no:cacheprovider --durations=5 \
+    >"$WORK/pytest_$want.txt" 2>&1
+  rc=$?
+  sed -n '/^bsconv_cuda /,/^backends on cpu/p' "$WORK/pytest_$want.txt" | sed 's/^/    /'
+  grep -E "^(FAILED|ERROR)" "$WORK/pytest_$want.txt" | head -40 | sed 's/^/    /'
+  grep -A5 "slowest 5 durations" "$WORK/pytest_$want.txt" | tail -5 | sed 's/^/    /'
+  grep -q "^bsconv_cuda .* from $other/lib/.*/site-packages/bsconv_cuda$" "$WORK/pytest_$want.txt" \
+    || { echo "    the suite did not import the installed wheel"; rc=1; }
+  grep -q "^backends on cpu: .*'triton'" "$WORK/pytest_$want.txt" \
+    || { echo "    the Triton backend is unavailable: its tests did not run"; rc=1; }
+  echo "$rc the whole test suite next to $pair ($(tail -1 "$WORK/pytest_$want.txt" | tr -d '=' | xargs), \
+$(($(date +%s) - t1)) s)" >&3
+}
+
+T3=$(date +%s)
+if [ "$TORCH_PAIRS" != "skip" ]; then
+  IFS=";" read -r -a PAIRS <<<"$TORCH_PAIRS"
+  for pair in "${PAIRS[@]}"; do check_pair "$pair" & done
+  wait
+  for pair in "${PAIRS[@]}"; do
+    want=$(echo "$pair" | sed -n 's/.*torch==\([^ +]*\).*/\1/p')
+    cat "$WORK/pair_$want.log"
+    grep -q " the whole test suite " "$WORK/pair_$want.results" 2>/dev/null \
+      || echo "1 the test suite next to $pair did not run to the end" >>"$WORK/pair_$want.results"
+    while read -r rc what; do result "$rc" "$what"; done <"$WORK/pair_$want.results"
+  done
+fi
+
 echo
 echo "================ check_wheel summary: $(basename "$WHEEL") ================"
 for line in "${SUMMARY[@]}"; do echo "  $line"; done
-echo "  times: same torch $((T1 - T0)) s, CPU torch $((T2 - T1)) s, total $(($(date +%s) - T0)) s"
+echo "  times: same torch $((T1 - T0)) s, CPU torch $((T2 - T1)) s, other torch $(($(date +%s) - T3)) s, \
+total $(($(date +%s) - T0)) s"
 exit $FAILED

@@ -8,9 +8,9 @@
 # /usr/local/cuda), PYTHON (default: python), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,
 # BSCONV_BENCH_SET (quick / default / full) picks the benchmark set; quick here by default, so that the whole script
 # fits one 10-minute device call (run BSCONV_GPU_CHECK_SKIP_BENCH=1 first and the default set separately for more).
-# WHEEL=path/to/bsconv_cuda-*.whl: test a prebuilt wheel (scripts/build_wheel.sh) instead of building: it is
-# pip-installed (--no-deps --force-reinstall) and the tests / benchmarks run from a copy of tests/, benchmarks/ and
-# pyproject.toml outside the repo, so they import the installed wheel, not the source tree.
+# WHEEL=path/to/bsconv_cuda-*.whl: test a prebuilt wheel (scripts/build_wheel.sh, e.g. the one CI builds) instead of
+# building, which saves the compile's device time: it is pip-installed (--no-deps --force-reinstall) and pytest runs
+# the repo's tests/ and benchmarks/ from an empty folder, so they import the installed wheel, not the source tree.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -47,9 +47,7 @@ if [ -n "${WHEEL:-}" ]; then  # ... or install a prebuilt wheel and test it from
   build=$?
   note "install prebuilt wheel $(basename "$WHEEL"): $(step_rc $build) in $(($(date +%s) - t0)) s (log: build.log)"
   [ $build -ne 0 ] && tail -40 "$RESULTS/build.log"
-  WHEEL_TESTROOT=$(mktemp -d)
-  cp -r tests pyproject.toml "$WHEEL_TESTROOT/" && { [ ! -d benchmarks ] || cp -r benchmarks "$WHEEL_TESTROOT/"; }
-  cd "$WHEEL_TESTROOT"  # from here on, `import bsconv_cuda` finds the installed wheel
+  cd "$(mktemp -d)"  # from here on, `import bsconv_cuda` finds the installed wheel (python puts the cwd on sys.path)
   "$PY" -c "import bsconv_cuda; print('testing', bsconv_cuda.__version__, 'from', bsconv_cuda.__file__)" 2>&1 \
     | tee -a "$RESULTS/machine.txt"
 else
@@ -76,21 +74,22 @@ if [ -n "$SO" ]; then
 fi
 
 # 2. the whole test suite on the GPU
-"$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$RESULTS/tests.xml" >"$RESULTS/tests.log" 2>&1
+"$PY" -m pytest "$REPO/tests" -q -rs -p no:cacheprovider --junitxml="$RESULTS/tests.xml" >"$RESULTS/tests.log" 2>&1
 tests=$?
 note "tests: $(step_rc $tests): $(tail -1 "$RESULTS/tests.log")"
-"$PY" -m pytest tests/test_cuda_extension.py -q -rs -p no:cacheprovider >"$RESULTS/tests_cuda_extension.log" 2>&1
+"$PY" -m pytest "$REPO/tests/test_cuda_extension.py" -q -rs -p no:cacheprovider \
+  >"$RESULTS/tests_cuda_extension.log" 2>&1
 note "tests/test_cuda_extension.py: $(tail -1 "$RESULTS/tests_cuda_extension.log")"
 grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -40
 
 # 3. benchmarks + report
-if [ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" != "1" ] && [ -d benchmarks ]; then
+if [ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" != "1" ] && [ -d "$REPO/benchmarks" ]; then
   export BSCONV_BENCH_JSON="$RESULTS/bsconv-gpu.json"
-  "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider >"$RESULTS/benchmarks.log" 2>&1
+  "$PY" -m pytest "$REPO/benchmarks" --benchmark-only -q -p no:cacheprovider >"$RESULTS/benchmarks.log" 2>&1
   bench=$?
   note "benchmarks: $(step_rc $bench): $(tail -1 "$RESULTS/benchmarks.log")"
-  if [ -f benchmarks/report.py ] && [ -f "$BSCONV_BENCH_JSON" ]; then
-    "$PY" benchmarks/report.py "$BSCONV_BENCH_JSON" --out-dir "$RESULTS" >"$RESULTS/report.log" 2>&1
+  if [ -f "$REPO/benchmarks/report.py" ] && [ -f "$BSCONV_BENCH_JSON" ]; then
+    "$PY" "$REPO/benchmarks/report.py" "$BSCONV_BENCH_JSON" --out-dir "$RESULTS" >"$RESULTS/report.log" 2>&1
     note "benchmark report: $(step_rc $?) ($(ls "$RESULTS"/report-*.md 2>/dev/null | xargs -n1 basename 2>/dev/null | tr '\n' ' '))"
     cat "$RESULTS"/report-*.md 2>/dev/null | head -80
   fi

@@ -12,6 +12,22 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_report_header(config):
+    # What is under test: CI runs this suite against several torch / triton pairs and against installed wheels.
+    import bsconv_cuda
+    from bsconv_cuda import backends
+
+    versions = {name: backends.installed_version(name) or "not installed" for name in ("triton", "numpy")}
+    return [
+        f"bsconv_cuda {bsconv_cuda.__version__} from {os.path.dirname(bsconv_cuda.__file__)}",
+        f"torch {torch.__version__}, triton {versions['triton']}, numpy {versions['numpy']}, "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}",
+        f"bsconv_cuda._C: {backends.extension_load_error() or 'loaded'}",
+        f"backends on cpu: {bsconv_cuda.available_backends('cpu')}"
+        + (f", on cuda: {bsconv_cuda.available_backends('cuda')}" if torch.cuda.is_available() else ""),
+    ]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,6 +1,7 @@
-"""Backends: `import bsconv_cuda` never fails because Triton or the compiled extension is missing or broken, and the
-fp32 TF32 switch follows torch's own flags."""
+"""Backends: `import bsconv_cuda` never fails because Triton or the compiled extension is missing, broken or too old
+(the backend is then unavailable with the reason), and the fp32 TF32 switch follows torch's own flags."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -74,3 +75,59 @@ def test_tf32_switch_follows_the_fp32_precision_api():
         assert backends.fp32_uses_tf32()
     finally:
         conv.fp32_precision = saved
+
+
+def test_import_with_a_triton_without_gather():
+    # triton < 3.3 has no tl.gather: the Triton backend is unavailable with that reason, the rest works
+    result = _run("import triton.language\ndel triton.language.gather\n")
+    assert result.returncode == 0, result.stderr
+    assert "BACKENDS ['reference']" in result.stdout
+    assert "has no tl.gather, which the Triton kernels use (triton >= 3.3 has it)" in result.stdout
+    assert "OUTPUT (1, 3, 5, 5)" in result.stdout
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, conflict", [
+    ("3.2.0", "2.4.0", True), ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False),
+    ("3.8.0", "2.4.6", False), ("3.6.0", None, False),
+])
+def test_interpreter_numpy_conflict(triton_version, numpy_version, conflict):
+    reason = backends.interpreter_numpy_conflict(triton_version, numpy_version)
+    assert (reason is not None) == conflict
+    if conflict:
+        assert f"Triton {triton_version}" in reason and "install numpy<2.4 or triton>=3.7" in reason
+
+
+def test_interpreter_numpy_conflict_matches_this_interpreter():
+    # The rule above against the triton and numpy installed here: a loop over a runtime bound, as every kernel of
+    # the Triton backend has, fails under the interpreter exactly when the rule says it does.
+    if backends.triton_import_error() is not None:
+        pytest.skip(backends.triton_import_error())
+    code = textwrap.dedent(
+        """
+        import torch, triton, triton.language as tl
+
+        @triton.jit
+        def count(out_ptr, n):
+            total = 0
+            for i in range(0, n, 2):
+                total += 1
+            tl.store(out_ptr, total)
+
+        out = torch.zeros(1, dtype=torch.int32)
+        try:
+            count[(1,)](out, 5)
+        except Exception as error:
+            print("FAILED", type(error).__name__, error)
+        else:
+            print("COUNT", out.item())
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    conflict = backends.interpreter_numpy_conflict(backends.installed_version("triton"),
+                                                   backends.installed_version("numpy"))
+    if conflict is None:
+        assert "COUNT 3" in result.stdout, result.stdout
+    else:
+        assert "FAILED" in result.stdout and "0-dimensional" in result.stdout, result.stdout

@@ -25,6 +25,8 @@ from fused_checks import assert_close, poisoned_outputs
 PKG_DIR = os.path.dirname(bsconv_cuda.__file__)
 BUILT = bool(glob.glob(os.path.join(PKG_DIR, "_C*.so")) or glob.glob(os.path.join(PKG_DIR, "_C*.pyd")))
 REQUIRED = os.environ.get("BSCONV_CUDA_BUILD") == "1"
+# bsconv_cuda._C is built on torch's stable ABI: an older torch cannot load it (and the package falls back)
+TORCH_PREDATES_STABLE_ABI = torch.__version__ < cuda_backend.MIN_TORCH
 
 FORWARD_SCHEMA = (
     "bsconv_cuda::cuda_forward(Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, Tensor? dw_bias, "
@@ -41,6 +43,9 @@ BACKWARD_SCHEMA = (
 def ext():
     if not BUILT and not REQUIRED:
         pytest.skip("bsconv_cuda._C is not built here (pure-Python install); BSCONV_CUDA_BUILD=1 makes this a failure")
+    if TORCH_PREDATES_STABLE_ABI:
+        pytest.skip(f"torch {torch.__version__} predates the stable ABI that bsconv_cuda._C is built on, so it cannot "
+                    f"load here (test_older_torch_falls_back_without_the_extension checks the fallback)")
     error = backends.extension_load_error()
     assert error is None, error
     import bsconv_cuda._C as module
@@ -49,6 +54,18 @@ def ext():
 
 
 # ------------------------------------------------------------------------------------------- build and load
+@pytest.mark.skipif(not TORCH_PREDATES_STABLE_ABI, reason=f"torch {torch.__version__} can load bsconv_cuda._C")
+def test_older_torch_falls_back_without_the_extension():
+    if not BUILT:
+        pytest.skip("bsconv_cuda._C is not installed here, so there is nothing to refuse")
+    from bsconv_cuda.ops import OPS
+
+    error = backends.extension_load_error()
+    assert error is not None and "stable ABI, which starts at torch 2.10" in error, error
+    assert "cuda" not in OPS
+    assert "cuda" not in bsconv_cuda.available_backends("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_extension_loads(ext):
     assert ext.__name__ == "bsconv_cuda._C"
     assert ".abi3." in os.path.basename(ext.__file__), "expected a limited-API (abi3) build"

@@ -12,7 +12,7 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, reference
-from fused_checks import assert_close, poisoned_outputs
+from fused_checks import assert_close, poisoned_outputs, skip_unless_triton_float64
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton") is not None,
@@ -103,6 +103,7 @@ def test_weight_gradients_are_bitwise_deterministic(device):
 def test_gradcheck_float64(device):
     if device.type == "cuda":
         pytest.skip("float64 goes to the reference on GPU; gradcheck of the Triton kernels runs in the interpreter")
+    skip_unless_triton_float64()
     x, pw, pb, dw, db = (t.requires_grad_() for t in _inputs(device, 1, 2, 3, 3, 4, (3, 2), torch.float64))
 
     def fn(x, pw, pb, dw, db):
@@ -110,6 +111,17 @@ def test_gradcheck_float64(device):
                                     backend="triton")
 
     assert torch.autograd.gradcheck(fn, (x, pw, pb, dw, db))
+
+
+def test_float64_is_refused_before_triton_3_5(device):
+    if _kernels().FLOAT64_DOT:
+        pytest.skip(f"triton {_kernels().triton.__version__} has a float64 tl.dot (test_gradcheck_float64 uses it)")
+    x, pw, pb, dw, db = _inputs(device, 1, 2, 3, 3, 4, (3, 3), torch.float64)
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run this call: .*does not take float64"):
+        bsconv_cuda.bsconv_u(x, pw, dw, db, padding=1, pw_bias=pb, backend="triton")
+    # auto never picks Triton for CPU tensors, and on a GPU float64 goes to the reference anyway
+    torch.testing.assert_close(bsconv_cuda.bsconv_u(x, pw, dw, db, padding=1, pw_bias=pb),
+                               reference.forward(x, pw, pb, dw, db, (1, 1), (1, 1, 1, 1), (1, 1), "none"))
 
 
 def test_nothing_of_mid_size_is_saved(device):

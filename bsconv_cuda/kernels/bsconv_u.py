@@ -51,9 +51,10 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 from .. import reference
-from ..backends import fp32_uses_tf32
+from ..backends import fp32_uses_tf32, major_minor
 from ..cuda_backend import device_capability
 
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
@@ -353,8 +354,15 @@ def _pow2(v: int) -> int:
 MAX_HALO = 256
 
 
+# tl.dot takes float64 operands from triton 3.5 on (float64 runs only under the interpreter: on a GPU it goes to the
+# reference)
+FLOAT64_DOT = major_minor(triton.__version__) >= (3, 5)
+
+
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
+    if x.dtype == torch.float64 and not FLOAT64_DOT:
+        return f"triton {triton.__version__}'s tl.dot does not take float64 (triton >= 3.5 does)"
     kh, kw = kernel_size
     footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
     if _pow2(footprint) > MAX_HALO:
@@ -492,6 +500,16 @@ def _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias):
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
+def _launchable(kernel):
+    """``kernel`` as the launchers call it: through ``torch.library.wrap_triton``, so that ``triton_op`` traces it;
+    under Triton's interpreter (where ``triton.jit`` makes an ``InterpretedFunction``) the kernel itself, which runs
+    eagerly and which nothing traces. torch >= 2.14's ``wrap_triton`` returns an interpreted kernel unchanged too;
+    older torch (2.11 and earlier) raises on it."""
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
     _check(x, "bsconv_cuda::triton_forward")
     pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
@@ -515,7 +533,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
     pb = pw_bias if pw_bias is not None else pw
     db = dw_bias if dw_bias is not None else dw
     with _launch_device(x):
-        torch.library.wrap_triton(_fwd_kernel)[grid](
+        _launchable(_fwd_kernel)[grid](
             x, pw, pb, dw, db, y,
             c_in, c_out, h, w, h_out, w_out,
             *x.stride(), *y.stride(),
@@ -562,7 +580,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
     m = c_out * k_part
     block = 256
     with _launch_device(x):
-        torch.library.wrap_triton(_bwd_kernel)[(g, n_ci)](
+        _launchable(_bwd_kernel)[(g, n_ci)](
             grad_y, x, pw, pw_bias if pw_bias is not None else pw, dw, grad_x, part,
             n, c_in, c_out, h, w, h_out, w_out,
             *x.stride(), *grad_y.stride(), *grad_x.stride(),
@@ -571,7 +589,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
             HAS_PB=pw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
             IDX64=forced.get("IDX64", _needs_int64(x, grad_y, grad_x)),
         )
-        torch.library.wrap_triton(_reduce_kernel)[(triton.cdiv(m, block),)](
+        _launchable(_reduce_kernel)[(triton.cdiv(m, block),)](
             part, grad_pw, grad_dw, grad_pb, grad_db, g, c_in, m, k_part, T=taps, BLOCK=block, ACC64=acc64,
         )
     return grad_x, grad_pw, grad_pb, grad_dw, grad_db
