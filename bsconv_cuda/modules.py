@@ -80,8 +80,9 @@ def fused_block_forward(
     first (padding commutes with a per-pixel map, so this equals padding the intermediate).
     """
     if bn is not None and (bn.training or bn.running_mean is None):
-        # the intermediate's batch statistics are needed: the standard layers
-        return dw(reference.activate(bn(pw(x)), _activation_name(mid_activation)))
+        # the intermediate's batch statistics are needed: the standard layers. BatchNorm2d's own forward, not a
+        # subclass's (timm's BatchNormAct2d applies its activation there; here that is mid_activation)
+        return dw(reference.activate(nn.BatchNorm2d.forward(bn, pw(x)), _activation_name(mid_activation)))
     pw_weight, pw_bias = _pointwise_with_bn_folded(pw, bn)
     padding = dw.padding
     if dw.padding_mode != "zeros":

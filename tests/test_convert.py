@@ -54,5 +54,7 @@ def test_convert_leaves_lookalikes_alone():
     with_pw_bias.add_module("pw", torch.nn.Conv2d(3, 4, 1, bias=True))
     with_pw_bias.add_module("dw", torch.nn.Conv2d(4, 4, 3, groups=4))
     model = torch.nn.Sequential(NotSequential(), with_pw_bias)
-    bsconv_cuda.convert(model)
+    with pytest.warns(UserWarning, match=r"fused nothing in Sequential(.|\n)*1: .*pw must be a bias-free 1x1"):
+        _, summary = bsconv_cuda.convert(model, return_summary=True)
     assert not any(isinstance(m, bsconv_cuda.FusedBSConvU) for m in model.modules())
+    assert summary.skipped == [("1", "BSConvU", "pw must be a bias-free 1x1 nn.Conv2d with stride 1, no padding and groups 1")]
