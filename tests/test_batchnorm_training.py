@@ -168,11 +168,16 @@ def test_every_mid_activation(activation, backend, device):
     (torch.float64, 3.0), (torch.float32, 0.0), (torch.float32, 3.0), (torch.bfloat16, 0.0), (torch.bfloat16, 3.0),
 ], ids=["fp64-offset3", "fp32", "fp32-offset3", "bf16", "bf16-offset3"])
 def test_precision_and_mean_offset(dtype, offset, backend, device):
-    """A channel mean of 3 standard deviations must not cost precision (the statistics are centered)."""
+    """A channel mean of 3 standard deviations must not cost precision (the statistics are centered).
+
+    bf16 runs a smooth activation: with ReLU/ReLU6 the bf16-rounded normalized intermediate lands on the other side of
+    a kink for a few pixels, and those carry the whole gradient jump (measured: 5% relative L2 error of grad_x, the
+    same for torch's own layers in bf16), which says nothing about the statistics."""
     skip_unless_available(backend, device)
     skip_float64_on_gpu(dtype, device)
     truth, fused = make_pair({}, 1, dtype, device, backend)
-    check_training(truth, fused, device, dtype, steps=1, activation="relu6", offset=offset)
+    activation = "silu" if dtype == torch.bfloat16 else "relu6"
+    check_training(truth, fused, device, dtype, steps=1, activation=activation, offset=offset)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
@@ -356,22 +361,26 @@ def test_empty_batch_leaves_running_statistics_alone():
 
 
 def test_autocast_keeps_batch_norm_in_float32(device):
+    """Under autocast the block runs in the autocast dtype like torch's layers; the BatchNorm's parameters, buffers
+    and their gradients stay float32. Both sides are bf16 computations here, hence test_module's autocast bounds."""
     skip_unless_available("triton", device)
     torch.manual_seed(0)
     truth = bsconv_pytorch.BSConvU(C_IN, C_OUT, 3, padding=1, with_bn=True).to(device).train()
     fused = FusedBSConvU.from_bsconvu(copy.deepcopy(truth), backend="triton")
     x = torch.randn(2, C_IN, SIZE, SIZE, device=device)
+    grad_y = torch.randn(2, C_OUT, SIZE, SIZE, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y = fused(x)
         y_ref = truth(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
-    assert fused.bn.running_mean.dtype == torch.float32
-    assert_close("y", y, y_ref, strict=False)
-    assert_close("running_var", fused.bn.running_var, truth.bn.running_var, strict=False)
-    y.float().square().sum().backward()
-    y_ref.float().square().sum().backward()
-    assert fused.bn.weight.grad.dtype == torch.float32
-    assert_close("grad bn.weight", fused.bn.weight.grad, truth.bn.weight.grad, strict=False)
+    assert fused.bn.running_mean.dtype == fused.bn.running_var.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused.bn.running_var, truth.bn.running_var, rtol=2e-2, atol=2e-2)
+    y.backward(grad_y.to(y.dtype))
+    y_ref.backward(grad_y.to(y.dtype))
+    for (name, p_fused), (_, p_truth) in zip(fused.named_parameters(), truth.named_parameters()):
+        assert p_fused.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p_fused.grad, p_truth.grad, rtol=5e-2, atol=5e-2, msg=name)
 
 
 def test_compile_fullgraph_functional():
