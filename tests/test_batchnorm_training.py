@@ -456,7 +456,7 @@ def test_sync_batch_norm_without_a_process_group_is_batch_norm(device):
 
 
 def test_sync_batch_norm_with_world_size_one_is_batch_norm(tmp_path, device):
-    """An initialized process group of one rank: nothing to synchronize (nn.SyncBatchNorm falls back to F.batch_norm)."""
+    """A process group of one rank: nothing to synchronize (nn.SyncBatchNorm falls back to F.batch_norm)."""
     import torch.distributed as dist
 
     skip_unless_available("triton", device)
