@@ -15,7 +15,8 @@ Two ways of fusing, chosen by the kind of block:
   working.
 
 A block is fused only when the fused path computes exactly what the block does: known block class (exactly, not a
-subclass), plain ``nn.Conv2d``/``nn.BatchNorm2d`` layers of the expected shape, an activation the fused kernels have,
+subclass), plain ``nn.Conv2d`` and ``nn.BatchNorm2d`` (or ``nn.SyncBatchNorm``) layers of the expected shape, an
+activation the fused kernels have,
 and no hooks or per-instance ``forward`` on the modules whose ``forward`` the fused path does not call. The
 conditions are checked when ``convert`` runs: hooks registered later on those modules do not run. Everything else is
 left as it is, with the reason in the summary.
@@ -83,7 +84,8 @@ def convert(model: nn.Module, backend: str = "auto", *, return_summary: bool = F
     """Fuses every block of ``model`` that the fused kernels compute exactly, in place.
 
     Recognised blocks: BSConv-U (``bsconv.pytorch.BSConvU`` or an ``nn.Sequential`` of exactly ``pw`` (bias-free
-    1x1 Conv2d), optional ``bn`` (BatchNorm2d) and ``dw`` (depthwise Conv2d)), replaced by a FusedBSConvU over the
+    1x1 Conv2d), optional ``bn`` (BatchNorm2d or SyncBatchNorm) and ``dw`` (depthwise Conv2d)), replaced by a
+    FusedBSConvU over the
     same layers; and the expand half of torchvision's MobileNetV2/V3 ``InvertedResidual``, timm's
     ``InvertedResidual`` (MobileNetV2/V3, EfficientNet, MNASNet, ... in timm) and bsconv's ``LinearBottleneck``
     (bsconv's MobileNetV2/V3, plain and BSConv-S), which keep their modules, parameters and state_dict keys.
@@ -346,11 +348,17 @@ def _depthwise_reason(conv: nn.Module, channels: int) -> str | None:
     return None
 
 
-def _batchnorm_reason(bn: nn.Module | None, channels: int, bn_class: type = nn.BatchNorm2d) -> str | None:
+# The normalization layers the fused path computes exactly (it reads their parameters and buffers; an
+# nn.SyncBatchNorm training under torch.distributed has its statistics all-reduced there too)
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _batchnorm_reason(bn: nn.Module | None, channels: int, bn_classes: tuple[type, ...] = _BATCH_NORMS) -> str | None:
     if bn is None:
         return None
-    if type(bn) is not bn_class:
-        return f"normalization is a {type(bn).__name__}, not an {bn_class.__name__}"
+    if type(bn) not in bn_classes:
+        return (f"normalization is a {type(bn).__name__}, not one of "
+                f"{', '.join(cls.__name__ for cls in bn_classes)}")
     if bn.num_features != channels:
         return f"BatchNorm has {bn.num_features} features for {channels} channels"
     return None
@@ -383,11 +391,11 @@ def _first_reason(*reasons: str | None) -> str | None:
 
 def _half_or_reason(
     pw: nn.Module, bn: nn.Module | None, activation_module: nn.Module | None, dw: nn.Module,
-    bypassed: tuple[tuple[str, nn.Module], ...], bn_class: type = nn.BatchNorm2d,
+    bypassed: tuple[tuple[str, nn.Module], ...], bn_classes: tuple[type, ...] = _BATCH_NORMS,
 ) -> ExpandHalf | tuple[bool, str]:
     """The expand half pw -> bn -> activation -> dw, or (True, why the fused path would differ)."""
     channels = getattr(pw, "out_channels", 0)
-    reason = _first_reason(_pointwise_reason(pw), _batchnorm_reason(bn, channels, bn_class),
+    reason = _first_reason(_pointwise_reason(pw), _batchnorm_reason(bn, channels, bn_classes),
                            _activation_reason(activation_module), _depthwise_reason(dw, channels))
     if reason is not None:
         return True, reason
@@ -475,14 +483,16 @@ def _timm_expand_half(block: nn.Module) -> ExpandHalf | tuple[bool, str]:
     if children not in (_TIMM_CHILDREN, _TIMM_CHILDREN | _TIMM_S2D_CHILDREN):
         return True, f"unknown layout of timm's InvertedResidual (children {sorted(children)})"
     bn1 = block.bn1
-    batch_norm_act = _lookup(_TIMM_NORM_ACT, "BatchNormAct2d")
-    if type(bn1) is not batch_norm_act:
-        return True, f"bn1 is a {type(bn1).__name__}, not timm's BatchNormAct2d"
+    # timm's BatchNorm + activation in one module (the activation is the fused one), and its SyncBatchNorm form
+    batch_norm_acts = tuple(filter(None, (_lookup(_TIMM_NORM_ACT, name) for name in ("BatchNormAct2d",
+                                                                                     "SyncBatchNormAct"))))
+    if type(bn1) not in batch_norm_acts:
+        return True, f"bn1 is a {type(bn1).__name__}, not timm's BatchNormAct2d or SyncBatchNormAct"
     if type(bn1.drop) is not nn.Identity:
         return True, f"bn1 has a drop layer ({type(bn1.drop).__name__}) between BatchNorm and activation"
     bypassed = (("conv_pw", block.conv_pw), ("bn1", bn1), ("bn1.drop", bn1.drop), ("bn1.act", bn1.act),
                 ("conv_dw", block.conv_dw))
-    return _half_or_reason(block.conv_pw, bn1, bn1.act, block.conv_dw, bypassed, bn_class=batch_norm_act)
+    return _half_or_reason(block.conv_pw, bn1, bn1.act, block.conv_dw, bypassed, bn_classes=batch_norm_acts)
 
 
 def _timm_forward(self, x: Tensor) -> Tensor:

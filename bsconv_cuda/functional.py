@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -51,6 +52,34 @@ def bsconv_u(
     Returns:
         (N, C_out, H_out, W_out), in the memory format that torch's own convolutions would give.
     """
+    call = prepare_call(x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, pw_bias, mid_activation, backend)
+    return BSConvUFunction.apply(*call)
+
+
+class PreparedCall(NamedTuple):
+    """A validated ``bsconv_u`` call in the operators' conventions (see :mod:`bsconv_cuda.reference`), in the order
+    of :class:`~bsconv_cuda.ops.BSConvUFunction`'s arguments, with the backend that runs it."""
+
+    x: Tensor
+    pw_weight: Tensor  # (C_out, C_in), contiguous
+    pw_bias: Tensor | None
+    dw_weight: Tensor
+    dw_bias: Tensor | None
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    activation: str
+    backend: str
+
+
+def prepare_call(
+    x: Tensor, pw_weight: Tensor, dw_weight: Tensor, dw_bias: Tensor | None, stride: int | Sequence[int],
+    padding: int | Sequence[int] | str, dilation: int | Sequence[int], pw_bias: Tensor | None,
+    mid_activation: str | None, backend: str,
+) -> PreparedCall:
+    """``bsconv_u``'s arguments validated and normalized, cast to the autocast dtype when autocast is on, with the
+    backend chosen (the one home of these rules for every entry point: ``bsconv_u``, ``bsconv_u_batch_norm`` and
+    the fused blocks)."""
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
         # Like torch's convolutions under autocast: everything runs in the autocast dtype.
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -70,7 +99,7 @@ def bsconv_u(
             f"padding {padding} and dilation {dilation} (output would be {out_h}x{out_w})"
         )
     backend = select_backend(backend, x, kernel_size, stride, padding, dilation)
-    return BSConvUFunction.apply(
+    return PreparedCall(
         x, pw_weight.reshape(c_out, c_in).contiguous(), pw_bias, dw_weight.contiguous(), dw_bias,
         stride, padding, dilation, activation, backend,
     )

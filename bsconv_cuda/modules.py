@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, reference
-from .functional import bsconv_u
+from .batchnorm import batch_norm_call, fold_batch_norm
+from .functional import bsconv_u, prepare_call
 
 
 class FusedBSConvU(nn.Sequential):
@@ -16,10 +17,14 @@ class FusedBSConvU(nn.Sequential):
 
     Same constructor, base class (``nn.Sequential``), submodules (``pw``, ``bn``, ``dw``), parameter names and
     state_dict keys as ``bsconv.pytorch.BSConvU``, and the same outputs. The fused path reads the submodules'
-    parameters without calling their ``forward``, so hooks registered on ``pw``/``bn``/``dw`` do not run there. The fused path folds an eval-mode BatchNorm into the pointwise
-    stage and handles non-zero padding modes by padding ``x`` first (padding commutes with a per-pixel map, so this
-    equals padding the intermediate). Training-mode BatchNorm needs the intermediate's batch statistics, so it runs
-    the standard layers.
+    parameters without calling their ``forward``, so hooks registered on ``pw``/``bn``/``dw`` do not run there. The
+    fused path folds an eval-mode BatchNorm into the pointwise stage, normalizes a training-mode BatchNorm (or one
+    with ``track_running_stats=False``) with the batch statistics derived from the input's
+    (:func:`bsconv_cuda.bsconv_u_batch_norm`: nothing of the intermediate's size is written or saved), and handles
+    non-zero padding modes by padding ``x`` first (padding commutes with a per-pixel map, so this equals padding the
+    intermediate). ``bn`` may be replaced by an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``):
+    training under ``torch.distributed``, the statistics are then the process group's. ``backend="reference"``
+    runs the standard layers.
     """
 
     def __init__(
@@ -74,24 +79,75 @@ def fused_block_forward(
     """``dw(act(bn(pw(x))))`` from the layers' parameters through the fused op: the one forward of every fused block
     (``FusedBSConvU`` and the blocks that :func:`bsconv_cuda.convert` fuses in other models).
 
-    ``pw``: a bias-free 1x1 ``nn.Conv2d``; ``bn``: an ``nn.BatchNorm2d`` or None; ``dw``: a depthwise ``nn.Conv2d``
-    (any padding mode); ``mid_activation``: as in :func:`bsconv_cuda.bsconv_u`. The layers' ``forward`` (and so their
-    hooks) is not called. An eval-mode BatchNorm is folded into the pointwise stage; non-zero padding modes pad ``x``
-    first (padding commutes with a per-pixel map, so this equals padding the intermediate).
+    ``pw``: a bias-free 1x1 ``nn.Conv2d``; ``bn``: an ``nn.BatchNorm2d``, an ``nn.SyncBatchNorm`` or None; ``dw``: a
+    depthwise ``nn.Conv2d`` (any padding mode); ``mid_activation``: as in :func:`bsconv_cuda.bsconv_u`. The layers'
+    ``forward`` (and so their hooks) is not called on the fused path. An eval-mode BatchNorm is folded into the
+    pointwise stage; a BatchNorm that normalizes with batch statistics (training, or ``track_running_stats=False``)
+    runs fused through :func:`bsconv_cuda.bsconv_u_batch_norm`, with ``nn.BatchNorm2d``'s semantics (momentum, the
+    cumulative average of ``momentum=None``, ``num_batches_tracked``) and, for an ``nn.SyncBatchNorm`` training under
+    ``torch.distributed``, statistics over its process group. Where the backend resolves to ``"reference"`` that
+    BatchNorm runs as the standard layers. Non-zero padding modes pad ``x`` first (padding commutes with a
+    per-pixel map, so this equals padding the intermediate).
     """
-    if bn is not None and (bn.training or bn.running_mean is None):
-        # the intermediate's batch statistics are needed: the standard layers. BatchNorm2d's own forward, not a
-        # subclass's (timm's BatchNormAct2d applies its activation there; here that is mid_activation)
-        return dw(reference.activate(nn.BatchNorm2d.forward(bn, pw(x)), _activation_name(mid_activation)))
-    pw_weight, pw_bias = _pointwise_with_bn_folded(pw, bn)
     padding = dw.padding
+    x_fused = x
     if dw.padding_mode != "zeros":
-        x = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
+        x_fused = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
         padding = 0
+    if bn is not None and (bn.training or bn.running_mean is None):
+        return _batch_statistics_forward(x, x_fused, padding, pw, bn, dw, _activation_name(mid_activation), backend)
+    pw_weight, pw_bias = _pointwise_with_bn_folded(pw, bn)
     return bsconv_u(
-        x, pw_weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation,
+        x_fused, pw_weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation,
         pw_bias=pw_bias, mid_activation=mid_activation, backend=backend,
     )
+
+
+def _batch_statistics_forward(
+    x: Tensor, x_fused: Tensor, padding, pw: nn.Conv2d, bn: nn.BatchNorm2d, dw: nn.Conv2d, activation: str,
+    backend: str,
+) -> Tensor:
+    """The block with a BatchNorm that normalizes with batch statistics, fused unless the backend resolves to the
+    reference. An unbatched (C, H, W) input is a batch of one, on both paths (``nn.BatchNorm2d`` alone rejects it)."""
+    unbatched = x.dim() == 3
+    if unbatched:
+        x, x_fused = x.unsqueeze(0), x_fused.unsqueeze(0)
+    # One resolution for both paths, so an explicit backend that cannot run this call raises here, in training as
+    # in eval (select_backend's error), and auto falls back to the reference silently.
+    call = prepare_call(x_fused, pw.weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation, None, activation,
+                        backend)
+    if call.backend == "reference":
+        y = dw(reference.activate(_normalize(bn, pw(x)), activation))
+    else:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:  # as _BatchNorm.forward
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # the cumulative moving average
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        tracking = bn.training and bn.track_running_stats
+        y = batch_norm_call(
+            call, bn.running_mean if tracking else None, bn.running_var if tracking else None, bn.weight, bn.bias,
+            momentum, bn.eps, _sync_group(bn),
+        )
+    return y.squeeze(0) if unbatched else y
+
+
+def _normalize(bn: nn.BatchNorm2d, mid: Tensor) -> Tensor:
+    """``bn``'s normalization alone, as the fused path computes it: the forward of nn.BatchNorm2d (or
+    nn.SyncBatchNorm), not a subclass's, which may do more (timm's BatchNormAct2d applies its activation there; here
+    that is ``mid_activation``)."""
+    normalization = nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d
+    return normalization.forward(bn, mid)
+
+
+def _sync_group(bn: nn.BatchNorm2d):
+    """The process group an ``nn.SyncBatchNorm`` synchronizes over now, as its own forward decides; else None."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return None
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    group = bn.process_group or torch.distributed.group.WORLD
+    return group if torch.distributed.get_world_size(group) > 1 else None
 
 
 def _activation_name(mid_activation: str | None) -> str:
@@ -102,12 +158,7 @@ def _pointwise_with_bn_folded(pw: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple
     """An eval-mode BatchNorm folded into the pointwise stage: (pw weight * scale, shift)."""
     if bn is None:
         return pw.weight, None
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale
-    if bn.affine:
-        scale = scale * bn.weight
-        shift = shift * bn.weight + bn.bias
-    return pw.weight * scale[:, None, None, None], shift
+    return fold_batch_norm(pw.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 def _bsconvu_mismatch(module: nn.Module) -> str | None:
@@ -124,6 +175,6 @@ def _bsconvu_mismatch(module: nn.Module) -> str | None:
         return "pw must be a bias-free 1x1 nn.Conv2d with stride 1, no padding and groups 1"
     if type(dw) is not nn.Conv2d or not (dw.groups == dw.in_channels == dw.out_channels == pw.out_channels):
         return "dw must be a depthwise nn.Conv2d over pw's output channels"
-    if bn is not None and type(bn) is not nn.BatchNorm2d:
-        return f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}"
+    if bn is not None and type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        return f"bn must be an nn.BatchNorm2d or nn.SyncBatchNorm, got {type(bn).__name__}"
     return None
