@@ -116,7 +116,8 @@ def _warning_text(model: nn.Module, summary: ConvertSummary) -> str:
     if summary.fused or summary.already_fused:
         return str(summary)
     if summary.skipped or summary.not_applicable:
-        return f"bsconv_cuda.convert fused nothing in {type(model).__name__}:\n{summary}"
+        details = str(summary).split("\n", 1)[1]  # without the "fused 0 block(s)" line
+        return f"bsconv_cuda.convert fused nothing in {type(model).__name__}:\n{details}"
     return (
         f"bsconv_cuda.convert fused nothing in {type(model).__name__}: it has no block of a kind convert knows "
         f"({', '.join(kind.name for kind in _KINDS)} and BSConvU)"

@@ -3,10 +3,12 @@ autograd saves for backward."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bsconv_cuda
 
@@ -50,21 +52,26 @@ def assert_same_step(expected: dict[str, torch.Tensor], actual: dict[str, torch.
         torch.testing.assert_close(actual[name], value, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct 4-D activation tensors (batch-sized, not parameters or buffers) that autograd saves for
-    backward during ``model(x)``, counted once per storage."""
-    state = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+def saved_activation_bytes(model: nn.Module, x: torch.Tensor, *, shapes_only: bool = False) -> int:
+    """Bytes of the distinct activation tensors (4-D, batch first: the models' weights have their output channels
+    there) that autograd saves for backward during ``model(x)``, counted once per storage.
+
+    ``shapes_only``: run under torch's FakeTensorMode, which executes the same Python code (backend choice, the
+    autograd functions and what they save) on tensors that have shapes but no values, so no kernel computes
+    anything: what autograd saves does not depend on the values. (tests check this against a real run.)
+    """
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dim() == 4 and tensor.shape[0] == x.shape[0]:
             storage = tensor.untyped_storage()
-            if storage.data_ptr() not in state:
-                seen[storage.data_ptr()] = storage.nbytes()
+            seen[storage._cdata] = storage.nbytes()
         return tensor
 
-    x = x.detach().clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        y = model(x)
-    del y
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if shapes_only else contextlib.nullcontext()
+    with mode:
+        x = (mode.from_tensor(x) if shapes_only else x.detach().clone()).requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            y = model(x)  # the saved tensors stay alive (no storage reused) until y goes
+        del y
     return sum(seen.values())
