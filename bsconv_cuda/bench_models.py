@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for spec in MODELS.values():
-            print(f"{spec.name:42s} {spec.library:15s} {spec.num_classes} classes, {spec.image_size}x{spec.image_size}, "
+            size = f"{spec.image_size}x{spec.image_size}"
+            print(f"{spec.name:42s} {spec.library:15s} {spec.num_classes} classes, {size}, "
                   f"GPU batch {spec.gpu_batch}")
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

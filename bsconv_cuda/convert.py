@@ -147,9 +147,8 @@ def _convert_module(module: nn.Module, path: str, backend: str, summary: Convert
     subclassed = _subclassed_kind(module)
     if subclassed is not None:
         kind, block_class = subclassed
-        summary.skipped.append(
-            (path, kind.name, f"{type(module).__qualname__} subclasses {block_class.__qualname__}: its forward may differ")
-        )
+        reason = f"{type(module).__qualname__} subclasses {block_class.__qualname__}: its forward may differ"
+        summary.skipped.append((path, kind.name, reason))
         return module
     for name, child in module.named_children():
         converted = _convert_module(child, f"{path}.{name}" if path else name, backend, summary, global_hooks)
@@ -175,12 +174,11 @@ def _is_bsconvu_candidate(module: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class ExpandHalf:
-    """The expand half of a block as the fused path runs it: ``dw(act(bn(pw(x))))``."""
+    """What the fused path needs to know of a block's expand half ``dw(act(bn(pw(x))))``, checked fusable (the
+    block's fused forward finds pw, bn and dw by their names)."""
 
-    pw: nn.Conv2d
-    bn: nn.BatchNorm2d | None
     activation: str | None
-    dw: nn.Conv2d
+    """The fused kernels' name of ``act`` (None: none)."""
     bypassed: tuple[tuple[str, nn.Module], ...]
     """(name, module) of every module whose ``forward`` the fused path does not call (pw, bn, activation, dw and the
     containers around them): none may have hooks or a per-instance forward."""
@@ -400,7 +398,7 @@ def _half_or_reason(
                            _activation_reason(activation_module), _depthwise_reason(dw, channels))
     if reason is not None:
         return True, reason
-    return ExpandHalf(pw, bn, _activation_name(activation_module), dw, bypassed)
+    return ExpandHalf(_activation_name(activation_module), bypassed)
 
 
 def _children(module: nn.Module) -> dict[str, nn.Module]:

@@ -1,6 +1,7 @@
 """The BSConv paper's CIFAR training recipe with the model fused by :func:`bsconv_cuda.convert`.
 
-``python -m bsconv_cuda.train --architecture cifar_mobilenetv3_large_w1_bsconvs_p1d6 --dataset cifar100 --data-root DIR``
+``python -m bsconv_cuda.train --architecture cifar_mobilenetv3_large_w1_bsconvs_p1d6 --dataset cifar100 \
+--data-root DIR``
 
 Architectures are bsconv's (``bsconv.pytorch.get_model`` names); the defaults are the settings of bsconv's own
 training script (``bin/bsconv_pytorch_train.py`` in the BSConv repository): SGD with learning rate 0.1, momentum 0.9,
@@ -39,7 +40,8 @@ FAKE_DATA_SIZES = {"train": 50_000, "val": 10_000}  # as many images as CIFAR ha
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bsconv_cuda.train",
-        description="Train a bsconv model on CIFAR-10/100 with the BSConv paper's recipe, fused by bsconv_cuda.convert.",
+        description="Train a bsconv model on CIFAR-10/100 with the BSConv paper's recipe, fused by "
+                    "bsconv_cuda.convert.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-a", "--architecture", default="cifar_mobilenetv3_large_w1_bsconvs_p1d6",
@@ -70,7 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-j", "--workers", type=int, default=4, help="data loading worker processes")
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"),
                         help="last.pt (after every epoch) and best.pt (best validation accuracy) go here")
-    parser.add_argument("--resume", type=Path, help="continue from this checkpoint (a last.pt): model, optimizer, learning-rate schedule and epoch")
+    parser.add_argument("--resume", type=Path,
+                        help="continue from this checkpoint (a last.pt): model, optimizer, learning-rate schedule "
+                             "and epoch")
     parser.add_argument("--limit-batches", type=int, default=None,
                         help="at most this many training and validation batches per epoch (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
@@ -100,7 +104,9 @@ def build_model(architecture: str, num_classes: int) -> torch.nn.Module:
     try:
         return bsconv_pytorch.get_model(architecture, num_classes=num_classes)
     except ValueError as error:
-        raise SystemExit(f"--architecture {architecture!r}: {error} (see bsconv.pytorch.get_mobilenet's list)") from None
+        raise SystemExit(
+            f"--architecture {architecture!r}: {error} (see bsconv.pytorch.get_mobilenet's list)"
+        ) from None
 
 
 def datasets(args: argparse.Namespace):

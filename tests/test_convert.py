@@ -61,7 +61,8 @@ def test_convert_leaves_lookalikes_alone():
     with pytest.warns(UserWarning, match=expected):
         _, summary = bsconv_cuda.convert(model, return_summary=True)
     assert not any(isinstance(m, bsconv_cuda.FusedBSConvU) for m in model.modules())
-    assert summary.skipped == [("1", "BSConvU", "pw must be a bias-free 1x1 nn.Conv2d with stride 1, no padding and groups 1")]
+    reason = "pw must be a bias-free 1x1 nn.Conv2d with stride 1, no padding and groups 1"
+    assert summary.skipped == [("1", "BSConvU", reason)]
 
 
 def test_convert_returns_a_summary_and_is_silent_when_everything_fits():

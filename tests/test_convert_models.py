@@ -95,7 +95,8 @@ def test_convert_fuses_every_expand_half_and_keeps_the_model(name):
     assert converted is model
     assert summary.fused_counts() == {kind: fused_blocks}
     assert not summary.skipped
-    assert [reason for _, _, reason in summary.not_applicable] == ["no expand conv (expansion ratio 1)"] * without_expand
+    reasons = [reason for _, _, reason in summary.not_applicable]
+    assert reasons == ["no expand conv (expansion ratio 1)"] * without_expand
     assert [name for name, _ in model.named_modules()] == modules
     assert list(model.state_dict()) == keys
     assert all(p is parameters[n] for n, p in model.named_parameters())
@@ -284,8 +285,9 @@ def test_timm_tf_same_padding_and_drop_layers_are_left_alone():
     model.blocks[2][1].bn1.drop = torch.nn.Dropout(0.5)
     original, converted, summary = _convert_expecting_skips(model)
     reasons = {path: reason for path, _, reason in summary.skipped}
-    same = [path for path, m in model.named_modules()
-            if type(m) is timm.models._efficientnet_blocks.InvertedResidual and type(m.conv_dw).__name__ == "Conv2dSame"]
+    inverted_residual = timm.models._efficientnet_blocks.InvertedResidual
+    blocks = {path: m for path, m in model.named_modules() if type(m) is inverted_residual}
+    same = [path for path, m in blocks.items() if type(m.conv_dw).__name__ == "Conv2dSame"]
     assert same and set(same) < reasons.keys()
     assert all("TF-'same' dynamic padding" in reasons[path] for path in same)
     assert reasons["blocks.2.1"] == "bn1 has a drop layer (Dropout) between BatchNorm and activation"
