@@ -334,4 +334,6 @@ def _check_batch_norm_args(x, c_out, running_mean, running_var, bn_weight, bn_bi
         if c_out is not None and tuple(tensor.shape) != (c_out,):
             raise ValueError(f"{name} must have shape ({c_out},) (C_out of pw_weight), got {tuple(tensor.shape)}")
         if isinstance(x, Tensor) and tensor.device != x.device:
-            raise RuntimeError(f"{name} is on {tensor.device} but x is on {x.device}; all tensors must share one device")
+            raise RuntimeError(
+                f"{name} is on {tensor.device} but x is on {x.device}; all tensors must share one device"
+            )

@@ -117,7 +117,7 @@ def _batch_statistics_forward(
     call = prepare_call(x_fused, pw.weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation, None, activation,
                         backend)
     if call.backend == "reference":
-        y = dw(reference.activate(bn(pw(x)), activation))
+        y = dw(reference.activate(_normalize(bn, pw(x)), activation))
     else:
         momentum = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:  # as _BatchNorm.forward
@@ -130,6 +130,14 @@ def _batch_statistics_forward(
             momentum, bn.eps, _sync_group(bn),
         )
     return y.squeeze(0) if unbatched else y
+
+
+def _normalize(bn: nn.BatchNorm2d, mid: Tensor) -> Tensor:
+    """``bn``'s normalization alone, as the fused path computes it: the forward of nn.BatchNorm2d (or
+    nn.SyncBatchNorm), not a subclass's, which may do more (timm's BatchNormAct2d applies its activation there; here
+    that is ``mid_activation``)."""
+    normalization = nn.SyncBatchNorm if isinstance(bn, nn.SyncBatchNorm) else nn.BatchNorm2d
+    return normalization.forward(bn, mid)
 
 
 def _sync_group(bn: nn.BatchNorm2d):

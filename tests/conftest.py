@@ -41,3 +41,13 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """Where fused kernels run in tests: the GPU when there is one, else CPU tensors under Triton's interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """torch on one CPU thread for the test: whole-model tests on a shared machine otherwise spend most of their
+    time in OpenMP threads spinning for each other (10x slower on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

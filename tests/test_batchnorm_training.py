@@ -168,11 +168,16 @@ def test_every_mid_activation(activation, backend, device):
     (torch.float64, 3.0), (torch.float32, 0.0), (torch.float32, 3.0), (torch.bfloat16, 0.0), (torch.bfloat16, 3.0),
 ], ids=["fp64-offset3", "fp32", "fp32-offset3", "bf16", "bf16-offset3"])
 def test_precision_and_mean_offset(dtype, offset, backend, device):
-    """A channel mean of 3 standard deviations must not cost precision (the statistics are centered)."""
+    """A channel mean of 3 standard deviations must not cost precision (the statistics are centered).
+
+    bf16 runs a smooth activation: with ReLU/ReLU6 the bf16-rounded normalized intermediate lands on the other side of
+    a kink for a few pixels, and those carry the whole gradient jump (measured: 5% relative L2 error of grad_x, the
+    same for torch's own layers in bf16), which says nothing about the statistics."""
     skip_unless_available(backend, device)
     skip_float64_on_gpu(dtype, device)
     truth, fused = make_pair({}, 1, dtype, device, backend)
-    check_training(truth, fused, device, dtype, steps=1, activation="relu6", offset=offset)
+    activation = "silu" if dtype == torch.bfloat16 else "relu6"
+    check_training(truth, fused, device, dtype, steps=1, activation=activation, offset=offset)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
@@ -356,6 +361,8 @@ def test_empty_batch_leaves_running_statistics_alone():
 
 
 def test_autocast_keeps_batch_norm_in_float32(device):
+    """Under autocast the block runs in the autocast dtype like torch's layers; the BatchNorm's parameters, buffers
+    and their gradients stay float32. Both sides are bf16 computations here, hence test_module's autocast bounds."""
     skip_unless_available("triton", device)
     torch.manual_seed(0)
     truth = bsconv_pytorch.BSConvU(C_IN, C_OUT, 3, padding=1, with_bn=True).to(device).train()
@@ -448,7 +455,7 @@ def test_sync_batch_norm_without_a_process_group_is_batch_norm(device):
 
 
 def test_sync_batch_norm_with_world_size_one_is_batch_norm(tmp_path, device):
-    """An initialized process group of one rank: nothing to synchronize (nn.SyncBatchNorm falls back to F.batch_norm)."""
+    """A process group of one rank: nothing to synchronize (nn.SyncBatchNorm falls back to F.batch_norm)."""
     import torch.distributed as dist
 
     skip_unless_available("triton", device)
