@@ -219,7 +219,9 @@ check_pair() {
   make_venv "$other" "$pair"
   echo "$? venv with $pair ($(($(date +%s) - t0)) s)" >&3
   "$other/bin/python" -m pip uninstall -q -y bsconv-cuda >/dev/null 2>&1
-  "$other/bin/python" -m pip install -q "$WHEEL[test]" >"$WORK/pip_$want.txt" 2>&1
+  # the pair again ($pair unquoted: several specs): the test extra's torchvision must be the one built for this
+  # torch, not the newest, which would pull the newest torch in
+  "$other/bin/python" -m pip install -q "$WHEEL[test]" $pair >"$WORK/pip_$want.txt" 2>&1
   rc=$?; grep -v "^WARNING: Location" "$WORK/pip_$want.txt"
   echo "$rc pip install the wheel with its test extra next to $pair" >&3
   t1=$(date +%s)
