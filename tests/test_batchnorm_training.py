@@ -373,14 +373,15 @@ def test_autocast_keeps_batch_norm_in_float32(device):
         y = fused(x)
         y_ref = truth(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
-    assert fused.bn.running_mean.dtype == fused.bn.running_var.dtype == torch.float32
-    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(fused.bn.running_var, truth.bn.running_var, rtol=2e-2, atol=2e-2)
+    assert fused.bn.running_mean.dtype == torch.float32
+    assert_close("y", y, y_ref, strict=False)
+    # float32 results computed from bf16 products: held to bf16's bounds
+    assert_close("running_var", fused.bn.running_var, truth.bn.running_var, strict=False, precision=torch.bfloat16)
     y.backward(grad_y.to(y.dtype))
     y_ref.backward(grad_y.to(y.dtype))
     for (name, p_fused), (_, p_truth) in zip(fused.named_parameters(), truth.named_parameters()):
         assert p_fused.grad.dtype == torch.float32, name
-        torch.testing.assert_close(p_fused.grad, p_truth.grad, rtol=5e-2, atol=5e-2, msg=name)
+        assert_close(f"grad {name}", p_fused.grad, p_truth.grad, strict=False, precision=torch.bfloat16)
 
 
 def test_compile_fullgraph_functional():
