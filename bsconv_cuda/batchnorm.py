@@ -23,6 +23,10 @@ Then dβ = gb', dγ = inv ⊙ rowsum(W ⊙ gW') (= Σ_p g_z ⊙ x̂_p), t = s �
 pixel count, S and gb' its local sums, while μ, M, t and k are the group's). The depthwise gradients are the fused
 backward's own. Statistics are computed in float32 (float64 for float64 inputs) whatever the input dtype.
 
+A non-zero padding mode pads x before the fused kernels (the kernels' input is the padded x − μ: subtracting a
+per-channel constant commutes with reflect, replicate and circular padding); μ, S, M and the corrections are the
+unpadded image's, and the fused gradient gx' reaches the padding pixels, which the pad's own backward folds back.
+
 Synchronized BatchNorm (``process_group``): the group's pixel count and Σx are all-reduced (C_in + 1 numbers), then
 each rank's scatter about the group mean (C_in² numbers), and in backward the per-rank (dβ, dγ) sums (2·C_out
 numbers), as ``nn.SyncBatchNorm`` does for its own; the parameter gradients stay per rank (DDP reduces them).
@@ -111,19 +115,24 @@ def bsconv_u_batch_norm(
 def batch_norm_call(
     call: PreparedCall, running_mean: Tensor | None, running_var: Tensor | None, bn_weight: Tensor | None,
     bn_bias: Tensor | None, momentum: float, eps: float, process_group=None,
+    input_padding: tuple[int, int, int, int] = (0, 0, 0, 0),
 ) -> Tensor:
     """The training-mode computation of :func:`bsconv_u_batch_norm` on a prepared call (``call.pw_bias`` is None):
-    the fused forward, and the running statistics updated in place when given."""
+    the fused forward, and the running statistics updated in place when given.
+
+    ``input_padding`` (top, bottom, left, right): how much of ``call.x``'s border is a padding of the image (a
+    non-zero ``padding_mode`` applied before the call); those pixels are copies, left out of the batch statistics.
+    """
     x = call.x
     if process_group is not None and torch.distributed.get_world_size(process_group) == 1:
         process_group = None  # nothing to synchronize: a plain BatchNorm, as nn.SyncBatchNorm decides
     if process_group is None:
-        _check_batch_size(x)
+        _check_batch_size(_interior(x, input_padding))
         if x.numel() == 0:  # torch's own answer: an empty result, zero gradients, running statistics untouched
             return _standard_layers(call, bn_weight, bn_bias, eps)
     y, batch_mean, batch_var = _BatchNormBSConvU.apply(
         x, call.pw_weight, call.dw_weight, call.dw_bias, bn_weight, bn_bias, eps, call.stride, call.padding,
-        call.dilation, call.activation, call.backend, process_group,
+        call.dilation, call.activation, call.backend, process_group, input_padding,
     )
     if running_mean is not None:
         with torch.no_grad():  # as F.batch_norm: running = (1 - momentum) * running + momentum * batch
@@ -170,12 +179,14 @@ class _InputStatistics(NamedTuple):
     scatter: Tensor  # the same over the whole batch (the group's)
 
 
-def _input_statistics(x: Tensor, process_group) -> _InputStatistics:
-    """Mean and centered scatter of x's channels, two-pass (mean first, then the GEMM on the centered input) so that
-    a channel mean much larger than its spread does not cancel the variance away."""
+def _input_statistics(x: Tensor, input_padding: tuple[int, int, int, int], process_group) -> _InputStatistics:
+    """Mean and centered scatter of the channels of x's image (x without ``input_padding``), two-pass (mean first,
+    then the GEMM on the centered input) so that a channel mean much larger than its spread does not cancel the
+    variance away; ``centered`` is all of x (padding included) less the mean."""
     stat = statistics_dtype(x.dtype)
-    channel_sum = x.sum((0, 2, 3), dtype=stat)
-    count = x.numel() // x.shape[1]
+    image = _interior(x, input_padding)
+    channel_sum = image.sum((0, 2, 3), dtype=stat)
+    count = _pixel_count(image)
     if process_group is not None:
         # float64: exact pixel counts and sums of any size; one all-reduce of C_in + 1 numbers
         packed = torch.cat([channel_sum.double(), channel_sum.new_full((1,), count, dtype=torch.float64)])
@@ -183,16 +194,27 @@ def _input_statistics(x: Tensor, process_group) -> _InputStatistics:
         channel_sum, count = packed[:-1], packed[-1]
     mean = (channel_sum / count).to(stat)
     centered = _centered(x, mean)
-    local_scatter = _scatter(centered)
+    centered_image = _interior(centered, input_padding)
+    local_scatter = _scatter(centered_image)
     scatter = local_scatter
     if process_group is not None:
         scatter = local_scatter.clone()
         torch.distributed.all_reduce(scatter, group=process_group)
-    return _InputStatistics(count, mean, centered, centered.sum((0, 2, 3)), local_scatter, scatter)
+    return _InputStatistics(count, mean, centered, centered_image.sum((0, 2, 3)), local_scatter, scatter)
+
+
+def _interior(x: Tensor, padding: tuple[int, int, int, int]) -> Tensor:
+    """The view of x without a (top, bottom, left, right) border."""
+    top, bottom, left, right = padding
+    return x[:, :, top:x.shape[2] - bottom, left:x.shape[3] - right]
+
+
+def _pixel_count(x: Tensor) -> int:
+    return x.numel() // x.shape[1]
 
 
 def _check_batch_size(x: Tensor) -> None:
-    if x.numel() // x.shape[1] == 1:  # F.batch_norm's own check and message
+    if _pixel_count(x) == 1:  # F.batch_norm's own check and message
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
@@ -233,14 +255,16 @@ class _BatchNormBSConvU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pw_weight, dw_weight, dw_bias, bn_weight, bn_bias, eps, stride, padding, dilation,
-                activation, backend, process_group):
+                activation, backend, process_group, input_padding):
         with _no_autocast(x):
             return _BatchNormBSConvU._forward(ctx, x, pw_weight, dw_weight, dw_bias, bn_weight, bn_bias, eps,
-                                              (stride, padding, dilation, activation), backend, process_group)
+                                              (stride, padding, dilation, activation), backend, process_group,
+                                              input_padding)
 
     @staticmethod
-    def _forward(ctx, x, pw_weight, dw_weight, dw_bias, bn_weight, bn_bias, eps, conv, backend, process_group):
-        stats = _input_statistics(x, process_group)
+    def _forward(ctx, x, pw_weight, dw_weight, dw_bias, bn_weight, bn_bias, eps, conv, backend, process_group,
+                 input_padding):
+        stats = _input_statistics(x, input_padding, process_group)
         w = pw_weight.to(stats.mean.dtype)
         count = stats.count
         batch_mean = w @ stats.mean
@@ -255,8 +279,8 @@ class _BatchNormBSConvU(torch.autograd.Function):
             stats.local_centered_sum, stats.local_scatter, count if isinstance(count, Tensor) else None,
         )
         ctx.count = None if isinstance(count, Tensor) else count
-        ctx.local_count = x.numel() // x.shape[1]
-        ctx.conv, ctx.backend, ctx.process_group = conv, backend, process_group
+        ctx.local_count = _pixel_count(_interior(x, input_padding))
+        ctx.conv, ctx.backend, ctx.process_group, ctx.input_padding = conv, backend, process_group, input_padding
         unbiased_var = batch_var * (count / (count - 1))
         ctx.mark_non_differentiable(batch_mean, unbiased_var)
         return y, batch_mean, unbiased_var
@@ -289,8 +313,11 @@ class _BatchNormBSConvU(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = grad_w = None
         if needs[0]:
-            correction = _per_pixel(w.T @ (k[:, None] * w), centered).add_((w.T @ t).view(1, -1, 1, 1))
-            grad_x = correction.neg_().add_(grad_x_fused).to(x.dtype)
+            # the fused gradient reaches every pixel of x, the statistics' corrections only the image's
+            image_grad = _interior(grad_x_fused, ctx.input_padding)
+            correction = _per_pixel(w.T @ (k[:, None] * w), _interior(centered, ctx.input_padding))
+            image_grad.copy_(correction.add_((w.T @ t).view(1, -1, 1, 1)).neg_().add_(image_grad))
+            grad_x = grad_x_fused
         if needs[1]:
             kw = k[:, None] * w
             grad_w = (scale[:, None] * grad_w_fused - t[:, None] * local_centered_sum - kw @ local_scatter
@@ -299,7 +326,7 @@ class _BatchNormBSConvU(torch.autograd.Function):
         grad_gamma = None if bn_weight is None else local_sums[1].to(bn_weight.dtype)
         grad_beta = None if bn_bias is None else local_sums[0].to(bn_bias.dtype)
         return (grad_x, grad_w, grad_dw, grad_dw_bias if dw_bias is not None else None, grad_gamma, grad_beta,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _no_autocast(x: Tensor):

@@ -54,11 +54,13 @@ def assert_matches(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch
         assert err <= tol, f"{name}: max abs err {err:.3g} > {tol:.3g}"
 
 
-def make_pair(bn_kwargs: dict, stride: int, dtype: torch.dtype, device: torch.device, backend: str):
+def make_pair(bn_kwargs: dict, stride: int, dtype: torch.dtype, device: torch.device, backend: str,
+              padding_mode: str = "zeros"):
     """(truth, fused): bsconv's BSConvU in float64 on CPU and a FusedBSConvU in ``dtype`` on ``device`` with the same
     (rounded) parameters and buffers, non-trivial BatchNorm affine parameters and running statistics."""
     torch.manual_seed(0)
-    truth = bsconv_pytorch.BSConvU(C_IN, C_OUT, 3, stride=stride, padding=1, with_bn=True, bn_kwargs=bn_kwargs)
+    truth = bsconv_pytorch.BSConvU(C_IN, C_OUT, 3, stride=stride, padding=1, with_bn=True, bn_kwargs=bn_kwargs,
+                                   padding_mode=padding_mode)
     with torch.no_grad():
         if truth.bn.affine:
             truth.bn.weight.uniform_(0.5, 1.5)
@@ -178,6 +180,17 @@ def test_precision_and_mean_offset(dtype, offset, backend, device):
     truth, fused = make_pair({}, 1, dtype, device, backend)
     activation = "silu" if dtype == torch.bfloat16 else "relu6"
     check_training(truth, fused, device, dtype, steps=1, activation=activation, offset=offset)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_padding_modes(padding_mode, stride, device):
+    """A non-zero padding mode pads x before the fused kernels; the batch statistics are still those of the
+    unpadded intermediate (the border copies count once, as pixels of the image)."""
+    skip_unless_available("triton", device)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    truth, fused = make_pair({}, stride, dtype, device, "triton", padding_mode=padding_mode)
+    check_training(truth, fused, device, dtype, activation="relu6", offset=1.0, stride=stride)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
