@@ -8,9 +8,7 @@ S = Σ_p (x_p − μ)(x_p − μ)ᵀ its C_in×C_in centered scatter (one GEMM o
     μ_m = W μ,   var_m = rowsum((W S) ⊙ W) / M,   inv = (var_m + eps)^(-1/2),   s = γ ⊙ inv
 
 and ``batch_norm(W x_p) = s ⊙ W (x_p − μ) + β``: the fused kernels run on the centered input x_c = x − μ with the
-pointwise weight ``W' = diag(s) W`` and bias β. Centering the kernels' input (rather than the equivalent
-``W' x + (β − s ⊙ μ_m)``) keeps a large channel mean out of every low-precision product, and makes the kernels'
-weight gradient ``Σ_p g_z x_cᵀ`` already centered, so no gradient below is a difference of large terms.
+pointwise weight ``W' = diag(s) W`` and bias β.
 
 Backward (with small matrices only, plus one C_in×C_in map over the pixels): the fused backward returns
 gx' = W'ᵀ g_z, gW' = Σ_p g_z x_cᵀ and gb' = Σ_p g_z (g_z: the gradient of the normalized, affine intermediate).
@@ -21,7 +19,18 @@ Then dβ = gb', dγ = inv ⊙ rowsum(W ⊙ gW') (= Σ_p g_z ⊙ x̂_p), t = s �
 
 (the last two Σ_p x_c,p terms vanish for one process; with a process group they are this rank's share: n its
 pixel count, S and gb' its local sums, while μ, M, t and k are the group's). The depthwise gradients are the fused
-backward's own. Statistics are computed in float32 (float64 for float64 inputs) whatever the input dtype.
+backward's own.
+
+Numerics. μ, S, the quadratic form, the small matrices and the per-pixel correction are float64 for every input
+dtype (:data:`STATISTICS_DTYPE`), and x_c is x − μ in float64 rounded once to x's dtype. What that buys:
+- a channel mean far above its spread costs only that rounding (u |x_c|); the uncentered ``W' x + (β − s ⊙ μ_m)``
+  would lose u |μ| in every product, and E[x²] − E[x]² would lose its variance to cancellation in float32;
+- var_m = wᵀ S w squares the conditioning of a row w that nearly cancels correlated channels (var_m = δ² of its
+  inputs' variance: relative error u/δ² of S's precision u), harmless with S in float64; no product here is TF32.
+What it does not: the kernels compute W' x_c in x's dtype, so such a row's z has relative error ~ u/δ (as torch's own
+pointwise conv has); and dγ = inv ⊙ rowsum(W ⊙ gW') is a difference of large terms for that row: gW' is the
+kernels' float32 sum over the M pixels, so dγ has relative error ~ u √M / δ where torch's layers, which sum
+g_z ⊙ x̂ per pixel, have ~ u / δ. The other gradients take dγ in only through k, a small share of them.
 
 A non-zero padding mode pads x before the fused kernels (the kernels' input is the padded x − μ: subtracting a
 per-channel constant commutes with reflect, replicate and circular padding); μ, S, M and the corrections are the
@@ -164,9 +173,11 @@ def fold_batch_norm(
     return pw_weight * scale.reshape(-1, *[1] * (pw_weight.dim() - 1)), shift
 
 
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the batch statistics and of the gradient corrections: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The batch statistics and the gradient corrections, whatever x's dtype: var_m = wᵀ S w squares the conditioning of a
+# pointwise row w that nearly cancels correlated channels (relative error ~ u / δ² for var_m = δ² of the channels'),
+# so S and the quadratic form need far more than float32's u; float64 GEMMs are also never TF32, whatever torch's
+# matmul precision setting.
+STATISTICS_DTYPE = torch.float64
 
 
 # ------------------------------------------------------------------------------------------------------ statistics
@@ -183,16 +194,15 @@ def _input_statistics(x: Tensor, input_padding: tuple[int, int, int, int], proce
     """Mean and centered scatter of the channels of x's image (x without ``input_padding``), two-pass (mean first,
     then the GEMM on the centered input) so that a channel mean much larger than its spread does not cancel the
     variance away; ``centered`` is all of x (padding included) less the mean."""
-    stat = statistics_dtype(x.dtype)
     image = _interior(x, input_padding)
-    channel_sum = image.sum((0, 2, 3), dtype=stat)
+    channel_sum = image.sum((0, 2, 3), dtype=STATISTICS_DTYPE)
     count = _pixel_count(image)
     if process_group is not None:
         # float64: exact pixel counts and sums of any size; one all-reduce of C_in + 1 numbers
-        packed = torch.cat([channel_sum.double(), channel_sum.new_full((1,), count, dtype=torch.float64)])
+        packed = torch.cat([channel_sum, channel_sum.new_full((1,), count)])
         torch.distributed.all_reduce(packed, group=process_group)
         channel_sum, count = packed[:-1], packed[-1]
-    mean = (channel_sum / count).to(stat)
+    mean = channel_sum / count
     centered = _centered(x, mean)
     centered_image = _interior(centered, input_padding)
     local_scatter = _scatter(centered_image)
@@ -330,7 +340,7 @@ class _BatchNormBSConvU(torch.autograd.Function):
 
 
 def _no_autocast(x: Tensor):
-    """The statistics and corrections are float32 (float64) math: an enclosing autocast must not lower them."""
+    """The statistics and corrections are float64 math: an enclosing autocast must not lower them."""
     return torch.autocast(x.device.type, enabled=False)
 
 
