@@ -41,7 +41,10 @@ each rank's scatter about the group mean (C_in² numbers), and in backward the p
 numbers), as ``nn.SyncBatchNorm`` does for its own; the parameter gradients stay per rank (DDP reduces them).
 
 Saved for backward: x and the parameters (as by any convolution), plus μ, inv, s (C_in or C_out numbers each) and
-this rank's Σ_p x_c,p and S (C_in and C_in²): nothing of the intermediate's size.
+this rank's Σ_p x_c,p and S (C_in and C_in²): nothing of the intermediate's size. Transient, per element of x (b
+bytes): forward x − μ in float64 (8) and the kernels' input (b; none for float64) plus N·C_in² numbers for the scatter
+of an NCHW x; backward the same x − μ and the float64 correction (16). For bf16 that is 5× x's bytes forward and 8×
+backward, for float32 3× and 4× (float32 statistics took 5× and 5×, 2× and 2×).
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ STATISTICS_DTYPE = torch.float64
 class _InputStatistics(NamedTuple):
     count: int | Tensor  # pixels in the batch (the group's: a 0-dim float64 tensor when synchronized)
     mean: Tensor  # μ, (C_in,)
-    centered: Tensor  # x − μ in the statistics dtype, in the memory format of x's outputs
+    kernel_input: Tensor  # x − μ in x's dtype, in the memory format of x's outputs
     local_centered_sum: Tensor  # Σ_p (x_p − μ) over this rank's pixels, (C_in,)
     local_scatter: Tensor  # Σ_p (x_p − μ)(x_p − μ)ᵀ over this rank's pixels, (C_in, C_in)
     scatter: Tensor  # the same over the whole batch (the group's)
@@ -193,7 +196,7 @@ class _InputStatistics(NamedTuple):
 def _input_statistics(x: Tensor, input_padding: tuple[int, int, int, int], process_group) -> _InputStatistics:
     """Mean and centered scatter of the channels of x's image (x without ``input_padding``), two-pass (mean first,
     then the GEMM on the centered input) so that a channel mean much larger than its spread does not cancel the
-    variance away; ``centered`` is all of x (padding included) less the mean."""
+    variance away; ``kernel_input`` is all of x (padding included) less the mean."""
     image = _interior(x, input_padding)
     channel_sum = image.sum((0, 2, 3), dtype=STATISTICS_DTYPE)
     count = _pixel_count(image)
@@ -210,7 +213,8 @@ def _input_statistics(x: Tensor, input_padding: tuple[int, int, int, int], proce
     if process_group is not None:
         scatter = local_scatter.clone()
         torch.distributed.all_reduce(scatter, group=process_group)
-    return _InputStatistics(count, mean, centered, centered_image.sum((0, 2, 3)), local_scatter, scatter)
+    return _InputStatistics(count, mean, _kernel_input(centered, x.dtype), centered_image.sum((0, 2, 3)),
+                            local_scatter, scatter)
 
 
 def _interior(x: Tensor, padding: tuple[int, int, int, int]) -> Tensor:
@@ -238,15 +242,22 @@ def _centered(x: Tensor, mean: Tensor) -> Tensor:
     return x.to(mean.dtype, memory_format=fmt, copy=True).sub_(mean.view(1, -1, 1, 1))
 
 
+def _kernel_input(centered: Tensor, dtype: torch.dtype) -> Tensor:
+    """The fused kernels' input: x − μ rounded once to x's dtype."""
+    return centered if centered.dtype == dtype else centered.to(dtype)
+
+
 def _scatter(centered: Tensor) -> Tensor:
-    """Σ_p c_p c_pᵀ over the pixels of a tensor made by :func:`_centered`: one GEMM with K = the pixel count."""
-    c = centered.shape[1]
+    """Σ_p c_p c_pᵀ over the pixels of a tensor made by :func:`_centered` (or its :func:`_interior`, then through a
+    copy): GEMMs with K = the pixel count that read the tensor in place."""
+    n, c = centered.shape[:2]
     if _channels_last(centered):
         rows = centered.permute(0, 2, 3, 1).reshape(-1, c)  # (M, C), a view
         return rows.T @ rows
-    # (C, M): a copy unless N == 1; a batched GEMM over the images would allocate N·C² instead
-    columns = centered.transpose(0, 1).reshape(c, -1)
-    return columns @ columns.T
+    # one GEMM per image on (C, H·W) views, summed: N·C² extra numbers, where one GEMM on (C, M) would first copy
+    # all of the tensor (N·C·H·W numbers; more whenever C < H·W)
+    columns = centered.reshape(n, c, -1)
+    return torch.bmm(columns, columns.transpose(1, 2)).sum(0)
 
 
 def _per_pixel(matrix: Tensor, centered: Tensor) -> Tensor:
@@ -282,8 +293,7 @@ class _BatchNormBSConvU(torch.autograd.Function):
         inv_std = torch.rsqrt(batch_var + eps)
         scale = inv_std if bn_weight is None else bn_weight.to(inv_std.dtype) * inv_std
         forward_op, _ = OPS[backend]
-        y = forward_op(stats.centered.to(x.dtype), *_fused_weights(w, scale, bn_bias, x.dtype), dw_weight, dw_bias,
-                       *conv)
+        y = forward_op(stats.kernel_input, *_fused_weights(w, scale, bn_bias, x.dtype), dw_weight, dw_bias, *conv)
         ctx.save_for_backward(
             x, pw_weight, dw_weight, dw_bias, bn_weight, bn_bias, stats.mean, inv_std, scale,
             stats.local_centered_sum, stats.local_scatter, count if isinstance(count, Tensor) else None,
@@ -307,11 +317,13 @@ class _BatchNormBSConvU(torch.autograd.Function):
          local_scatter, group_count) = ctx.saved_tensors
         count = ctx.count if group_count is None else group_count
         centered = _centered(x, mean)  # bit for bit the forward's: same ops on the same tensors
+        kernel_input = _kernel_input(centered, x.dtype)
         w = pw_weight.to(mean.dtype)
         _, backward_op = OPS[ctx.backend]
         grad_x_fused, grad_w_fused, grad_b_fused, grad_dw, grad_dw_bias = backward_op(
-            grad_y, centered.to(x.dtype), *_fused_weights(w, scale, bn_bias, x.dtype), dw_weight, dw_bias, *ctx.conv
+            grad_y, kernel_input, *_fused_weights(w, scale, bn_bias, x.dtype), dw_weight, dw_bias, *ctx.conv
         )
+        del kernel_input  # not needed below: free it before the correction allocates its own x-sized tensor
         grad_w_fused = grad_w_fused.to(w.dtype)
         local_sums = torch.stack([grad_b_fused.to(w.dtype), (w * grad_w_fused).sum(1) * inv_std])  # dβ, dγ
         sums = local_sums
