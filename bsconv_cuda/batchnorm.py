@@ -116,12 +116,35 @@ def bsconv_u_batch_norm(
     _check_batch_norm_args(x, c_out, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if training:
         call = prepare_call(x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, None, mid_activation, backend)
-        y = batch_norm_call(call, running_mean, running_var, bn_weight, bn_bias, momentum, eps, process_group)
+        y = batch_norm_call(call, running_mean, running_var, bn_weight, bn_bias, momentum, eps,
+                            synchronized_group(process_group))
     else:
         pw_weight, shift = fold_batch_norm(pw_weight, running_mean, running_var, bn_weight, bn_bias, eps)
         y = bsconv_u(x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, pw_bias=shift,
                      mid_activation=mid_activation, backend=backend)
     return y.squeeze(0) if unbatched else y
+
+
+def synchronized_group(process_group):
+    """``process_group`` when it has anything to synchronize, else None: a group of one rank is a plain BatchNorm, as
+    ``nn.SyncBatchNorm`` decides. The one home of that rule, for the functional and the modules."""
+    if process_group is None or torch.distributed.get_world_size(process_group) == 1:
+        return None
+    return process_group
+
+
+def runs_fused(call: PreparedCall, requested_backend: str, process_group) -> bool:
+    """Whether a training-mode BatchNorm runs fused (:func:`batch_norm_call`) rather than as torch's standard layers.
+
+    Alone: where the call resolved to a fused backend. With a process group (one :func:`synchronized_group` returned)
+    every rank must take the same path, for the two run different collectives, while each rank's own resolution may
+    differ (an empty local batch resolves to the reference): there only the requested backend decides, fused unless
+    ``"reference"`` was asked for, and a rank whose call resolved to the reference runs the reference kernels
+    inside the fused path.
+    """
+    if process_group is None:
+        return call.backend != "reference"
+    return requested_backend != "reference"
 
 
 def batch_norm_call(
@@ -132,12 +155,12 @@ def batch_norm_call(
     """The training-mode computation of :func:`bsconv_u_batch_norm` on a prepared call (``call.pw_bias`` is None):
     the fused forward, and the running statistics updated in place when given.
 
-    ``input_padding`` (top, bottom, left, right): how much of ``call.x``'s border is a padding of the image (a
-    non-zero ``padding_mode`` applied before the call); those pixels are copies, left out of the batch statistics.
+    ``process_group``: None or a group that :func:`synchronized_group` returned (every rank calls this, its own
+    batch possibly empty). ``input_padding`` (top, bottom, left, right): how much of ``call.x``'s border is a padding
+    of the image (a non-zero ``padding_mode`` applied before the call); those pixels are copies, left out of the
+    batch statistics.
     """
     x = call.x
-    if process_group is not None and torch.distributed.get_world_size(process_group) == 1:
-        process_group = None  # nothing to synchronize: a plain BatchNorm, as nn.SyncBatchNorm decides
     if process_group is None:
         _check_batch_size(_interior(x, input_padding))
         if x.numel() == 0:  # torch's own answer: an empty result, zero gradients, running statistics untouched
@@ -250,13 +273,13 @@ def _kernel_input(centered: Tensor, dtype: torch.dtype) -> Tensor:
 def _scatter(centered: Tensor) -> Tensor:
     """Σ_p c_p c_pᵀ over the pixels of a tensor made by :func:`_centered` (or its :func:`_interior`, then through a
     copy): GEMMs with K = the pixel count that read the tensor in place."""
-    n, c = centered.shape[:2]
+    n, c, h, w = centered.shape
     if _channels_last(centered):
         rows = centered.permute(0, 2, 3, 1).reshape(-1, c)  # (M, C), a view
         return rows.T @ rows
     # one GEMM per image on (C, H·W) views, summed: N·C² extra numbers, where one GEMM on (C, M) would first copy
     # all of the tensor (N·C·H·W numbers; more whenever C < H·W)
-    columns = centered.reshape(n, c, -1)
+    columns = centered.reshape(n, c, h * w)
     return torch.bmm(columns, columns.transpose(1, 2)).sum(0)
 
 
@@ -265,8 +288,8 @@ def _per_pixel(matrix: Tensor, centered: Tensor) -> Tensor:
     n, c, h, w = centered.shape
     if _channels_last(centered):
         rows = centered.permute(0, 2, 3, 1).reshape(-1, c)
-        return (rows @ matrix.T).reshape(n, h, w, -1).permute(0, 3, 1, 2)
-    return (matrix @ centered.reshape(n, c, h * w)).reshape(n, -1, h, w)
+        return (rows @ matrix.T).reshape(n, h, w, matrix.shape[0]).permute(0, 3, 1, 2)
+    return (matrix @ centered.reshape(n, c, h * w)).reshape(n, matrix.shape[0], h, w)
 
 
 # -------------------------------------------------------------------------------------------------------- autograd

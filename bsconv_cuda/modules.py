@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, reference
-from .batchnorm import batch_norm_call, fold_batch_norm
+from .batchnorm import batch_norm_call, fold_batch_norm, runs_fused, synchronized_group
 from .functional import bsconv_u, prepare_call
 
 
@@ -110,8 +110,9 @@ def _batch_statistics_forward(
     x: Tensor, x_fused: Tensor, padding, input_padding: tuple[int, int, int, int], pw: nn.Conv2d,
     bn: nn.BatchNorm2d, dw: nn.Conv2d, activation: str, backend: str,
 ) -> Tensor:
-    """The block with a BatchNorm that normalizes with batch statistics, fused unless the backend resolves to the
-    reference. An unbatched (C, H, W) input is a batch of one, on both paths (``nn.BatchNorm2d`` alone rejects it)."""
+    """The block with a BatchNorm that normalizes with batch statistics, fused or as the standard layers as
+    :func:`~bsconv_cuda.batchnorm.runs_fused` decides. An unbatched (C, H, W) input is a batch of one, on both paths
+    (``nn.BatchNorm2d`` alone rejects it)."""
     unbatched = x.dim() == 3
     if unbatched:
         x, x_fused = x.unsqueeze(0), x_fused.unsqueeze(0)
@@ -119,7 +120,8 @@ def _batch_statistics_forward(
     # in eval (select_backend's error), and auto falls back to the reference silently.
     call = prepare_call(x_fused, pw.weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation, None, activation,
                         backend)
-    if call.backend == "reference":
+    group = _sync_group(bn)
+    if not runs_fused(call, backend, group):
         y = dw(reference.activate(bn(pw(x)), activation))
     else:
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -130,7 +132,7 @@ def _batch_statistics_forward(
         tracking = bn.training and bn.track_running_stats
         y = batch_norm_call(
             call, bn.running_mean if tracking else None, bn.running_var if tracking else None, bn.weight, bn.bias,
-            momentum, bn.eps, _sync_group(bn), input_padding,
+            momentum, bn.eps, group, input_padding,
         )
     return y.squeeze(0) if unbatched else y
 
@@ -141,8 +143,7 @@ def _sync_group(bn: nn.BatchNorm2d):
         return None
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    group = bn.process_group or torch.distributed.group.WORLD
-    return group if torch.distributed.get_world_size(group) > 1 else None
+    return synchronized_group(bn.process_group or torch.distributed.group.WORLD)
 
 
 def _activation_name(mid_activation: str | None) -> str:

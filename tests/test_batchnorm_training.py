@@ -573,10 +573,10 @@ def test_sync_batch_norm_with_world_size_one_is_batch_norm(tmp_path, device):
         dist.destroy_process_group()
 
 
-def _forward_backward_per_rank(truth, x, grad_y, world_size):
+def _forward_backward_per_rank(truth, x, grad_y, batch_sizes):
     """One training step of the standard layers on the whole batch, and each rank's share of every parameter gradient
     (what nn.SyncBatchNorm and the convolutions leave on a rank before DDP reduces them): its own pixels' terms with
-    the whole batch's statistics."""
+    the whole batch's statistics. ``batch_sizes``: the images of each rank."""
     mid = truth.pw(x)
     mid.retain_grad()
     normalized = truth.bn(mid)
@@ -586,7 +586,7 @@ def _forward_backward_per_rank(truth, x, grad_y, world_size):
     mean, var = mid.mean((0, 2, 3), keepdim=True), mid.var((0, 2, 3), unbiased=False, keepdim=True)
     x_hat = (mid - mean) / torch.sqrt(var + truth.bn.eps)
     shares = []
-    for part in torch.arange(x.shape[0]).chunk(world_size):
+    for part in torch.arange(x.shape[0]).split(batch_sizes):
         grad_mid, grad_normalized = mid.grad[part], normalized.grad[part]
         dw_weight, dw_bias = torch.autograd.grad(truth.dw(normalized[part].detach()), truth.dw.parameters(),
                                                  grad_y[part])
@@ -600,26 +600,51 @@ def _forward_backward_per_rank(truth, x, grad_y, world_size):
     return y, shares
 
 
-def test_sync_batch_norm_two_processes(tmp_path):
-    """Two gloo processes, each with half the batch, through the fused (Triton) path: the same outputs, input
-    gradients, all-reduced parameter gradients and running statistics as one process with the whole batch and a plain
-    BSConvU; and each rank's own parameter gradients are its share of them."""
-    import torch.distributed as dist
+# Two spawned processes under Triton's interpreter take ~30 s here; a collective that one rank never joins hangs
+# forever, so the harness gives up after this long and fails instead.
+SYNC_TIMEOUT_S = 300
+
+
+def _run_ranks(tmp_path, batch_sizes):
+    """Runs one _sync_batchnorm_worker process per entry of ``batch_sizes``, failing (not hanging) when they do not
+    all finish within SYNC_TIMEOUT_S."""
+    import time
+
     import torch.multiprocessing as mp
 
     import _sync_batchnorm_worker
+
+    context = mp.start_processes(_sync_batchnorm_worker.run_rank, args=(len(batch_sizes), str(tmp_path)),
+                                 nprocs=len(batch_sizes), join=False, start_method="spawn")
+    deadline = time.monotonic() + SYNC_TIMEOUT_S
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {SYNC_TIMEOUT_S} s: a collective that not every rank "
+                        f"joined (batch sizes {batch_sizes})")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(len(batch_sizes))]
+
+
+@pytest.mark.parametrize("batch_sizes", [(2, 2), (0, 4)], ids=["halves", "empty-rank"])
+def test_sync_batch_norm_two_processes(batch_sizes, tmp_path):
+    """Two gloo processes through the fused (Triton) path, each with its share of the batch: the same outputs, input
+    gradients, all-reduced parameter gradients and running statistics as one process with the whole batch and a plain
+    BSConvU; and each rank's own parameter gradients are its share of them. A rank with no images (whose own call
+    resolves to another backend) takes part in the same collectives: zero gradients of its own, no hang."""
+    import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
     config = dict(in_channels=C_IN, out_channels=C_OUT, kernel_size=3, stride=2, padding=1, with_bn=True)
     truth, _ = make_pair({}, 2, torch.float64, torch.device("cpu"), "reference")
-    steps = [make_step(step, 4, torch.float64, offset=1.0, stride=2) for step in range(2)]
-    torch.save(dict(config=config, state=truth.state_dict(), steps=steps), tmp_path / "inputs.pt")
-    mp.spawn(_sync_batchnorm_worker.run_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    steps = [make_step(step, sum(batch_sizes), torch.float64, offset=1.0, stride=2) for step in range(2)]
+    torch.save(dict(config=config, state=truth.state_dict(), steps=steps, batch_sizes=batch_sizes),
+               tmp_path / "inputs.pt")
+    ranks = _run_ranks(tmp_path, batch_sizes)
     for step, (x, grad_y) in enumerate(steps):
         x = x.clone().requires_grad_()
-        y, local_grads = _forward_backward_per_rank(truth, x, grad_y, world_size=2)
+        y, local_grads = _forward_backward_per_rank(truth, x, grad_y, batch_sizes)
         assert_matches(f"step {step} y", torch.cat([r["steps"][step]["y"] for r in ranks]), y, torch.float64)
         grad_x = torch.cat([r["steps"][step]["grad_x"] for r in ranks])
         assert_matches(f"step {step} grad_x", grad_x, x.grad, torch.float64)
