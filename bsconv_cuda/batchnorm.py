@@ -94,9 +94,10 @@ def bsconv_u_batch_norm(
 
     Args:
         x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, mid_activation, backend: as in
-            :func:`bsconv_cuda.bsconv_u` (``x`` may also be unbatched, (C_in, H, W)). ``backend`` picks the kernels
-            of the pointwise → activation → depthwise stage (``"reference"``: two ``F.conv2d`` calls); the
-            statistics are computed the same way on every backend.
+            :func:`bsconv_cuda.bsconv_u` (``x`` may also be unbatched, (C_in, H, W)). In training, where the
+            backend resolves to ``"reference"`` (also ``"auto"`` on CPU and for an empty batch) the block runs as
+            torch's standard computation, ``F.conv2d`` → ``F.batch_norm`` → activation → depthwise ``F.conv2d``,
+            as ``FusedBSConvU``'s reference runs its layers; elsewhere fused, with the statistics below.
         running_mean, running_var: (C_out,) buffers, or None (no running statistics; then ``training`` must be True).
         bn_weight, bn_bias: the BatchNorm's affine parameters γ and β, (C_out,), or None (γ = 1, β = 0).
         training: use (and track) the batch statistics; False: use the running statistics.
@@ -104,7 +105,10 @@ def bsconv_u_batch_norm(
         eps: added to the variance.
         process_group: a ``torch.distributed`` process group to synchronize the batch statistics over (what
             ``nn.SyncBatchNorm`` does), or None. Used only with ``training=True``; every rank of the group must
-            call with the same arguments.
+            call with the same arguments (its own batch may be empty). With a group of several ranks every
+            backend but ``"reference"`` runs the fused path on every rank (a rank whose call resolves to the
+            reference runs the reference kernels in it); ``"reference"`` raises: torch's standard layers have no
+            functional synchronized BatchNorm.
 
     The BatchNorm tensors may be float32 when ``x`` is a lower precision (mixed precision, as ``F.batch_norm``
     accepts); their gradients come back in their own dtype.
@@ -116,8 +120,16 @@ def bsconv_u_batch_norm(
     _check_batch_norm_args(x, c_out, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if training:
         call = prepare_call(x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, None, mid_activation, backend)
-        y = batch_norm_call(call, running_mean, running_var, bn_weight, bn_bias, momentum, eps,
-                            synchronized_group(process_group))
+        group = synchronized_group(process_group)
+        if runs_fused(call, backend, group):
+            y = batch_norm_call(call, running_mean, running_var, bn_weight, bn_bias, momentum, eps, group)
+        elif group is not None:
+            raise ValueError(
+                "backend='reference' runs torch's standard layers, which synchronize batch statistics only as "
+                "nn.SyncBatchNorm modules; with process_group use backend 'auto', 'triton' or 'cuda'"
+            )
+        else:
+            y = _standard_layers(call, running_mean, running_var, bn_weight, bn_bias, momentum, eps)
     else:
         pw_weight, shift = fold_batch_norm(pw_weight, running_mean, running_var, bn_weight, bn_bias, eps)
         y = bsconv_u(x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, pw_bias=shift,
@@ -152,8 +164,8 @@ def batch_norm_call(
     bn_bias: Tensor | None, momentum: float, eps: float, process_group=None,
     input_padding: tuple[int, int, int, int] = (0, 0, 0, 0),
 ) -> Tensor:
-    """The training-mode computation of :func:`bsconv_u_batch_norm` on a prepared call (``call.pw_bias`` is None):
-    the fused forward, and the running statistics updated in place when given.
+    """The fused training-mode path of :func:`bsconv_u_batch_norm` on a prepared call (``call.pw_bias`` is None, the
+    kernels ``call.backend``'s): the fused forward, and the running statistics updated in place when given.
 
     ``process_group``: None or a group that :func:`synchronized_group` returned (every rank calls this, its own
     batch possibly empty). ``input_padding`` (top, bottom, left, right): how much of ``call.x``'s border is a padding
@@ -161,10 +173,8 @@ def batch_norm_call(
     batch statistics.
     """
     x = call.x
-    if process_group is None:
+    if process_group is None:  # an empty batch has no statistics of its own: it resolves to the standard layers
         _check_batch_size(_interior(x, input_padding))
-        if x.numel() == 0:  # torch's own answer: an empty result, zero gradients, running statistics untouched
-            return _standard_layers(call, bn_weight, bn_bias, eps)
     y, batch_mean, batch_var = _BatchNormBSConvU.apply(
         x, call.pw_weight, call.dw_weight, call.dw_bias, bn_weight, bn_bias, eps, call.stride, call.padding,
         call.dilation, call.activation, call.backend, process_group, input_padding,
@@ -176,11 +186,14 @@ def batch_norm_call(
     return y
 
 
-def _standard_layers(call: PreparedCall, bn_weight: Tensor | None, bn_bias: Tensor | None, eps: float) -> Tensor:
-    """The block as torch's layers compute it with batch statistics (no running statistics)."""
+def _standard_layers(
+    call: PreparedCall, running_mean: Tensor | None, running_var: Tensor | None, bn_weight: Tensor | None,
+    bn_bias: Tensor | None, momentum: float, eps: float,
+) -> Tensor:
+    """The training-mode block as torch's layers compute it (the functional's ``backend="reference"``)."""
     top, bottom, left, right = call.padding
-    mid = F.batch_norm(F.conv2d(call.x, call.pw_weight[:, :, None, None]), None, None, bn_weight, bn_bias,
-                       training=True, eps=eps)
+    mid = F.batch_norm(F.conv2d(call.x, call.pw_weight[:, :, None, None]), running_mean, running_var, bn_weight,
+                       bn_bias, training=True, momentum=momentum, eps=eps)
     mid = F.pad(reference.activate(mid, call.activation), (left, right, top, bottom))
     return F.conv2d(mid, call.dw_weight, call.dw_bias, call.stride, 0, call.dilation, groups=call.dw_weight.shape[0])
 

@@ -86,7 +86,8 @@ def fused_block_forward(
     runs fused through :func:`bsconv_cuda.bsconv_u_batch_norm`, with ``nn.BatchNorm2d``'s semantics (momentum, the
     cumulative average of ``momentum=None``, ``num_batches_tracked``) and, for an ``nn.SyncBatchNorm`` training under
     ``torch.distributed``, statistics over its process group. Where the backend resolves to ``"reference"`` that
-    BatchNorm runs as the standard layers. Non-zero padding modes pad ``x`` first (padding commutes with a
+    BatchNorm runs as the standard layers; a synchronizing ``nn.SyncBatchNorm`` does so only for
+    ``backend="reference"``, since every rank must take the path the others take (``batchnorm.runs_fused``). Non-zero padding modes pad ``x`` first (padding commutes with a
     per-pixel map, so this equals padding the intermediate); batch statistics are those of the unpadded image.
     """
     padding = dw.padding

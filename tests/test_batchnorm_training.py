@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import bsconv_cuda
 from bsconv_cuda import FusedBSConvU, bsconv_u_batch_norm, reference
+from bsconv_cuda.batchnorm import batch_norm_call
+from bsconv_cuda.functional import prepare_call
 from bsconv_cuda.modules import fused_block_forward
 
 from fused_checks import assert_close, poisoned_outputs, skip_unless_available
@@ -481,14 +483,64 @@ def test_autocast_keeps_batch_norm_in_float32(device):
         assert_close(f"grad {name}", p_fused.grad, p_truth.grad, strict=False, precision=torch.bfloat16)
 
 
+def test_functional_reference_is_the_standard_computation():
+    """backend="reference" means torch's standard layers in the functional as in FusedBSConvU: F.conv2d, F.batch_norm,
+    the activation, the depthwise F.conv2d, which save the intermediate for backward (the fused path saves nothing of
+    its size); the same values as the module's reference, running statistics included."""
+    torch.manual_seed(0)
+    module = FusedBSConvU(C_IN, C_OUT, 3, stride=2, padding=1, with_bn=True, backend="reference").double().train()
+    running_mean, running_var = module.bn.running_mean.clone(), module.bn.running_var.clone()
+    x = torch.randn(2, C_IN, SIZE, SIZE, dtype=torch.float64) + 1
+    intermediate = 2 * C_OUT * SIZE * SIZE
+    y, saved = _saved_tensors(lambda: bsconv_u_batch_norm(
+        x, module.pw.weight, module.dw.weight, module.dw.bias, 2, 1, running_mean=running_mean,
+        running_var=running_var, bn_weight=module.bn.weight, bn_bias=module.bn.bias, backend="reference"))
+    assert sum(t.numel() >= intermediate for t in saved) >= 2, "backend='reference' did not run the standard layers"
+    y_module = module(x)
+    assert_matches("y", y, y_module, torch.float64)
+    assert_matches("running_mean", running_mean, module.bn.running_mean, torch.float64)
+    assert_matches("running_var", running_var, module.bn.running_var, torch.float64)
+
+
+def test_functional_reference_with_a_process_group_raises(monkeypatch):
+    """torch's standard layers synchronize only as nn.SyncBatchNorm modules: the functional says so for
+    backend="reference" with a process group of several ranks (before any collective), and takes the fused path
+    for the other backends."""
+    group = object()
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    args = dict(x=torch.randn(2, 3, 5, 5), pw_weight=torch.randn(4, 3), dw_weight=torch.randn(4, 1, 3, 3), padding=1,
+                running_mean=None, running_var=None, process_group=group)
+    with pytest.raises(ValueError, match="backend='reference' runs torch's standard layers"):
+        bsconv_u_batch_norm(**args, backend="reference")
+
+
 def test_compile_fullgraph_functional():
-    """torch.compile(fullgraph=True) of the training computation, forward and backward (here on the reference
-    kernels, the only ones torch.compile runs on CPU; the fused modules on GPU below)."""
+    """torch.compile(fullgraph=True) of the functional's training computation, forward and backward: on CPU its
+    reference backend is torch's layers, so this compiles those; the fused statistics path on CPU below."""
 
     def step(x, pw, dw, gamma, beta, running_mean, running_var):
         return bsconv_u_batch_norm(x, pw, dw, None, 1, 1, running_mean=running_mean, running_var=running_var,
                                    bn_weight=gamma, bn_bias=beta, mid_activation="relu6", backend="reference")
 
+    _compile_check(step)
+
+
+def test_compile_fullgraph_statistics_path_on_cpu():
+    """torch.compile(fullgraph=True) of the fused statistics path (batch_norm_call: the statistics, the autograd
+    function with its closed-form backward, the running statistics update) on CPU, through the reference kernels:
+    the only kernels torch.compile runs on CPU (Triton's interpreter cannot be compiled; the fused backends on GPU
+    below). No entry point takes this path on CPU, so the test calls it directly."""
+
+    def step(x, pw, dw, gamma, beta, running_mean, running_var):
+        call = prepare_call(x, pw, dw, None, 1, 1, 1, None, "relu6", "reference")
+        return batch_norm_call(call, running_mean, running_var, gamma, beta, 0.1, 1e-5)
+
+    _compile_check(step)
+
+
+def _compile_check(step):
+    """``step`` eager and under torch.compile(fullgraph=True): the same outputs, input gradients and running
+    statistics."""
     gen = torch.Generator().manual_seed(5)
     inputs = [torch.randn(2, 3, 6, 6, generator=gen) + 2, torch.randn(5, 3, generator=gen),
               torch.randn(5, 1, 3, 3, generator=gen), torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen)]
