@@ -17,7 +17,7 @@ if backends.triton_import_error() is None:
     from .kernels import bsconv_u as triton_kernels
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The fused kernels' per-tile halo and on-chip state are sized for kernels up to 7x7 (DESIGN.md).
+# The fused kernels' per-tile halo and on-chip state are sized for kernels up to 7x7 (docs/DESIGN.md, section 5).
 MAX_FUSED_KERNEL_SIZE = 7
 
 

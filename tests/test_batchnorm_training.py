@@ -34,8 +34,9 @@ BN_OPTIONS = {
     "track_running_stats=False": dict(track_running_stats=False),  # batch statistics in eval too
 }
 ACTIVATIONS = [a for a in reference.ACTIVATIONS if a != "none"]
-# float64: the closed form is exact up to rounding; float32: DESIGN.md's strict bound; bf16/fp16: the norm bound of
-# fused_checks plus an element-wise one (measured: <= 8e-3 of max|ref|, torch's own layers in bf16 alike).
+# float64: the closed form is exact up to rounding; float32: the strict bound of docs/DESIGN.md, section 8;
+# bf16/fp16: the norm and element-wise bounds of fused_checks (measured: <= 8e-3 of max|ref|, torch's own layers in
+# bf16 alike).
 FP64_TOL = 1e-10
 LOW_PRECISION_ELEMENTWISE = 3e-2
 

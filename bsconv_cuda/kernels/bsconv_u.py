@@ -7,7 +7,8 @@ Forward, ONE launch (``_fwd_kernel``). A program owns an output tile: image ``n`
 channels. It computes ``mid`` for the tile plus its halo (``HH x WW`` input pixels, flattened and padded to ``P``, a
 power of two) with a ``tl.dot`` chain over ``C_in`` (fp32 accumulation), adds ``pw_bias``, applies the activation,
 zeroes the positions that lie in the padding, and keeps the result on chip. The depthwise stage then picks, per tap,
-the shifted rows of ``mid`` with ``tl.gather`` (the gather variant of DESIGN.md) and accumulates ``mid * D[tap]``.
+the shifted rows of ``mid`` with ``tl.gather`` (the gather variant; docs/DESIGN.md, section 5) and accumulates
+``mid * D[tap]``.
 ``mid`` never exists in global memory.
 
 Backward, TWO launches:
