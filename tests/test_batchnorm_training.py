@@ -463,8 +463,8 @@ def test_empty_batch_leaves_running_statistics_alone():
 
 
 def test_autocast_keeps_batch_norm_in_float32(device):
-    """Under autocast the block runs in the autocast dtype like torch's layers; the BatchNorm's parameters, buffers
-    and their gradients stay float32. Both sides are bf16 computations here, hence test_module's autocast bounds."""
+    """Under autocast the block runs in the autocast dtype like torch's layers; the BatchNorm's parameter gradients
+    stay float32, and its running statistics follow torch's. Both sides are bf16 computations here."""
     skip_unless_available("triton", device)
     torch.manual_seed(0)
     truth = bsconv_pytorch.BSConvU(C_IN, C_OUT, 3, padding=1, with_bn=True).to(device).train()
@@ -475,10 +475,10 @@ def test_autocast_keeps_batch_norm_in_float32(device):
         y = fused(x)
         y_ref = truth(x)
     assert y.dtype == y_ref.dtype == torch.bfloat16
-    assert fused.bn.running_mean.dtype == torch.float32
     assert_close("y", y, y_ref, strict=False)
     # float32 results computed from bf16 products: held to bf16's bounds
-    assert_close("running_var", fused.bn.running_var, truth.bn.running_var, strict=False, precision=torch.bfloat16)
+    for name in ("running_mean", "running_var"):
+        assert_close(name, getattr(fused.bn, name), getattr(truth.bn, name), strict=False, precision=torch.bfloat16)
     y.backward(grad_y.to(y.dtype))
     y_ref.backward(grad_y.to(y.dtype))
     for (name, p_fused), (_, p_truth) in zip(fused.named_parameters(), truth.named_parameters()):
@@ -581,11 +581,6 @@ def _compile_training_module_check(backend: str, device: str) -> None:
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-3, atol=1e-3, msg=name)
     torch.testing.assert_close(model.bn.running_var, eager.bn.running_var)
     assert model.bn.num_batches_tracked.item() == eager.bn.num_batches_tracked.item() == 1
-
-
-def test_compile_fullgraph_training_module_on_cpu():
-    """The module's training path (backend resolution, then the standard layers on CPU) traces without breaks."""
-    _compile_training_module_check("auto", "cpu")
 
 
 @pytest.mark.cuda
