@@ -16,15 +16,15 @@ class FusedBSConvU(nn.Sequential):
     """BSConv-U (pointwise 1x1 conv, optional BatchNorm, depthwise KxK conv) run as one fused kernel.
 
     Same constructor, base class (``nn.Sequential``), submodules (``pw``, ``bn``, ``dw``), parameter names and
-    state_dict keys as ``bsconv.pytorch.BSConvU``, and the same outputs. The fused path reads the submodules'
-    parameters without calling their ``forward``, so hooks registered on ``pw``/``bn``/``dw`` do not run there. The
-    fused path folds an eval-mode BatchNorm into the pointwise stage, normalizes a training-mode BatchNorm (or one
-    with ``track_running_stats=False``) with the batch statistics derived from the input's
+    state_dict keys as ``bsconv.pytorch.BSConvU``, and the same outputs. The fused path reads the submodules' parameters
+    without calling their ``forward``, so hooks registered on ``pw``/``bn``/``dw`` do not run there. The fused path
+    folds an eval-mode BatchNorm into the pointwise stage, normalizes a training-mode BatchNorm (or one with
+    ``track_running_stats=False``) with the batch statistics derived from the input's
     (:func:`bsconv_cuda.bsconv_u_batch_norm`: nothing of the intermediate's size is written or saved), and handles
     non-zero padding modes by padding ``x`` first (padding commutes with a per-pixel map, so this equals padding the
-    intermediate; batch statistics leave the padding out). ``bn`` may be replaced by an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``):
-    training under ``torch.distributed``, the statistics are then the process group's. ``backend="reference"``
-    runs the standard layers.
+    intermediate; batch statistics leave the padding out). ``bn`` may be replaced by an ``nn.SyncBatchNorm``
+    (``nn.SyncBatchNorm.convert_sync_batchnorm``): training under ``torch.distributed``, the statistics are then the
+    process group's. ``backend="reference"`` runs the standard layers.
     """
 
     def __init__(
@@ -82,13 +82,14 @@ def fused_block_forward(
     ``pw``: a bias-free 1x1 ``nn.Conv2d``; ``bn``: an ``nn.BatchNorm2d``, an ``nn.SyncBatchNorm`` or None; ``dw``: a
     depthwise ``nn.Conv2d`` (any padding mode); ``mid_activation``: as in :func:`bsconv_cuda.bsconv_u`. The layers'
     ``forward`` (and so their hooks) is not called on the fused path. An eval-mode BatchNorm is folded into the
-    pointwise stage; a BatchNorm that normalizes with batch statistics (training, or ``track_running_stats=False``)
-    runs fused through :func:`bsconv_cuda.bsconv_u_batch_norm`, with ``nn.BatchNorm2d``'s semantics (momentum, the
-    cumulative average of ``momentum=None``, ``num_batches_tracked``) and, for an ``nn.SyncBatchNorm`` training under
+    pointwise stage; a BatchNorm that normalizes with batch statistics (training, or ``track_running_stats=False``) runs
+    fused through :func:`bsconv_cuda.bsconv_u_batch_norm`, with ``nn.BatchNorm2d``'s semantics (momentum, the cumulative
+    average of ``momentum=None``, ``num_batches_tracked``) and, for an ``nn.SyncBatchNorm`` training under
     ``torch.distributed``, statistics over its process group. Where the backend resolves to ``"reference"`` that
     BatchNorm runs as the standard layers; a synchronizing ``nn.SyncBatchNorm`` does so only for
-    ``backend="reference"``, since every rank must take the path the others take (``batchnorm.runs_fused``). Non-zero padding modes pad ``x`` first (padding commutes with a
-    per-pixel map, so this equals padding the intermediate); batch statistics are those of the unpadded image.
+    ``backend="reference"``, since every rank must take the path the others take (``batchnorm.runs_fused``). Non-zero
+    padding modes pad ``x`` first (padding commutes with a per-pixel map, so this equals padding the intermediate);
+    batch statistics are those of the unpadded image.
     """
     padding = dw.padding
     x_fused = x

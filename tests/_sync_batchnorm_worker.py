@@ -6,9 +6,9 @@ import os
 
 
 def run_rank(rank: int, world_size: int, workdir: str) -> None:
-    """Trains this rank's share of the batch (``batch_sizes[rank]`` images, possibly none) through a FusedBSConvU with nn.SyncBatchNorm on the Triton backend and
-    saves what it saw (outputs, input gradients, this rank's and the all-reduced parameter gradients, buffers) to
-    ``rank{rank}.pt``."""
+    """Trains this rank's share of the batch (``batch_sizes[rank]`` images, possibly none) through a FusedBSConvU with
+    nn.SyncBatchNorm on the Triton backend and saves what it saw (outputs, input gradients, this rank's and the
+    all-reduced parameter gradients, buffers) to ``rank{rank}.pt``."""
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors through the Triton kernels, on any machine
     import torch
     import torch.distributed as dist
