@@ -336,3 +336,19 @@ def test_sync_batchnorm_models_are_fused():
         assert summary.fused_counts() == {kind: fused_blocks}
         assert any(type(m).__name__.startswith("SyncBatchNorm") for m in converted.modules())
         _assert_same_model(original, converted)
+
+
+def test_converted_block_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the fused block class (reference backend on CPU), train and eval."""
+    build, shape = _tiny_blocks()["torchvision_v2_relu6_residual"]
+    def seeded_block():
+        torch.manual_seed(0)
+        return build()
+
+    original, converted, _ = converted_twin(seeded_block, backend="reference")
+    compiled = torch.compile(converted, fullgraph=True)
+    x = torch.randn(2, *shape)
+    for mode in (True, False):
+        original.train(mode)
+        converted.train(mode)
+        torch.testing.assert_close(compiled(x), original(x))
