@@ -17,6 +17,7 @@ line and the suite measure the same things the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -38,6 +39,7 @@ from .shapes import SHAPES, Shape, select
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "bwd", "fwdbwd")
+GLOBAL_WARMUP_S = 1.0  # default of --warmup: untimed runs of the whole plan before the first measurement
 LAYOUTS = ("nchw", "cl")  # cl = channels_last
 BASELINES = ("reference", "composed", "compile")  # non-fused contenders
 FUSED = ("triton", "cuda")
@@ -278,16 +280,30 @@ def peak_memory_bytes(fn: Callable, device: torch.device) -> int | None:
     return int(peak)
 
 
-def relative_error(contender: str, case: Case) -> float:
-    """||y - y_ref|| / ||y_ref|| of the forward, the reference computed in float32 from the same inputs."""
-    with torch.no_grad():
-        y = block_fn(contender, case)(*case.args(contender)).float()
-        args = list(case.args("reference"))
-        for i in (0, 1, 2, 3, 4):
-            if args[i] is not None:
-                args[i] = args[i].float()
-        ref = reference_block(*args)
-        return float(torch.linalg.vector_norm(y - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+def relative_error(contender: str, case: Case, pass_: str = "fwd") -> float:
+    """The error of what ``pass_`` computes, against the reference computed in float32 from the same inputs: the
+    largest ``||out - ref|| / ||ref||`` over y (fwd), over the gradients of x and every weight (bwd), or over both
+    (fwdbwd)."""
+    if pass_ not in PASSES:
+        raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
+    leaves = case.leaves()
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    ref_by_id = {id(t): r for t, r in zip(leaves, ref_leaves)}
+    ref_args = [ref_by_id.get(id(a), a) for a in case.args("reference")]
+    with torch.enable_grad():
+        y = block_fn(contender, case)(*case.args(contender))
+        y_ref = reference_block(*ref_args)
+        outs, refs = [], []
+        if pass_ in ("fwd", "fwdbwd"):
+            outs.append(y.detach())
+            refs.append(y_ref.detach())
+        if pass_ in ("bwd", "fwdbwd"):
+            outs += torch.autograd.grad(y, leaves, case.grad_y)
+            refs += torch.autograd.grad(y_ref, ref_leaves, case.grad_y.float())
+    return max(
+        float(torch.linalg.vector_norm(o.float() - r) / torch.linalg.vector_norm(r).clamp_min(1e-30))
+        for o, r in zip(outs, refs)
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -320,10 +336,13 @@ class Result:
 
 
 class Progress:
-    """A plain stderr progress bar (no dependency); silent when disabled."""
+    """A plain progress bar on ``stream`` (default stderr; no dependency). Drawn only when enabled and ``stream`` is
+    a terminal: redirected to a file or a pipe, its carriage-return lines would fill a log."""
 
-    def __init__(self, total: int, enabled: bool = True, width: int = 28):
-        self.total, self.done, self.enabled, self.width = total, 0, enabled, width
+    def __init__(self, total: int, enabled: bool = True, width: int = 28, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.done, self.width = total, 0, width
+        self.enabled = enabled and self.stream.isatty()
         self.t0 = time.perf_counter()
 
     def step(self, what: str) -> None:
@@ -333,13 +352,13 @@ class Progress:
         frac = self.done / max(self.total, 1)
         bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
         line = f"\r[{bar}] {self.done}/{self.total} {time.perf_counter() - self.t0:5.1f}s {what[:48]:<48}"
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        self.stream.write(line)
+        self.stream.flush()
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _plan(args, device: torch.device) -> list[tuple[str, str]]:
@@ -354,6 +373,49 @@ def _plan(args, device: torch.device) -> list[tuple[str, str]]:
         plan += [("compile", lay) for lay in layouts]
     plan += [(b, lay) for b in FUSED for lay in layouts]
     return plan
+
+
+def warm_up(jobs: list[tuple], dtype: torch.dtype, device: torch.device, seconds: float) -> None:
+    """Runs every (contender, layout, pass) of the plan on the first shape, round-robin, for ``seconds`` and at least
+    once each, untimed. Each measurement has its own warm-up, but that does not cover what the process pays once:
+    library initialisation, the allocator growing, clocks ramping up. Without this, on CPU the first shape timed
+    read cl/nchw 8.7x, and 1.75x when timed second. Failures are left to the measurement, which reports them."""
+    first = jobs[0][0] if jobs else None
+    runners = []
+    cases: dict = {}
+    for shape, contender, layout, pass_ in jobs:
+        if shape != first:
+            continue
+        if layout not in cases:
+            cases[layout] = make_case(shape, dtype, layout, device)
+        try:
+            runners.append(make_runner(contender, cases[layout], pass_))
+        except Exception:  # noqa: BLE001
+            continue
+    t_end = time.perf_counter() + seconds
+    rounds = 0
+    while runners and (rounds == 0 or time.perf_counter() < t_end):
+        for run in list(runners):
+            try:
+                run()
+            except Exception:  # noqa: BLE001
+                runners.remove(run)
+        _sync(device)
+        rounds += 1
+
+
+def interpreter_crops(shapes: Sequence[Shape], count: int) -> list[Shape]:
+    """The tiny crops (batch 1, at most 8x8, at most 32 channels) that ``--triton-interpret`` runs: those of the
+    first ``count`` shapes whose crops differ (several shapes crop to the same case, e.g. the first two quick ones)."""
+    crops: list[Shape] = []
+    for shape in shapes:
+        crop = dataclasses.replace(shape, batch=1, hw=min(shape.hw, 8), c_in=min(shape.c_in, 32),
+                                   c_out=min(shape.c_out, 32))
+        if all(dataclasses.replace(crop, name=c.name, family=c.family, quick=c.quick) != c for c in crops):
+            crops.append(crop)
+        if len(crops) == count:
+            break
+    return crops
 
 
 def run_benchmarks(args) -> tuple[list[Result], dict]:
@@ -395,8 +457,9 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
             jobs += [(shape, contender, layout, p) for p in passes]
     interp_jobs = []
     if args.triton_interpret:
-        interp_jobs = [(s, p) for s in shapes[: args.interpret_shapes] for p in passes]
+        interp_jobs = [(s, p) for s in interpreter_crops(shapes, args.interpret_shapes) for p in passes]
     progress = Progress(len(jobs) + len(interp_jobs), enabled=not args.no_progress)
+    warm_up(jobs, dtype, device, args.warmup)
     results: list[Result] = []
     cases: dict = {}
     for shape, contender, layout, pass_ in jobs:
@@ -408,8 +471,8 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
         case = cases[key]
         res = Result(shape.name, shape.describe(), args.dtype, pass_, contender, layout, None)
         try:
-            if contender in FUSED and pass_ == passes[0]:
-                res.rel_err = relative_error(contender, case)
+            if contender in FUSED:
+                res.rel_err = relative_error(contender, case, pass_)
             t = time_ms(make_runner(contender, case, pass_), device)
             res.ms, res.p20_ms, res.p80_ms = t["ms"], t["p20_ms"], t["p80_ms"]
             if device.type == "cuda":
@@ -422,24 +485,20 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
     cases.clear()
     for shape, pass_ in interp_jobs:
         progress.step(f"{shape.name} triton-interpreter {pass_}")
-        results.append(_interpreter_check(shape, pass_, dtype))
+        results.append(_interpreter_check(shape, pass_))
     progress.close()
     meta["skipped"] = skipped
     return results, meta
 
 
-def _interpreter_check(shape: Shape, pass_: str, dtype: torch.dtype) -> Result:
-    """Triton interpreter on a tiny crop of ``shape`` (batch 1, at most 8x8, at most 32 channels): correctness only."""
-    import dataclasses
-
-    tiny = dataclasses.replace(shape, batch=1, hw=min(shape.hw, 8), c_in=min(shape.c_in, 32),
-                               c_out=min(shape.c_out, 32))
-    dtype = torch.float32 if dtype != torch.float32 else dtype
-    res = Result(shape.name, tiny.describe() + " (tiny crop)", "fp32", pass_, "triton", "interpreter", None,
+def _interpreter_check(tiny: Shape, pass_: str) -> Result:
+    """Triton interpreter on ``tiny`` (an :func:`interpreter_crops` crop), in fp32: the error of ``pass_``;
+    correctness only."""
+    res = Result(tiny.name, tiny.describe() + " (tiny crop)", "fp32", pass_, "triton", "interpreter", None,
                  note="Triton interpreter: NOT a speed measurement")
     try:
-        case = make_case(tiny, dtype, "nchw", "cpu")
-        res.rel_err = relative_error("triton", case)
+        case = make_case(tiny, torch.float32, "nchw", "cpu")
+        res.rel_err = relative_error("triton", case, pass_)
         t = cpu_time_ms(make_runner("triton", case, pass_), min_reps=1, max_reps=1, budget_s=0.0)
         res.ms = t["ms"]
     except Exception as error:  # noqa: BLE001
@@ -531,24 +590,59 @@ def parse_args(argv: Sequence[str] | None = None):
                         "shapes (correctness smoke test, NOT a speed measurement)")
     p.add_argument("--interpret-shapes", type=int, default=2, help="how many shapes --triton-interpret runs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--warmup", type=float, default=GLOBAL_WARMUP_S, metavar="SECONDS",
+                   help=f"untimed runs of the first shape's whole plan before any timing (default "
+                        f"{GLOBAL_WARMUP_S:g}; each measurement also warms up on its own)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only when stderr is a terminal)")
     p.add_argument("--list", action="store_true", help="list the shapes and exit")
     return p.parse_args(argv)
 
 
+def _device(spec: str | None) -> torch.device:
+    """``--device`` checked: a clear message, instead of a traceback from deep inside the first CUDA call."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as error:
+        raise SystemExit(f"--device: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {spec}: no CUDA GPU is usable here (torch.cuda.is_available() is False; "
+                             f"torch {torch.__version__}, CUDA {torch.version.cuda or 'not compiled in'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise SystemExit(f"--device {spec}: only cpu and cuda devices are benchmarked")
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is handled below
+        return status
+    except BrokenPipeError:
+        # the reader went away (``--list | head``): stop quietly. stdout goes to devnull so that Python's own flush at
+        # exit does not raise again (the recipe of Python's signal module documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.list:
         for s in SHAPES:
             print(f"{s.name:28s} {s.describe()}{'  (quick)' if s.quick else ''}")
         return 0
+    device = _device(args.device)
     if args.triton_interpret and os.environ.get("TRITON_INTERPRET") != "1":
         # Triton reads TRITON_INTERPRET when it is first imported, possibly already by ``import bsconv_cuda``:
         # start again with it set.
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, "-m", "bsconv_cuda.bench", *argv], env)
-    on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    args.device = str(device)
+    on_gpu = device.type == "cuda"
     if args.dtype is None:
         args.dtype = "bf16" if on_gpu else "fp32"
     if args.triton_interpret and on_gpu:

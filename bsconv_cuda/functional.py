@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -39,19 +40,27 @@ def bsconv_u(
     fused kernel on the ``triton`` and ``cuda`` backends.
 
     Args:
-        x: input, (N, C_in, H, W), NCHW or channels_last.
+        x: input, (N, C_in, H, W), NCHW or channels_last, or unbatched (C_in, H, W) as torch's convolutions take it.
         pw_weight: pointwise weight, (C_out, C_in) or (C_out, C_in, 1, 1).
         dw_weight: depthwise weight, (C_out, 1, kh, kw).
         dw_bias: depthwise bias, (C_out,), optional.
-        stride, dilation: of the depthwise stage; an int or a pair.
+        stride, dilation: of the depthwise stage; an int or a pair (anything ``operator.index`` takes, e.g. numpy
+            integers, counts as an int).
         padding: zero padding of the intermediate: an int, a pair, ``"valid"`` or ``"same"`` (stride 1 only).
         pw_bias: pointwise bias, (C_out,), optional (an eval-mode BatchNorm folded into the pointwise stage).
         mid_activation: None, ``"relu"``, ``"relu6"``, ``"hardswish"`` or ``"silu"``, applied before the depthwise stage.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        (N, C_out, H_out, W_out), in the memory format that torch's own convolutions would give.
+        (N, C_out, H_out, W_out) (or (C_out, H_out, W_out) for an unbatched x), in the memory format that torch's own
+        convolutions would give.
     """
+    if isinstance(x, Tensor) and x.dim() == 3:
+        # unbatched, as torch's convolutions do it: a batch of one, squeezed again
+        return bsconv_u(
+            x.unsqueeze(0), pw_weight, dw_weight, dw_bias, stride, padding, dilation,
+            pw_bias=pw_bias, mid_activation=mid_activation, backend=backend,
+        ).squeeze(0)
     call = prepare_call(x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, pw_bias, mid_activation, backend)
     return BSConvUFunction.apply(*call)
 
@@ -157,7 +166,9 @@ def _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias) -> None:
         if tensor is not None and not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"x must be 3-D (C_in, H, W) or 4-D (N, C_in, H, W), got shape {tuple(x.shape)}")
+    if (reason := reference.empty_spatial_size_reason(x)) is not None:
+        raise ValueError(f"x: {reason}")
     if pw_weight.dim() not in (2, 4) or (pw_weight.dim() == 4 and tuple(pw_weight.shape[2:]) != (1, 1)):
         raise ValueError(f"pw_weight must be (C_out, C_in) or (C_out, C_in, 1, 1), got shape {tuple(pw_weight.shape)}")
     c_out, c_in = pw_weight.shape[:2]
@@ -198,12 +209,29 @@ def normalize_conv_args(
 
 
 def _pair(name: str, value: int | Sequence[int], minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, Sequence) else ()
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+    if isinstance(value, Iterable) and not isinstance(value, str) and getattr(value, "ndim", 1) != 0:
+        pair = tuple(_as_int(v) for v in value)  # a pair (a tuple, a list, a 1-D array)
+    else:
+        single = _as_int(value)
+        pair = () if single is None else (single, single)
+    if len(pair) != 2 or None in pair:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return pair
+
+
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer (anything ``operator.index`` takes, such as numpy integers, as
+    torch's convolutions accept), else None. bool is not a size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value  # plain ints take this branch: nothing for torch.compile to trace
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _padding(

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, reference
-from .batchnorm import batch_norm_call, fold_batch_norm
+from .batchnorm import batch_norm_call, fold_batch_norm, runs_fused, synchronized_group
 from .functional import bsconv_u, prepare_call
 
 
@@ -22,7 +22,7 @@ class FusedBSConvU(nn.Sequential):
     with ``track_running_stats=False``) with the batch statistics derived from the input's
     (:func:`bsconv_cuda.bsconv_u_batch_norm`: nothing of the intermediate's size is written or saved), and handles
     non-zero padding modes by padding ``x`` first (padding commutes with a per-pixel map, so this equals padding the
-    intermediate). ``bn`` may be replaced by an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``):
+    intermediate; batch statistics leave the padding out). ``bn`` may be replaced by an ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``):
     training under ``torch.distributed``, the statistics are then the process group's. ``backend="reference"``
     runs the standard layers.
     """
@@ -86,16 +86,20 @@ def fused_block_forward(
     runs fused through :func:`bsconv_cuda.bsconv_u_batch_norm`, with ``nn.BatchNorm2d``'s semantics (momentum, the
     cumulative average of ``momentum=None``, ``num_batches_tracked``) and, for an ``nn.SyncBatchNorm`` training under
     ``torch.distributed``, statistics over its process group. Where the backend resolves to ``"reference"`` that
-    BatchNorm runs as the standard layers. Non-zero padding modes pad ``x`` first (padding commutes with a
-    per-pixel map, so this equals padding the intermediate).
+    BatchNorm runs as the standard layers; a synchronizing ``nn.SyncBatchNorm`` does so only for
+    ``backend="reference"``, since every rank must take the path the others take (``batchnorm.runs_fused``). Non-zero padding modes pad ``x`` first (padding commutes with a
+    per-pixel map, so this equals padding the intermediate); batch statistics are those of the unpadded image.
     """
     padding = dw.padding
     x_fused = x
+    input_padding = (0, 0, 0, 0)  # (top, bottom, left, right) of x_fused that is a padding of x
     if dw.padding_mode != "zeros":
-        x_fused = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
-        padding = 0
+        left, right, top, bottom = dw._reversed_padding_repeated_twice
+        x_fused = F.pad(x, (left, right, top, bottom), mode=dw.padding_mode)
+        padding, input_padding = 0, (top, bottom, left, right)
     if bn is not None and (bn.training or bn.running_mean is None):
-        return _batch_statistics_forward(x, x_fused, padding, pw, bn, dw, _activation_name(mid_activation), backend)
+        return _batch_statistics_forward(x, x_fused, padding, input_padding, pw, bn, dw,
+                                         _activation_name(mid_activation), backend)
     pw_weight, pw_bias = _pointwise_with_bn_folded(pw, bn)
     return bsconv_u(
         x_fused, pw_weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation,
@@ -104,11 +108,12 @@ def fused_block_forward(
 
 
 def _batch_statistics_forward(
-    x: Tensor, x_fused: Tensor, padding, pw: nn.Conv2d, bn: nn.BatchNorm2d, dw: nn.Conv2d, activation: str,
-    backend: str,
+    x: Tensor, x_fused: Tensor, padding, input_padding: tuple[int, int, int, int], pw: nn.Conv2d,
+    bn: nn.BatchNorm2d, dw: nn.Conv2d, activation: str, backend: str,
 ) -> Tensor:
-    """The block with a BatchNorm that normalizes with batch statistics, fused unless the backend resolves to the
-    reference. An unbatched (C, H, W) input is a batch of one, on both paths (``nn.BatchNorm2d`` alone rejects it)."""
+    """The block with a BatchNorm that normalizes with batch statistics, fused or as the standard layers as
+    :func:`~bsconv_cuda.batchnorm.runs_fused` decides. An unbatched (C, H, W) input is a batch of one, on both paths
+    (``nn.BatchNorm2d`` alone rejects it)."""
     unbatched = x.dim() == 3
     if unbatched:
         x, x_fused = x.unsqueeze(0), x_fused.unsqueeze(0)
@@ -116,7 +121,8 @@ def _batch_statistics_forward(
     # in eval (select_backend's error), and auto falls back to the reference silently.
     call = prepare_call(x_fused, pw.weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation, None, activation,
                         backend)
-    if call.backend == "reference":
+    group = _sync_group(bn)
+    if not runs_fused(call, backend, group):
         y = dw(reference.activate(_normalize(bn, pw(x)), activation))
     else:
         momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -127,7 +133,7 @@ def _batch_statistics_forward(
         tracking = bn.training and bn.track_running_stats
         y = batch_norm_call(
             call, bn.running_mean if tracking else None, bn.running_var if tracking else None, bn.weight, bn.bias,
-            momentum, bn.eps, _sync_group(bn),
+            momentum, bn.eps, group, input_padding,
         )
     return y.squeeze(0) if unbatched else y
 
@@ -146,8 +152,7 @@ def _sync_group(bn: nn.BatchNorm2d):
         return None
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
-    group = bn.process_group or torch.distributed.group.WORLD
-    return group if torch.distributed.get_world_size(group) > 1 else None
+    return synchronized_group(bn.process_group or torch.distributed.group.WORLD)
 
 
 def _activation_name(mid_activation: str | None) -> str:

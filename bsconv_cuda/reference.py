@@ -41,6 +41,22 @@ def output_size(
     return out_h, out_w
 
 
+def empty_spatial_size_reason(x: Tensor) -> str | None:
+    """Why ``x`` (N, C_in, H, W) cannot be convolved, or None: torch's convolutions reject an input with H or W = 0
+    whatever the padding (only the batch may be empty), and the pointwise stage is such a convolution."""
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        return (f"input of spatial size {tuple(x.shape[2:])} is empty; as in torch.nn.functional.conv2d, only the "
+                f"batch may be empty")
+    return None
+
+
+def check_input(x: Tensor, op: str) -> None:
+    """Raises what the operators raise for an ``x`` that :func:`empty_spatial_size_reason` rejects."""
+    reason = empty_spatial_size_reason(x)
+    if reason is not None:
+        raise RuntimeError(f"{op}: x: {reason}")
+
+
 def activate(pre: Tensor, activation: str) -> Tensor:
     if activation == "none":
         return pre
@@ -56,15 +72,21 @@ def activate(pre: Tensor, activation: str) -> Tensor:
 
 
 def activation_backward(grad_mid: Tensor, pre: Tensor, activation: str) -> Tensor:
-    """d act(pre) / d pre · grad_mid, with torch autograd's own formulas (so values at kinks match exactly)."""
+    """d act(pre) / d pre · grad_mid, with torch autograd's own formulas (so values at kinks match exactly).
+
+    Where ``pre`` is NaN, relu / relu6 / hardswish pass ``grad_mid`` through, as torch's elementwise kernels do
+    (each zeroes the gradient only where a comparison with ``pre`` holds, and none holds for NaN). torch's vectorized
+    CPU kernels of hardtanh_backward and hardswish_backward give 0 and NaN there instead, depending on whether an
+    element falls in a vector lane or in the scalar tail; the reference follows the elementwise definition on every
+    device. silu's gradient at NaN is NaN."""
     if activation == "none":
         return grad_mid
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad_mid, pre, 0)
     if activation == "relu6":
-        return torch.ops.aten.hardtanh_backward(grad_mid, pre, 0.0, 6.0)
+        return torch.where(pre.isnan(), grad_mid, torch.ops.aten.hardtanh_backward(grad_mid, pre, 0.0, 6.0))
     if activation == "hardswish":
-        return torch.ops.aten.hardswish_backward(grad_mid, pre)
+        return torch.where(pre.isnan(), grad_mid, torch.ops.aten.hardswish_backward(grad_mid, pre))
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad_mid, pre)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -80,6 +102,7 @@ def forward(
     x: Tensor, pw_weight: Tensor, pw_bias: Tensor | None, dw_weight: Tensor, dw_bias: Tensor | None,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], activation: str,
 ) -> Tensor:
+    check_input(x, "bsconv_cuda::reference_forward")
     _, mid = _padded_mid(x, pw_weight, pw_bias, padding, activation)
     y = F.conv2d(mid, dw_weight, dw_bias, stride, 0, dilation, groups=dw_weight.shape[0])
     return y.contiguous(memory_format=output_memory_format(x))
@@ -89,6 +112,7 @@ def backward(
     grad_y: Tensor, x: Tensor, pw_weight: Tensor, pw_bias: Tensor | None, dw_weight: Tensor, dw_bias: Tensor | None,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], activation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_input(x, "bsconv_cuda::reference_backward")
     c_out = dw_weight.shape[0]
     pre, mid = _padded_mid(x, pw_weight, pw_bias, padding, activation)
     grad_mid, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(

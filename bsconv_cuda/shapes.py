@@ -1,7 +1,7 @@
 """The canonical table of BSConv-U layer shapes used by the benchmarks (one source of truth).
 
-``benchmarks/shapes.py`` re-exports this module, and ``python -m bsconv_cuda.bench`` reads it, so the pytest
-benchmark suite and the command-line benchmark always talk about the same layers.
+``python -m bsconv_cuda.bench`` and the pytest-benchmark suite in ``benchmarks/`` both read it, so the two always
+talk about the same layers.
 
 Notation in the comments: ``a->b@HW sS kK`` means C_in=a, C_out=b, input H=W=HW, depthwise stride S (1 when
 omitted), depthwise kernel KxK (3 when omitted), padding K//2, dilation 1.

@@ -24,6 +24,8 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
 
 #include "bsconv_params.h"
@@ -360,22 +362,45 @@ bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   return true;
 }
 
-int max_smem_optin() {
-  int dev = 0, v = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 48 * 1024;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 48 * 1024;
-  return v;
+// A failed runtime call is reported through our return code: clear it from the thread's last error too, so that the
+// check for errors left pending by earlier work (take_pending_error) does not find it again.
+int reported(cudaError_t e) {
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  return (int)e;
 }
 
-template <typename Kern>
-int prepare_smem(Kern kernel, int bytes) {
-  if (bytes > 48 * 1024) {
-    if (bytes > max_smem_optin()) return -2;
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) return (int)e;
+constexpr int kDefaultSmemLimit = 48 * 1024;  // dynamic shared memory every kernel may use without opting in
+
+// One kernel's dynamic shared-memory limit, raised once per device to the most that any launch of the kernel asks
+// for (capped at what the device allows), and never changed again: raising it on every launch to that launch's size
+// let another host thread lower it between this thread's raise and its launch.
+class SmemLimit {
+ public:
+  // 0 when `bytes` may be launched on the current device, else -2 (more than the device allows) or a cudaError_t.
+  template <typename Kern>
+  int allow(Kern kernel, int bytes, int kernel_max_bytes) {
+    if (bytes <= kDefaultSmemLimit) return 0;
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e != cudaSuccess) return reported(e);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = limit_.find(dev);
+    if (it == limit_.end()) {
+      int optin = 0;
+      e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+      if (e != cudaSuccess) return reported(e);
+      const int limit = kernel_max_bytes < optin ? kernel_max_bytes : optin;
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+      if (e != cudaSuccess) return reported(e);
+      it = limit_.emplace(dev, limit).first;
+    }
+    return bytes <= it->second ? 0 : -2;
   }
-  return 0;
-}
+
+ private:
+  std::mutex mu_;
+  std::map<int, int> limit_;  // device -> the limit set for the kernel there
+};
 
 template <typename T, int K>
 int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
@@ -384,7 +409,8 @@ int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
   if (!choose_fwd_tile(s, &t)) return -1;
   const bool vec = (s.C_in % Cfg<T>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
   const int smem = fwd_smem_bytes<T, K>(t.P_pad);
-  int rc = prepare_smem(fwd_kernel<T, K>, smem);
+  static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps P_pad <= kMaxHalo
+  int rc = limit.allow(fwd_kernel<T, K>, smem, fwd_smem_bytes<T, K>(kMaxHalo));
   if (rc != 0) return rc;
   dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)t.tiles, (unsigned)s.N);
   fwd_kernel<T, K><<<grid, kThreads, smem, stream>>>(a, t, vec);
@@ -738,7 +764,8 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
   {
     const int smem = bwd_smem_bytes<T, K>();
-    rc = prepare_smem(bwd_tile_kernel<T, K>, smem);
+    static SmemLimit limit;  // one per kernel instantiation; its shared memory does not depend on the shape
+    rc = limit.allow(bwd_tile_kernel<T, K>, smem, smem);
     if (rc != 0) return rc;
     dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)g.tile.tiles, (unsigned)s.N);
     bwd_tile_kernel<T, K><<<grid, kThreads, smem, stream>>>(a, g.tile, vec);
@@ -848,6 +875,8 @@ BwdWorkspace bwd_workspace(const ConvShape& s) {
   w.part_col_elems = g.col_blocks * s.C_out;
   return w;
 }
+
+int take_pending_error() { return (int)cudaGetLastError(); }
 
 const char* error_string(int code) {
   if (code == -1) return "shape not supported by the CUDA kernels";

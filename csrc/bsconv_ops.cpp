@@ -118,6 +118,10 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
   s.C_in = x.size(1);
   s.H = x.size(2);
   s.W = x.size(3);
+  // bsconv_cuda.reference.empty_spatial_size_reason: the pointwise stage is a convolution, and torch's refuse an
+  // empty spatial size whatever the padding (the padding would otherwise make y non-empty with nothing to compute)
+  STD_TORCH_CHECK(s.H >= 1 && s.W >= 1, op, ": x: input of spatial size (", s.H, ", ", s.W,
+                  ") is empty; as in torch.nn.functional.conv2d, only the batch may be empty");
   STD_TORCH_CHECK(pw_weight.dim() == 2, op, ": pw_weight must be 2-d (C_out, C_in), got ", pw_weight.dim(),
                   " dims");
   check_same(pw_weight, x, "pw_weight", op);
@@ -171,7 +175,16 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
   return c;
 }
 
-bool is_empty_problem(const bsconv::ConvShape& s) { return s.N == 0 || s.C_out == 0 || s.H == 0 || s.W == 0; }
+// Nothing to compute (check_args has ruled out an empty spatial size): y is empty, the gradients are zero.
+bool is_empty_problem(const bsconv::ConvShape& s) { return s.N == 0 || s.C_out == 0; }
+
+// An error that earlier asynchronous work left pending would otherwise surface in the check after our launches and
+// be reported as a failure of this op; it is reported here, before them, as what it is.
+void check_no_pending_error(const char* op) {
+  const int pending = bsconv::take_pending_error();
+  STD_TORCH_CHECK(pending == 0, op, ": a CUDA error was already pending before this op launched anything (left by "
+                  "earlier work, not raised by this op): ", bsconv::error_string(pending));
+}
 
 void check_supported(const bsconv::ConvShape& s, const char* op) {
   const char* why = bsconv::supported_reason(s);
@@ -224,6 +237,7 @@ Tensor cuda_forward(Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, T
   a.dw_w = c.dw_w.const_data_ptr();
   a.dw_b = ptr_or_null(c.dw_b);
   a.y = y.mutable_data_ptr();
+  check_no_pending_error(op);
   const int rc = bsconv::fwd_launch(a, current_stream(x));
   STD_TORCH_CHECK(rc == 0, op, ": kernel launch failed: ", bsconv::error_string(rc));
   return to_format(y, fmt);
@@ -283,6 +297,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
   a.part_tile = static_cast<float*>(part_tile.mutable_data_ptr());
   a.part_gemm = static_cast<float*>(part_gemm.mutable_data_ptr());
   a.part_col = static_cast<float*>(part_col.mutable_data_ptr());
+  check_no_pending_error(op);
   const int rc = bsconv::bwd_launch(a, current_stream(x));
   STD_TORCH_CHECK(rc == 0, op, ": kernel launch failed: ", bsconv::error_string(rc));
   return std::make_tuple(to_format(grad_x, fmt), grad_pw_w, grad_pw_b, grad_dw_w, grad_dw_b);

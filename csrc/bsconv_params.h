@@ -66,6 +66,9 @@ BwdWorkspace bwd_workspace(const ConvShape& s);
 // nullptr when the kernels support the shape, else a static string saying why not.
 const char* supported_reason(const ConvShape& s);
 const char* error_string(int code);
+// Reads and clears (unless it is sticky) the CUDA error that earlier work left pending in this host thread, 0 if
+// none. Called right before the launches, so that the error checks after them report only their own errors.
+int take_pending_error();
 int cuda_runtime_version_built();
 
 }  // namespace bsconv

@@ -6,7 +6,7 @@ import os
 
 
 def run_rank(rank: int, world_size: int, workdir: str) -> None:
-    """Trains this rank's share of the batch through a FusedBSConvU with nn.SyncBatchNorm on the Triton backend and
+    """Trains this rank's share of the batch (``batch_sizes[rank]`` images, possibly none) through a FusedBSConvU with nn.SyncBatchNorm on the Triton backend and
     saves what it saw (outputs, input gradients, this rank's and the all-reduced parameter gradients, buffers) to
     ``rank{rank}.pt``."""
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors through the Triton kernels, on any machine
@@ -25,9 +25,9 @@ def run_rank(rank: int, world_size: int, workdir: str) -> None:
         assert isinstance(fused.bn, torch.nn.SyncBatchNorm)
         steps = []
         for x_full, grad_full in data["steps"]:
-            x = x_full.chunk(world_size)[rank].clone().requires_grad_()
+            x = x_full.split(data["batch_sizes"])[rank].clone().requires_grad_()
             y = fused(x)
-            y.backward(grad_full.chunk(world_size)[rank])
+            y.backward(grad_full.split(data["batch_sizes"])[rank])
             local_grads, grads = {}, {}
             for name, param in fused.named_parameters():
                 local_grads[name] = param.grad.clone()

@@ -8,9 +8,11 @@ The shared small-shape grid for all fused backends is tests/test_fused_backends.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -252,3 +254,86 @@ def test_gpu_auto_picks_cuda_and_autograd_works(ext):
     y.float().square().sum().backward()
     assert all(t.grad is not None and not t.grad.isnan().any() for t in leaves)
     assert "cuda" in bsconv_cuda.available_backends("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spatial", [(0, 5), (5, 0)])
+def test_gpu_empty_spatial_size_is_rejected_like_conv2d(ext, spatial):
+    # padding 2 makes y non-empty; the op used to return uninitialised memory as y and 0 as grad_dw_bias
+    x = torch.randn(1, 3, *spatial, device="cuda")
+    pw, pb, dw, db = (torch.randn(*s, device="cuda") for s in ((4, 3), (4,), (4, 1, 3, 3), (4,)))
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.conv2d(x, pw[:, :, None, None], padding=2)
+    args = ([1, 1], [2, 2, 2, 2], [1, 1], "none")
+    with pytest.raises(RuntimeError, match=r"bsconv_cuda::cuda_forward: x: input of spatial size .* is empty"):
+        torch.ops.bsconv_cuda.cuda_forward(x, pw, pb, dw, db, *args)
+    grad_y = torch.randn(1, 4, *(s + 2 for s in spatial), device="cuda")
+    with pytest.raises(RuntimeError, match=r"bsconv_cuda::cuda_backward: x: input of spatial size .* is empty"):
+        torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pb, dw, db, *args)
+
+
+@pytest.mark.cuda
+def test_gpu_threads_with_different_shared_memory_sizes(ext):
+    """Two host threads run the same forward kernel (3x3, bf16) with tiles that need different dynamic shared memory,
+    both above the 48 KB default: 8 x 256 outputs take 8x32 tiles (52096 B), 64 x 64 outputs 16x16 tiles (49792 B).
+    When the limit was set per launch, one thread could lower it between the other's raise and launch, which then
+    failed. A race: this can only catch it by chance, in many rounds (the ops release the GIL)."""
+    shapes = [(1, 32, 8, 256), (1, 32, 64, 64)]
+    calls = []
+    for n, c_in, h, w in shapes:
+        x, pw, pwb, dw, dwb = _inputs(n, c_in, 64, h, w, (3, 3), torch.bfloat16, True, True, True)
+        calls.append((x, pw, pwb, dw, dwb, [1, 1], [1, 1, 1, 1], [1, 1], "relu"))
+    expected = [torch.ops.bsconv_cuda.cuda_forward(*args) for args in calls]
+    errors = []
+
+    def run(args, want):
+        try:
+            for _ in range(300):
+                assert torch.equal(torch.ops.bsconv_cuda.cuda_forward(*args), want)
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(calls, expected)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+
+
+def _cudart():
+    """The CUDA runtime library loaded in this process (the one bsconv_cuda._C calls)."""
+    with open("/proc/self/maps") as maps:
+        paths = sorted({line.split()[-1] for line in maps if "libcudart.so" in line})
+    if len(paths) != 1:
+        pytest.skip(f"expected one CUDA runtime library loaded in this process, found {paths}")
+    return ctypes.CDLL(paths[0])
+
+
+@pytest.mark.cuda
+def test_gpu_error_left_by_earlier_work_is_not_reported_as_this_ops(ext):
+    x, pw, pwb, dw, dwb = _inputs(2, 16, 32, 12, 12, (3, 3), torch.float32, True, True, True)
+    args = (x, pw, pwb, dw, dwb, [1, 1], [1, 1, 1, 1], [1, 1], "relu")
+    grad_y = torch.randn(2, 32, 12, 12, device="cuda").contiguous(memory_format=torch.channels_last)
+    y_expected = torch.ops.bsconv_cuda.cuda_forward(*args)
+    grads_expected = torch.ops.bsconv_cuda.cuda_backward(grad_y, *args)
+    torch.cuda.synchronize()
+    cudart = _cudart()
+
+    def leave_pending_error() -> None:
+        # a failed runtime call that nobody checks stays the thread's last error: here, an attribute of no device
+        value = ctypes.c_int()
+        code = cudart.cudaDeviceGetAttribute(ctypes.byref(value), 1, 1 << 20)
+        assert code != 0 and cudart.cudaPeekAtLastError() == code, "could not leave a pending CUDA error"
+
+    pending = r"already pending before this op launched anything .*not raised by this op.*: invalid device ordinal"
+    leave_pending_error()
+    with pytest.raises(RuntimeError, match=rf"bsconv_cuda::cuda_forward: a CUDA error was {pending}"):
+        torch.ops.bsconv_cuda.cuda_forward(*args)
+    assert torch.equal(torch.ops.bsconv_cuda.cuda_forward(*args), y_expected)  # reported once, then cleared
+    leave_pending_error()
+    with pytest.raises(RuntimeError, match=rf"bsconv_cuda::cuda_backward: a CUDA error was {pending}"):
+        torch.ops.bsconv_cuda.cuda_backward(grad_y, *args)
+    for got, want in zip(torch.ops.bsconv_cuda.cuda_backward(grad_y, *args), grads_expected):
+        assert torch.equal(got, want)

@@ -2,8 +2,9 @@
 
 Every case runs the public API ``bsconv_cuda.bsconv_u(..., backend=...)`` forward and backward, with outputs
 poisoned (NaN) before the kernels run, and compares y and all five gradients with ``bsconv_cuda.reference`` run in
-float64 on the same inputs, with DESIGN.md's tolerances:
-fp32 without TF32: max abs err <= 1e-4 * max(1, max|ref|); fp16 / bf16 / TF32: ||out - ref|| / ||ref|| <= 1e-2.
+float64 on the same inputs, with the tolerances of tests/fused_checks.py:
+fp32 without TF32: max abs err <= 1e-4 * max(1, max|ref|); fp16 / bf16 / TF32: ||out - ref|| / ||ref|| <= 1e-2 and
+max abs err <= 8 u * max|ref| (u: the format's unit roundoff, bf16 2^-8, fp16 / TF32 2^-11).
 
 On CPU the triton backend runs through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes
 are tiny; tiling edges are tested with forced small blocks in tests/test_triton_kernels.py.
@@ -16,7 +17,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fused_checks import Case, check_case
+import bsconv_cuda
+from bsconv_cuda import reference
+from bsconv_cuda.ops import OPS
+from fused_checks import (
+    Case, assert_close, assert_close_with_nan, check_case, make_inputs, poisoned_outputs, skip_unless_available,
+    strided_view, tf32_convolutions,
+)
 
 FUSED_BACKENDS = ["triton", "cuda"]
 
@@ -89,3 +96,74 @@ def cases(draw):
 @given(case=cases(), seed=st.integers(0, 1000))
 def test_random_configurations(case: Case, seed: int, backend: str, device: torch.device) -> None:
     check_case(case, backend, device, seed)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_operators_take_strided_views_of_every_tensor(backend, device):
+    """The operators themselves (what a direct torch.ops call reaches, below bsconv_u's own copies) on strided views
+    of x, both weights, both biases and grad_y: the kernel honours the strides or the launcher copies."""
+    skip_unless_available(backend, device)
+    dense = Case(n=2, c_in=6, c_out=12, h=7, w=9, act="relu6")
+    x, pw, dw, pw_bias, dw_bias = make_inputs(dense, device)
+    conv = ((1, 2), (1, 1, 0, 2), (1, 1), "relu6")
+    forward_op, backward_op = OPS[backend]
+    grad_y = torch.randn(forward_op(x, pw, pw_bias, dw, dw_bias, *conv).shape, dtype=x.dtype).to(device)
+    views = [strided_view(t) for t in (grad_y, x, pw, pw_bias, dw, dw_bias)]
+    assert not any(v.is_contiguous() for v in views)
+    with tf32_convolutions(False), poisoned_outputs(x.device):
+        y = forward_op(*views[1:], *conv)
+        grads = backward_op(*views, *conv)
+    d64 = [t.cpu().double() for t in (x, pw, pw_bias, dw, dw_bias)]
+    assert_close("y", y, reference.forward(*d64, *conv), strict=True)
+    names = ["grad_x", "grad_pw_weight", "grad_pw_bias", "grad_dw_weight", "grad_dw_bias"]
+    for name, g, r in zip(names, grads, reference.backward(grad_y.cpu().double(), *d64, *conv)):
+        assert_close(name, g, r, strict=True)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("nan_in", ["pw_bias", "x"])
+@pytest.mark.parametrize("act", [None, "relu", "relu6", "hardswish", "silu"])
+def test_nan_propagates_like_torch(act, nan_in, backend, device):
+    """A NaN in the intermediate stays NaN through every activation (torch's relu / relu6 propagate it), and the
+    backward passes the gradient through at NaN like torch's threshold_backward / hardtanh_backward. A NaN pw_bias
+    entry makes one whole channel of the intermediate NaN: y is NaN in that channel and the gradients of x, pw_weight
+    and pw_bias stay finite, but differ from those of a kernel that turns NaN into 0. A NaN pixel of x makes every
+    channel NaN at that pixel: y is NaN around it."""
+    skip_unless_available(backend, device)
+    case = Case(act=act)
+    x, pw, dw, pw_bias, dw_bias = make_inputs(case, device)
+    if nan_in == "pw_bias":
+        pw_bias[3] = float("nan")
+    else:
+        x[1, :, 4, 5] = float("nan")
+    leaves = [t.detach().requires_grad_() for t in (x, pw, pw_bias, dw, dw_bias)]
+    grad_y = torch.randn(case.n, case.c_out, case.h, case.w, generator=torch.Generator().manual_seed(1),
+                         dtype=torch.float64)
+    with tf32_convolutions(False):
+        with poisoned_outputs(device):
+            y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[3], leaves[4], padding=1, pw_bias=leaves[2],
+                                     mid_activation=act, backend=backend)
+        with poisoned_outputs(device):
+            y.backward(grad_y.to(case.dtype).to(device))
+
+    d64 = [t.detach().cpu().double() for t in (x, pw, pw_bias, dw, dw_bias)]
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1), act or "none")
+    y_ref = reference.forward(*d64, *conv)
+    assert y_ref.isnan().any() and not y_ref.isnan().all()
+    assert_close_with_nan("y", y, y_ref, strict=True)
+    names = ["grad_x", "grad_pw_weight", "grad_pw_bias", "grad_dw_weight", "grad_dw_bias"]
+    grads_ref = reference.backward(grad_y.double(), *d64, *conv)
+    for name, leaf, ref in zip(names, leaves, grads_ref):
+        assert_close_with_nan(name, leaf.grad, ref, strict=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_tensors_on_a_gpu_that_is_not_the_current_one(backend):
+    """Triton launches on the current device: every launch must run under the tensors' device instead (the cuda
+    backend's DeviceGuard, the triton launchers' device context)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    with torch.cuda.device(0):
+        check_case(Case(act="relu6", dtype=torch.bfloat16, channels_last=True), backend, torch.device("cuda:1"))
+        check_case(Case(act="silu", sliced=True), backend, torch.device("cuda:1"))

@@ -111,3 +111,56 @@ def test_is_a_sequential_like_bsconvu():
     fused = FusedBSConvU(3, 4, 3, with_bn=True)
     assert isinstance(fused, torch.nn.Sequential) and isinstance(bsconv_pytorch.BSConvU(3, 4, 3), torch.nn.Sequential)
     assert list(fused) == [fused.pw, fused.bn, fused.dw] and fused[0] is fused.pw and len(fused) == 3
+
+
+class _Index:
+    """An integer that is not an int, as numpy's integers are: what ``operator.index`` accepts."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def _integer_type(name: str):
+    if name == "__index__":
+        return _Index
+    numpy = pytest.importorskip("numpy", reason="numpy is not installed")
+    return getattr(numpy, name)
+
+
+@pytest.mark.parametrize("integer", ["int64", "int32", "__index__"])
+def test_sizes_of_any_integer_type_like_bsconvu(integer):
+    make = _integer_type(integer)
+    config = dict(in_channels=4, out_channels=6, kernel_size=make(3), stride=make(2), padding=make(1),
+                  dilation=make(1))
+    original, fused = _pair(config)
+    x = torch.randn(2, 4, 9, 8)
+    torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+    as_ints = FusedBSConvU(4, 6, 3, stride=2, padding=1)
+    as_ints.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(fused(x), as_ints(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c.get("with_bn")],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_unbatched_input_like_bsconvu(config, mode):
+    # (C, H, W) as torch's conv modules take it (BatchNorm2d itself needs 4-D input, so only blocks without bn)
+    original, fused = _pair(config)
+    original.train(mode == "train")
+    fused.train(mode == "train")
+    x = torch.randn(config["in_channels"], 9, 8)
+    x_fused = x.clone().requires_grad_()
+    x_original = x.clone().requires_grad_()
+    expected = original(x_original)
+    actual = fused(x_fused)
+    assert actual.shape == expected.shape and actual.dim() == 3
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad)
+    torch.testing.assert_close(x_fused.grad, x_original.grad, rtol=1e-5, atol=1e-5)
+    for (name, p_fused), (_, p_original) in zip(fused.named_parameters(), original.named_parameters()):
+        torch.testing.assert_close(p_fused.grad, p_original.grad, rtol=1e-4, atol=1e-4, msg=name)

@@ -72,6 +72,19 @@ def test_activation_backward_matches_autograd_at_kinks(activation):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+def test_activation_propagates_nan_like_torch_elementwise_kernels(activation, dtype):
+    # 67 elements: vector lanes and a scalar tail on every CPU (torch's vectorized CPU kernels of hardtanh_backward
+    # and hardswish_backward disagree with its scalar ones at NaN; the reference follows the scalar / CUDA kernels)
+    pre = torch.full((67,), float("nan"), dtype=dtype)
+    grad_mid = torch.linspace(-2.0, 2.0, 67, dtype=dtype)
+    assert reference.activate(pre, activation).isnan().all()
+    expected = torch.full_like(pre, float("nan")) if activation == "silu" else grad_mid
+    actual = reference.activation_backward(grad_mid, pre, activation)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_reference_keeps_memory_format(memory_format):
     x, pw_weight, dw_weight, dw_bias, _ = _inputs(3, 4, 3, dtype=torch.float32, requires_grad=False)

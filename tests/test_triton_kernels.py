@@ -1,8 +1,10 @@
 """Triton-specific tests: tiling edges with forced small blocks, 64-bit indexing path, determinism of the weight
-gradients, gradcheck in float64 (interpreter), and that nothing of mid's size is saved for backward."""
+gradients, gradcheck in float64 (interpreter), that nothing of mid's size is saved for backward, and that every launch
+runs on the tensors' device."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -143,3 +145,59 @@ def test_tile_heuristic_bounds(k, stride, dilation):
 
 def triton_next_pow2(v: int) -> int:
     return 1 << (v - 1).bit_length()
+
+
+def _record_launches(monkeypatch):
+    """Replaces the current-device switch and the kernel launches by recorders: returns the list of
+    (kernel name, device current at its launch) that the launchers append to."""
+    current = ["cuda:0"]
+    launches = []
+
+    @contextlib.contextmanager
+    def device(d):
+        previous, current[0] = current[0], str(torch.device(d))
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    class Launch:
+        def __init__(self, kernel):
+            self.name = kernel.__name__
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, current[0]))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.library, "wrap_triton", Launch)
+    return launches
+
+
+def _fake_cuda_call(device):
+    """forward + backward of the launchers on fake tensors on ``device`` (no GPU needed: nothing is launched)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kernels = _kernels()
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1), "relu")
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 6, 6, device=device)
+        args = (torch.empty(8, 4, device=device), torch.empty(8, device=device), torch.empty(8, 1, 3, 3, device=device),
+                torch.empty(8, device=device))
+        y = kernels.forward(x, *args, *conv)
+        kernels.backward(torch.empty_like(y), x, *args, *conv)
+
+
+def test_every_launch_runs_on_the_tensors_device(monkeypatch):
+    # Triton launches on the current device: with cuda:0 current, tensors on cuda:1 need cuda:1 made current
+    launches = _record_launches(monkeypatch)
+    _fake_cuda_call("cuda:1")
+    assert launches == [("_fwd_kernel", "cuda:1"), ("_bwd_kernel", "cuda:1"), ("_reduce_kernel", "cuda:1")]
+
+
+def test_no_device_switch_while_torch_compile_traces(monkeypatch):
+    # under torch.compile, Inductor's generated code guards the device itself; the launchers must not
+    launches = _record_launches(monkeypatch)
+    monkeypatch.setattr(_kernels(), "_is_compiling", lambda: True)
+    _fake_cuda_call("cuda:1")
+    assert [device for _, device in launches] == ["cuda:0"] * 3
+

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bsconv_cuda
+from bsconv_cuda.ops import OPS
 
 
 def _args(c_in=3, c_out=4, k=3, dtype=torch.float32):
@@ -22,7 +23,9 @@ def _call(**overrides):
 
 
 BAD_INPUTS = [
-    (dict(x=torch.randn(3, 6, 6)), ValueError, "x must be 4-D"),
+    (dict(x=torch.randn(6, 6)), ValueError, r"x must be 3-D \(C_in, H, W\) or 4-D"),
+    (dict(x=torch.randn(2, 3, 0, 6), padding=2), ValueError, r"x: input of spatial size \(0, 6\) is empty"),
+    (dict(x=torch.randn(0, 3, 6, 0), padding=2), ValueError, r"x: input of spatial size \(6, 0\) is empty"),
     (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
     (dict(pw_weight=torch.randn(4, 3, 3, 3)), ValueError, "pw_weight must be"),
     (dict(pw_weight=torch.randn(4, 5)), ValueError, "x has 3 channels but pw_weight expects C_in=5"),
@@ -80,3 +83,66 @@ def test_triton_refuses_a_halo_it_cannot_keep_on_chip():
     x = torch.randn(1, 3, 80, 80)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run this call: the dilated kernel covers 3721"):
         bsconv_cuda.bsconv_u(x, torch.randn(4, 3), torch.randn(4, 1, 7, 7), dilation=10, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("spatial", [(0, 5), (5, 0)])
+def test_operators_reject_an_empty_spatial_size_like_conv2d(spatial, backend):
+    """Direct operator calls (below bsconv_u's checks) on an input with H or W = 0 whose padding makes the output
+    non-empty: torch's convolutions refuse such an input, and so do the operators (the cuda one: test_cuda_extension)."""
+    if backend not in bsconv_cuda.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not available on CPU here")
+    x = torch.randn(1, 3, *spatial)
+    pw, pb, dw, db = torch.randn(4, 3), torch.randn(4), torch.randn(4, 1, 3, 3), torch.randn(4)
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.conv2d(x, pw[:, :, None, None], padding=2)
+    conv = ([1, 1], [2, 2, 2, 2], [1, 1], "none")
+    forward_op, backward_op = OPS[backend]
+    with pytest.raises(RuntimeError, match=rf"bsconv_cuda::{backend}_forward: x: input of spatial size"):
+        forward_op(x, pw, pb, dw, db, *conv)
+    grad_y = torch.randn(1, 4, *(s + 2 for s in spatial))
+    with pytest.raises(RuntimeError, match=rf"bsconv_cuda::{backend}_backward: x: input of spatial size"):
+        backward_op(grad_y, x, pw, pb, dw, db, *conv)
+
+
+def test_sizes_may_be_any_integer_type():
+    # what operator.index takes (numpy integers, ...), as torch's convolutions accept; bool is still no size
+    class Index:
+        def __init__(self, value):
+            self.value = value
+
+        def __index__(self):
+            return self.value
+
+    args = _args()
+    expected = bsconv_cuda.bsconv_u(**args, stride=(2, 1), padding=1, dilation=(1, 2))
+    actual = bsconv_cuda.bsconv_u(**args, stride=(Index(2), Index(1)), padding=Index(1), dilation=[1, Index(2)])
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    numpy = pytest.importorskip("numpy", reason="numpy is not installed")
+    actual = bsconv_cuda.bsconv_u(**args, stride=numpy.array([2, 1]), padding=numpy.int64(1),
+                                  dilation=(numpy.int32(1), numpy.int16(2)))
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="stride must be an int or a pair"):
+        bsconv_cuda.bsconv_u(**args, stride=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unbatched_input_is_a_batch_of_one(backend):
+    if backend not in bsconv_cuda.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} is not available on CPU here")
+    args = _args()
+    x = args.pop("x")[0]
+    pw_bias = torch.randn(4)
+    leaves = [t.clone().requires_grad_() for t in (x, args["pw_weight"], args["dw_weight"], args["dw_bias"], pw_bias)]
+    batched = [t.detach().clone().requires_grad_() for t in (x[None], *leaves[1:])]
+    kwargs = dict(stride=(1, 2), padding=1, mid_activation="relu6", backend=backend)
+    y = bsconv_cuda.bsconv_u(leaves[0], leaves[1], leaves[2], leaves[3], pw_bias=leaves[4], **kwargs)
+    y_batched = bsconv_cuda.bsconv_u(batched[0], batched[1], batched[2], batched[3], pw_bias=batched[4], **kwargs)
+    assert y.shape == y_batched.shape[1:] == (4, 6, 3)
+    torch.testing.assert_close(y, y_batched[0], rtol=0, atol=0)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_batched.backward(grad[None])
+    torch.testing.assert_close(leaves[0].grad, batched[0].grad[0], rtol=0, atol=0)
+    for a, b in zip(leaves[1:], batched[1:]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

@@ -462,9 +462,23 @@ def _dot_settings(dtype: torch.dtype, device: torch.device) -> tuple[str, bool, 
     return prec, dtype == torch.float64, dtype == torch.bfloat16 and device.type == "cpu"
 
 
-def _check(x, dtype_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+def _check(x, op: str, dtype_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
     if x.dtype not in dtype_ok:
         raise TypeError(f"triton backend: unsupported dtype {x.dtype}")
+    reference.check_input(x, op)
+
+
+# torch.compiler.is_compiling exists in every torch this package supports (>= 2.6); feature-tested all the same
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
+def _launch_device(x: torch.Tensor):
+    """The context every launch runs in: x's CUDA device current, since Triton launches on the current device (a
+    tensor on cuda:1 while cuda:0 is current would fail). Nothing for CPU tensors (the interpreter) and nothing while
+    torch.compile traces the launcher, where Inductor emits its own device guard around the kernels it calls."""
+    if x.device.type != "cuda" or _is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
 
 
 def _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias):
@@ -479,7 +493,7 @@ def _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias):
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
-    _check(x)
+    _check(x, "bsconv_cuda::triton_forward")
     pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = dw.shape
@@ -500,20 +514,21 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
     grid = (n * tiles_h * tiles_w * n_co,)
     pb = pw_bias if pw_bias is not None else pw
     db = dw_bias if dw_bias is not None else dw
-    torch.library.wrap_triton(_fwd_kernel)[grid](
-        x, pw, pb, dw, db, y,
-        c_in, c_out, h, w, h_out, w_out,
-        *x.stride(), *y.stride(),
-        tiles_w, tiles_h * tiles_w, n_co, pt, pl,
-        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
-        HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
-        IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
-    )
+    with _launch_device(x):
+        torch.library.wrap_triton(_fwd_kernel)[grid](
+            x, pw, pb, dw, db, y,
+            c_in, c_out, h, w, h_out, w_out,
+            *x.stride(), *y.stride(),
+            tiles_w, tiles_h * tiles_w, n_co, pt, pl,
+            KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation],
+            HAS_PB=pw_bias is not None, HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
+            IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
+        )
     return y
 
 
 def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
-    _check(x)
+    _check(x, "bsconv_cuda::triton_backward")
     pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = dw.shape
@@ -544,17 +559,19 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
     g = max(1, min(n_tiles, forced.get("G", max(1, 1024 // n_ci)), (1 << 24) // (c_out * k_part)))
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
     part = torch.empty((g, c_out, k_part), dtype=acc_dt, device=dev)
-    torch.library.wrap_triton(_bwd_kernel)[(g, n_ci)](
-        grad_y, x, pw, pw_bias if pw_bias is not None else pw, dw, grad_x, part,
-        n, c_in, c_out, h, w, h_out, w_out,
-        *x.stride(), *grad_y.stride(), *grad_x.stride(),
-        pt, pl, g, k_part,
-        KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
-        PREC=prec, ACC64=acc64, UPCAST_DOT=upcast, IDX64=forced.get("IDX64", _needs_int64(x, grad_y, grad_x)),
-    )
     m = c_out * k_part
     block = 256
-    torch.library.wrap_triton(_reduce_kernel)[(triton.cdiv(m, block),)](
-        part, grad_pw, grad_dw, grad_pb, grad_db, g, c_in, m, k_part, T=taps, BLOCK=block, ACC64=acc64,
-    )
+    with _launch_device(x):
+        torch.library.wrap_triton(_bwd_kernel)[(g, n_ci)](
+            grad_y, x, pw, pw_bias if pw_bias is not None else pw, dw, grad_x, part,
+            n, c_in, c_out, h, w, h_out, w_out,
+            *x.stride(), *grad_y.stride(), *grad_x.stride(),
+            pt, pl, g, k_part,
+            KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation],
+            HAS_PB=pw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
+            IDX64=forced.get("IDX64", _needs_int64(x, grad_y, grad_x)),
+        )
+        torch.library.wrap_triton(_reduce_kernel)[(triton.cdiv(m, block),)](
+            part, grad_pw, grad_dw, grad_pb, grad_db, g, c_in, m, k_part, T=taps, BLOCK=block, ACC64=acc64,
+        )
     return grad_x, grad_pw, grad_pb, grad_dw, grad_db
