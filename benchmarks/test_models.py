@@ -6,7 +6,8 @@ built vs after ``bsconv_cuda.convert``, channels_last, with peak memory.
   ``cifar_mobilenetv1_w1_bsconvu`` (10 classes, 32x32, batch 128): convert swaps their BSConvU blocks; the paper's
   ``cifar_mobilenetv3_large_w1_bsconvs_p1d6`` (100 classes, 32x32, batch 128, with its BSConv-S regularization).
   fp32 and bf16 autocast. The models and the step are ``bsconv_cuda.bench_models``'s (also
-  ``python -m bsconv_cuda.bench_models``).
+  ``python -m bsconv_cuda.bench_models``). The quick set (``BSCONV_BENCH_SET=quick``) times the first two and the
+  paper's MobileNetV3 only.
 - GPU: time from CUDA events (``bench.gpu_time_ms``: do_bench, warm-up excluded) in ``extra_info["time_ms"]``;
   pytest-benchmark's own numbers are synchronized wall-clock (sanity only), as in test_bsconv_u.py. Peak memory:
   ``torch.cuda.max_memory_allocated`` during one step above what was live before it.
@@ -20,13 +21,17 @@ import torch
 
 from bsconv_cuda import bench, bench_models
 
-from _suite import on_gpu
+from _suite import bench_set, on_gpu
 
 
-def _params():
+# BSCONV_BENCH_SET=quick (the GPU check's default): the inverted-residual models and the paper's MobileNetV3
+QUICK_MODELS = ("torchvision_mobilenet_v2", "timm_efficientnet_b0", "cifar_mobilenetv3_large_w1_bsconvs_p1d6")
+
+
+def _params(which: str):
     out = []
     precisions = bench_models.PRECISIONS if on_gpu() else ("fp32",)
-    for model in bench_models.MODELS:
+    for model in QUICK_MODELS if which == "quick" else bench_models.MODELS:
         for mode in bench_models.MODES:
             for precision in precisions:
                 for variant in bench_models.VARIANTS:
@@ -35,7 +40,11 @@ def _params():
     return out
 
 
-@pytest.mark.parametrize("model_name,mode,precision,variant", _params())
+def pytest_generate_tests(metafunc):
+    if "model_name" in metafunc.fixturenames:
+        metafunc.parametrize("model_name,mode,precision,variant", _params(bench_set(metafunc.config)))
+
+
 def test_model(benchmark, device, model_name, mode, precision, variant):
     missing = bench_models.library_missing_reason(model_name)
     if missing is not None:

@@ -206,7 +206,9 @@ def _convert_block(
         applicable, reason = half
         (summary.skipped if applicable else summary.not_applicable).append((path, kind.name, reason))
         return
-    reason = global_hooks or _bypass_reason(half.bypassed)
+    # the block's own hooks run as before (its __call__ is unchanged); a per-instance forward would hide the fused one
+    own_forward = "the block has a per-instance forward" if "forward" in vars(block) else None
+    reason = global_hooks or own_forward or _bypass_reason(half.bypassed)
     if reason is not None:
         summary.skipped.append((path, kind.name, reason))
         return

@@ -270,9 +270,11 @@ def test_block_with_an_unsupported_activation_or_a_per_instance_forward_is_left_
     model = _model("torchvision_mobilenet_v3_small")
     model.features[4].block[0][2] = torch.nn.GELU()
     model.features[5].block[1][0].forward = model.features[5].block[1][0].forward  # e.g. a monkeypatch
+    model.features[6].forward = model.features[6].forward
     original, converted, summary = _convert_expecting_skips(model)
     reasons = {path: reason for path, _, reason in summary.skipped}
-    assert reasons.keys() == {"features.4", "features.5"}
+    assert reasons.keys() == {"features.4", "features.5", "features.6"}
+    assert reasons["features.6"] == "the block has a per-instance forward"
     assert reasons["features.4"].startswith("activation GELU is not one the fused kernels have")
     assert reasons["features.5"] == "block[1][0] has a per-instance forward"
     _assert_same_model(original, converted)
@@ -336,3 +338,19 @@ def test_sync_batchnorm_models_are_fused():
         assert summary.fused_counts() == {kind: fused_blocks}
         assert any(type(m).__name__.startswith("SyncBatchNorm") for m in converted.modules())
         _assert_same_model(original, converted)
+
+
+def test_converted_block_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) traces the fused block class (reference backend on CPU), train and eval."""
+    build, shape = _tiny_blocks()["torchvision_v2_relu6_residual"]
+    def seeded_block():
+        torch.manual_seed(0)
+        return build()
+
+    original, converted, _ = converted_twin(seeded_block, backend="reference")
+    compiled = torch.compile(converted, fullgraph=True)
+    x = torch.randn(2, *shape)
+    for mode in (True, False):
+        original.train(mode)
+        converted.train(mode)
+        torch.testing.assert_close(compiled(x), original(x))

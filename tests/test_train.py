@@ -1,4 +1,5 @@
-"""python -m bsconv_cuda.train: two steps on fake data, a checkpoint, and a resumed run from it."""
+"""python -m bsconv_cuda.train: two steps on fake data, a checkpoint, and a resumed run from it; with the reference
+backend and with the fused kernels (Triton's interpreter on CPU)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ pytest.importorskip("bsconv.pytorch", reason="the test dependency bsconv is not 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-# The smallest bsconv MobileNetV3 with BSConv-S (reg_loss) and hardswish blocks; two steps of one image per epoch
-# (its last feature map is 4x4, enough for training-mode BatchNorm): the fused kernels in Triton's interpreter take
-# minutes per whole-model step of two images.
+# The smallest bsconv MobileNetV3 with BSConv-S (reg_loss) and hardswish blocks; two steps of two images per epoch
 SMOKE = ["--architecture", "cifar_mobilenetv3_small_w7d20_bsconvs_p1d6", "--dataset", "cifar10", "--fake-data",
-         "--batch-size", "1", "--limit-batches", "2", "--workers", "0", "--device", "cpu", "--no-progress"]
+         "--batch-size", "2", "--limit-batches", "2", "--workers", "0", "--device", "cpu", "--no-progress"]
 
 
 def _run(capsys, *args) -> str:
@@ -24,13 +23,30 @@ def _run(capsys, *args) -> str:
     return capsys.readouterr().out
 
 
+def _tiny_bsconv_mobilenetv3(architecture: str, num_classes: int) -> torch.nn.Module:
+    """A two-block MobileNetV3-BSConv-S from bsconv's own classes, narrower than any of its named architectures:
+    Triton's interpreter takes minutes per training step of even the smallest of those."""
+    from bsconv.pytorch import mobilenet
+
+    model = mobilenet.MobileNetV3(
+        num_classes=num_classes, init_conv_channels=4, init_conv_stride=2, final_conv_channels=[16],
+        final_conv_se=False, channels=[[4], [8]], mid_channels=[[8], [16]], strides=[1, 2], se_units=[[1], [0]],
+        kernel_sizes=[3, 5], activations=["relu", "hswish"], in_size=(32, 32),
+    )
+    return mobilenet.transform_mobilenetv2(model)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_two_steps_checkpoint_and_resume(tmp_path, capsys, backend):
-    if backend == "triton" and not backends.triton_interpreter_enabled():
-        backend = "auto"  # on a GPU machine the CPU run has no Triton; the fused path then runs the reference
+def test_two_steps_checkpoint_and_resume(tmp_path, capsys, monkeypatch, backend):
+    fused_blocks = 11
+    if backend == "triton":
+        monkeypatch.setattr(train, "build_model", _tiny_bsconv_mobilenetv3)
+        fused_blocks = 2
+        if not backends.triton_interpreter_enabled():
+            backend = "auto"  # a GPU machine runs these CPU tests without Triton: the fused path is the reference
     out = _run(capsys, "--epochs", "1", "--backend", backend, "--checkpoint-dir", str(tmp_path), "--channels-last",
                "--schedule", "1")
-    assert "fused 11 block(s) (11 bsconv LinearBottleneck)" in out
+    assert f"fused {fused_blocks} block(s) ({fused_blocks} bsconv LinearBottleneck)" in out
     assert "epoch 1/1: lr 0.1, train loss" in out
     assert out.strip().splitlines()[-1].startswith("best val acc ")
     assert "s/epoch (training), peak GPU memory n/a (not on a GPU)" in out
