@@ -79,15 +79,6 @@ def skip_unless_available(backend: str, device: torch.device) -> None:
         pytest.skip(f"backend {backend!r} unavailable on {device}: {reason}")
 
 
-def skip_unless_triton_float64() -> None:
-    """float64 through the Triton kernels needs a triton whose tl.dot takes float64 (>= 3.5)."""
-    from bsconv_cuda.kernels import bsconv_u
-
-    if not bsconv_u.FLOAT64_DOT:
-        pytest.skip(f"triton {bsconv_u.triton.__version__} has no float64 tl.dot (the backend refuses float64 there: "
-                    f"test_float64_is_refused_before_triton_3_5)")
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
     n: int = 2
@@ -191,8 +182,6 @@ def check_case(case: Case, backend: str, device: torch.device, seed: int = 0) ->
     skip_unless_available(backend, device)
     if case.dtype == torch.float64 and device.type == "cuda":
         pytest.skip("float64 goes to the reference on GPU")
-    if case.dtype == torch.float64 and backend == "triton":
-        skip_unless_triton_float64()
     x, pw, dw, pw_bias, dw_bias = make_inputs(case, device, seed)
     leaves = [t.detach().requires_grad_() for t in (x, pw, dw)]
     biases = [None if b is None else b.detach().requires_grad_() for b in (pw_bias, dw_bias)]

@@ -12,7 +12,7 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, reference
-from fused_checks import assert_close, poisoned_outputs, skip_unless_triton_float64
+from fused_checks import assert_close, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton") is not None,
@@ -103,7 +103,6 @@ def test_weight_gradients_are_bitwise_deterministic(device):
 def test_gradcheck_float64(device):
     if device.type == "cuda":
         pytest.skip("float64 goes to the reference on GPU; gradcheck of the Triton kernels runs in the interpreter")
-    skip_unless_triton_float64()
     x, pw, pb, dw, db = (t.requires_grad_() for t in _inputs(device, 1, 2, 3, 3, 4, (3, 2), torch.float64))
 
     def fn(x, pw, pb, dw, db):
@@ -113,15 +112,24 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(fn, (x, pw, pb, dw, db))
 
 
-def test_float64_is_refused_before_triton_3_5(device):
-    if _kernels().FLOAT64_DOT:
-        pytest.skip(f"triton {_kernels().triton.__version__} has a float64 tl.dot (test_gradcheck_float64 uses it)")
-    x, pw, pb, dw, db = _inputs(device, 1, 2, 3, 3, 4, (3, 3), torch.float64)
-    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run this call: .*does not take float64"):
-        bsconv_cuda.bsconv_u(x, pw, dw, db, padding=1, pw_bias=pb, backend="triton")
-    # auto never picks Triton for CPU tensors, and on a GPU float64 goes to the reference anyway
-    torch.testing.assert_close(bsconv_cuda.bsconv_u(x, pw, dw, db, padding=1, pw_bias=pb),
-                               reference.forward(x, pw, pb, dw, db, (1, 1), (1, 1, 1, 1), (1, 1), "none"))
+def test_float64_without_a_float64_tl_dot(device, monkeypatch):
+    # triton < 3.5 has no float64 tl.dot: _dot sums broadcast products instead. The interpreter reads the module's
+    # FLOAT64_DOT at run time, so that path runs on every triton here (natively on the oldest supported one); two
+    # blocks of C_in and of C_out, so every _dot accumulates.
+    if device.type == "cuda":
+        pytest.skip("float64 goes to the reference on GPU; the interpreter reads FLOAT64_DOT at run time, a GPU "
+                    "compile would not")
+    monkeypatch.setattr(_kernels(), "FLOAT64_DOT", _kernels().tl.constexpr(False))
+    x, pw, pb, dw, db = (t.requires_grad_() for t in _inputs(device, 2, 20, 18, 5, 6, (3, 3), torch.float64))
+    conv = dict(stride=(2, 1), padding=(1, 1), pw_bias=pb, mid_activation="silu")
+    with _kernels().force_blocks(dict(TH=2, TW=2, BCO=16, BCI=16), dict(TP=16, BCO=16, BCI=16, G=2)):
+        y = bsconv_cuda.bsconv_u(x, pw, dw, db, backend="triton", **conv)
+        grads = torch.autograd.grad(y, (x, pw, pb, dw, db), torch.ones_like(y))
+    y_ref = bsconv_cuda.bsconv_u(x, pw, dw, db, backend="reference", **conv)
+    grads_ref = torch.autograd.grad(y_ref, (x, pw, pb, dw, db), torch.ones_like(y_ref))
+    for name, got, want in zip(("y", "grad_x", "grad_pw", "grad_pw_bias", "grad_dw", "grad_dw_bias"),
+                               (y, *grads), (y_ref, *grads_ref)):
+        assert_close(name, got, want, strict=True)
 
 
 def test_nothing_of_mid_size_is_saved(device):

@@ -39,9 +39,10 @@ attrs on pointers, channel counts and n/h strides, as Triton's launcher speciali
   stack); see :func:`_bwd_blocks`.
 
 Interpreter notes: under ``TRITON_INTERPRET=1`` (CPU tensors) the kernels run through NumPy; float64 works there
-(tl.dot in fp64), which lets ``gradcheck`` exercise the backward. Triton 3.8's interpreter computes bf16 ``tl.dot``
-wrongly, so on CPU tensors bf16 operands are upcast to fp32 before the dot (exact: bf16 products fit in fp32); on a
-GPU the dot runs natively on bf16 (tensor cores).
+(``_dot``: tl.dot in fp64 from triton 3.5 on, summed broadcast products before), which lets ``gradcheck``
+exercise the backward. Triton 3.8's interpreter computes bf16 ``tl.dot`` wrongly, so on CPU tensors bf16 operands
+are upcast to fp32 before the dot (exact: bf16 products fit in fp32); on a GPU the dot runs natively on bf16 (tensor
+cores).
 """
 
 from __future__ import annotations
@@ -114,6 +115,21 @@ def _act_grad(g, v, ACT: tl.constexpr):
     return g
 
 
+# tl.dot takes float64 operands from triton 3.5 on; before, float64 products are summed by broadcasting (see _dot)
+FLOAT64_DOT = tl.constexpr(major_minor(triton.__version__) >= (3, 5))
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, ACC64: tl.constexpr):
+    """acc + a . b, accumulated in acc's dtype. float64 on a triton without a float64 tl.dot: a broadcast product
+    summed over K ([M, K, N] values at once; float64 is the checking dtype, run under the interpreter or on a GPU
+    for tests only, so its speed does not matter)."""
+    if ACC64 and not FLOAT64_DOT:
+        return acc + tl.sum(a[:, :, None].to(tl.float64) * b[None, :, :].to(tl.float64), axis=1)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC, out_dtype=acc.dtype)
+
+
 @triton.jit
 def _pointwise(
     x_ptr, x_row, row_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc,
@@ -134,7 +150,7 @@ def _pointwise(
         if UPCAST_DOT:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
-        pre = tl.dot(xt, wt, pre, input_precision=PREC, out_dtype=acc_dt)
+        pre = _dot(xt, wt, pre, PREC, ACC64)
     if HAS_PB:
         pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
     return pre
@@ -294,9 +310,9 @@ def _bwd_kernel(
             wx = tl.load(pw_ptr + (co[:, None] * C_in + cx[None, :]), mask=co_ok[:, None] & cx_ok[None, :], other=0.0)
             if UPCAST_DOT:
                 wx = wx.to(tl.float32)
-            gx = tl.dot(gpre_in, wx, gx, input_precision=PREC, out_dtype=acc_dt)
+            gx = _dot(gpre_in, wx, gx, PREC, ACC64)
             # grad_pw[co, cx] partial += grad_pre^T . x
-            gw = tl.dot(tl.trans(gpre_in), x_own, input_precision=PREC, out_dtype=acc_dt)
+            gw = _dot(tl.trans(gpre_in), x_own, tl.zeros((BCO, BCI), dtype=acc_dt), PREC, ACC64)
             w_ptr = part_g + (co[:, None] * K_PART + cx[None, :])
             w_ok = co_ok[:, None] & cx_ok[None, :]
             prev = tl.load(w_ptr, mask=w_ok & again, other=0.0)
@@ -355,15 +371,8 @@ def _pow2(v: int) -> int:
 MAX_HALO = 256
 
 
-# tl.dot takes float64 operands from triton 3.5 on (float64 runs only under the interpreter: on a GPU it goes to the
-# reference)
-FLOAT64_DOT = major_minor(triton.__version__) >= (3, 5)
-
-
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
-    if x.dtype == torch.float64 and not FLOAT64_DOT:
-        return f"triton {triton.__version__}'s tl.dot does not take float64 (triton >= 3.5 does)"
     kh, kw = kernel_size
     footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
     if _pow2(footprint) > MAX_HALO:
