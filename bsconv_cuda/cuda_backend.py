@@ -206,7 +206,7 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     """The forward and backward :class:`bsconv_cuda.plan.Plan` of the CUDA kernels for one call (grids and the
     multiply-adds of their MMA / FMA loops, from the tile plan of ``csrc/bsconv_kernels.cu``). padding: (top,
     bottom, left, right); dtype: a torch dtype. Pure arithmetic: needs neither the extension nor a GPU."""
-    from .plan import Launch, Plan, halo_read_factor
+    from .plan import Launch, Plan, dram_bytes, halo_read_factor
 
     kh, kw = kernel_size
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -215,10 +215,12 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     n_cb = math.ceil(c_out / _CB)
     tiles = math.ceil(h_out / th) * math.ceil(w_out / tw)
     halo = halo_read_factor(h, w, h_out, w_out, (th, tw), stride, (padding[0], padding[2]), (ih, iw))
+    halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
     fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, P_pad=_round_up(ih * iw, 16), CB=_CB, KC=kc),
                launches=(Launch("fwd_kernel", (n_cb, tiles, n),
-                                n * tiles * n_cb * _round_up(ih * iw, 16) * _CB * _round_up(c_in, kc)),),
-               params={}, extra_hbm_bytes=round((halo - 1) * n * h * w * c_in * itemsize))
+                                n * tiles * n_cb * _round_up(ih * iw, 16) * _CB * _round_up(c_in, kc),
+                                finest=n * h_out * w_out * n_cb),),  # 1 x 1 output tiles
+               params={}, extra_traffic_bytes=halo_bytes, extra_hbm_bytes=halo_bytes)
 
     # bwd_geom in csrc
     btw = _bwd_tile_width(w)
@@ -244,7 +246,11 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
                                 mn_tiles * _GEMM_BLOCK ** 2 * gw_k),
                          Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)),
                params=dict(splits=splits, kchunk=kchunk),
-               extra_hbm_bytes=3 * gpre + m * c_in * itemsize + 2 * partial, partial_bytes=partial,
+               # gpre written, read by both GEMMs; x read again by the grad_pw GEMM; partials written once and
+               # read by the reductions
+               extra_traffic_bytes=3 * gpre + m * c_in * itemsize + 2 * partial,
+               extra_hbm_bytes=dram_bytes(gpre, 3) + dram_bytes(m * c_in * itemsize, 1) + dram_bytes(partial, 2),
+               partial_bytes=partial,
                scratch_bytes=gpre)
     return fwd, bwd
 

@@ -1,9 +1,68 @@
-"""HEADER"""
+"""Fused BSConv-U (pointwise -> [activation] -> zero-padded depthwise) in Triton, forward and backward.
+
+Launchers :func:`forward` and :func:`backward` follow the backend contract of :mod:`bsconv_cuda.reference` and launch
+every kernel through ``torch.library.wrap_triton`` (so ``torch.library.triton_op`` can trace them). They run from a
+launch plan (:func:`forward_plan`, :func:`backward_plan`, records of :mod:`bsconv_cuda.plan`), which also counts
+the work: the multiply-adds of every ``tl.dot`` (M * N * K, padding included; ``benchmarks/kernel_report.py``
+tabulates them per shape and tests/test_kernel_report.py checks them against Triton's interpreter).
+
+Forward, ONE launch (``_fwd_kernel``). A program owns an output tile: image ``n``, ``TH x TW`` output pixels, ``BCO``
+channels. It computes ``mid`` for the tile's halo clipped to the image (at most ``HH x WW`` input pixels, flattened
+and padded to ``P``, a power of two) with a ``tl.dot`` chain over ``C_in`` (fp32 accumulation), adds ``pw_bias``,
+applies the activation and keeps the result on chip; padding rows are never computed (the depthwise stage reads
+zeros there). Two depthwise stages, chosen by ``forward(depthwise=...)``: "gather" picks, per tap, the shifted rows
+of ``mid`` with ``tl.gather`` (cross-lane shuffles); "shifted" stores ``mid`` in a per-program staging slot of
+global memory (``P x BCO`` fp32; ``SHIFTED_SLOTS`` programs loop over the work items, so the slots stay in L1/L2)
+and reads each tap back with plain shifted loads. ``mid`` never makes a round trip through DRAM. The tile is
+chosen per image (:func:`_fwd_tile`): among the tiles whose dot work stays within ``FWD_MAX_DOT_RATIO`` pointwise
+stages, the least modeled time (dot work + weighted depthwise FMAs, times the waves over two programs per SM).
+
+Backward, the pointwise product recomputed ONCE and consumed by both gradient GEMMs: 3 pointwise stages of dot
+work (recompute, grad_x, grad_pw) plus the padding of the blocks. Two paths, chosen by modeled memory traffic:
+- fused (``_bwd_fused_kernel`` + ``_reduce_kernel``): a program owns flat tiles of ``TP`` mid pixels (strided over
+  the grid), keeps the x tile and the grad_x accumulator of ALL input channels on chip (up to four power-of-two
+  chunks covering C_in rounded up to 16, ``FUSED_MAX_CIN`` at most) and loops over ``BCO`` blocks of C_out:
+  ``pre = x . P^T + b_p``, ``grad_mid`` through the depthwise transpose (a masked grad_y load per tap),
+  ``grad_pre = grad_mid * act'(pre)``, ``grad_x += grad_pre . P`` and the tile's ``grad_pre^T . x`` added into the
+  program's own slot of weight partials [C_out, C_in] (with the grad_dw / bias partials). Nothing of mid's size is
+  written. The price: every tile reads and writes its program's slot (C_out x C_in fp32) in L2.
+- split (``_bwd_gpre_kernel``, ``_bwd_gx_kernel``, ``_bwd_gw_kernel`` + ``_reduce_kernel``): programs own (tile,
+  C_out block), compute ``grad_pre`` once and write it (input dtype, mid's size); grad_x = grad_pre . P is a GEMM
+  over C_out, and grad_pw = grad_pre^T . x a GEMM over pixels split ``S`` ways, each split's partial written once.
+Both reduce partials in a fixed order, so weight gradients are bitwise reproducible; their partials stay within
+``PARTIALS_MAX_BYTES`` (24 MiB, under half the 50 MB L2 of an H100 / H200).
+
+The choice, by the numbers (plan models, bf16; traffic beyond the byte floor that goes through L2 or DRAM):
+- the fused path keeps C_in x (2 B of x + 4 B of grad_x) per tile pixel on chip: with two programs of 4 warps per
+  SM that is 128 channels at TP = 32 (160 registers channels_last, no spills); wider layers do not fit, and their
+  partial slots (512 x 512 fp32 = 1 MiB per program) would allow only 24 programs;
+- where both fit, the traffic decides: 32->64 @ 112, N = 64: fused +269 MiB (all in L2) vs split +412 MiB (343 MiB
+  of it DRAM: grad_pre is 98 MiB) -> fused; 128->128 @ 56, N = 64: fused +875 MiB (C_out x C_in x 8 B per 32-pixel
+  tile) vs split +234 MiB -> split; 96->576 @ 14, N = 64: fused +208 MiB vs split +55 MiB -> split. Batch-1/2
+  layers mostly split too (grad_pre fits in L2 there, while a fused tile of 16-32 pixels rewrites a whole slot).
+  A GPU run (``python -m bsconv_cuda.bench``) should confirm the crossover; ``force_blocks(backward=dict(PATH=...))``
+  runs either path.
+Dot work in pointwise stages, before -> after, bf16 channels_last, N = 1 (the issue's examples; every shape of
+``bsconv_cuda.shapes`` at batch 1 and 2 is in BENCHMARKS.md): 32->64 @ 112: forward 2.00 -> 2.00, backward 3.00 ->
+3.00; 128->128 @ 56: 2.29 -> 2.00, 6.00 -> 3.00; 512->512 @ 14: 2.61 -> 2.29, 23.5 -> 3.18; 1024->1024 @ 7:
+5.22 -> 2.61, 44.4 -> 3.92; 1024->1024 @ 4: 4.00 -> 2.00, 136 -> 3.00; 24->144 @ 56: 3.39 -> 2.67, 4.44 -> 4.00.
+
+Registers (compiled without a GPU for sm_90 / sm_80, triton 3.8, as ``benchmarks/kernel_report.py`` does, with
+``tt.divisibility=16`` attrs where Triton's launcher would specialize): see BENCHMARKS.md for every launch. NCHW x
+loads are single-element gathers with a 64-bit address each (the channel dimension that the dots reduce over is
+strided), so NCHW launches use narrower channel blocks (forward BCI <= 32, fused chunks <= 64).
+
+Interpreter notes: under ``TRITON_INTERPRET=1`` (CPU tensors) the kernels run through NumPy; float64 works there
+(tl.dot in fp64), which lets ``gradcheck`` exercise the backward. Triton 3.8's interpreter computes bf16 ``tl.dot``
+wrongly, so on CPU tensors bf16 operands are upcast to fp32 before the dot (exact: bf16 products fit in fp32); on a
+GPU the dot runs natively on bf16 (tensor cores).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 
 import torch
 import triton
@@ -12,7 +71,7 @@ import triton.language as tl
 from .. import reference
 from ..backends import fp32_uses_tf32
 from ..cuda_backend import device_capability
-from ..plan import Launch, Plan, halo_read_factor
+from ..plan import L2_RESIDENT_BYTES, Launch, Plan, dram_bytes, halo_read_factor
 
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -536,11 +595,9 @@ def _reduce_kernel(wpart_ptr, cpart_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, GW,
 # ----------------------------------------------------------------------------------------------------------------
 TARGET_SMS = 132  # H100 / H200 SXM: grids are sized for it (a constant, never read from the device)
 CTA_SLOTS = 2 * TARGET_SMS  # two resident programs per SM
-PARTIALS_MAX_BYTES = 24 << 20  # fp32 weight-gradient partials: at most about half of the 50 MB L2
-# ... and runs at most this many programs (two waves at two per SM; each loops over tiles): more would only
-# add partial slots to reduce
-FUSED_MAX_PROGRAMS = 2 * CTA_SLOTS
-FUSED_MAX_CIN = 128  # the fused backward keeps x and grad_x for all C_in on chip up to this many channels
+PARTIALS_MAX_BYTES = L2_RESIDENT_BYTES  # fp32 weight-gradient partials of one backward
+FUSED_MAX_CIN = 128  # the fused backward keeps x and grad_x of all C_in on chip up to this many channels, ...
+FUSED_MAX_PROGRAMS = 2 * CTA_SLOTS  # ... in at most this many programs (more would only add partial slots)
 MAX_HALO = 256  # mid rows (tile + halo) the forward keeps on chip; see unsupported_reason
 FWD_MAX_P = 128  # ... per program, except for large dilated kernels: [P, BCO = 32] at 4 warps; P = 256 spilled
 FWD_MAX_TP = 128  # output pixels per forward program
@@ -664,92 +721,108 @@ def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, paddin
     halo = halo_read_factor(h, w, h_out, w_out, (blk["TH"], blk["TW"]), stride, (pt, pl), (hh, ww))
     itemsize = {"fp64": 8, "fp32": 4}.get(_dtype_name(dtype), 2)
     macs = n_work * blk["P"] * blk["BCO"] * _padded(c_in, blk["BCI"])
-    return Plan(path=depthwise, blocks=blk, launches=(Launch("fwd_kernel", (programs,), macs),),
+    halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
+    # shifted: mid written to the slot and read back once per tap (L1 / L2)
+    staged = n_work * blk["BCO"] * acc_bytes * (blk["P"] + kh * kw * blk["TP"]) if shifted else 0
+    return Plan(path=depthwise, blocks=blk,
+                launches=(Launch("fwd_kernel", (programs,), macs, finest=n_work if shifted else 0),),
                 params=dict(tiles_w=tiles_w, tiles_per_img=tiles_h * tiles_w, n_co=n_co, n_work=n_work),
-                extra_hbm_bytes=round((halo - 1) * n * h * w * c_in * itemsize),
+                extra_traffic_bytes=halo_bytes + staged, extra_hbm_bytes=halo_bytes,
                 scratch_bytes=programs * blk["P"] * blk["BCO"] * acc_bytes if shifted else 0)
 
 
 def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, prec=None,
                   channels_last: bool = True) -> Plan:
     """Path, blocks, grids and work of :func:`backward` (dtype and prec as in :func:`_fma_dots`; channels_last:
-    x's channel stride is 1)."""
+    x's channel stride is 1). The fused path where C_in allows it, unless the split path moves fewer bytes, or
+    runs more programs where the fused one would leave SMs idle (see the module docstring)."""
     forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k != "IDX64"}
-    kind = _dot_kind(dtype, prec)
-    fma = kind == "fma"
-    taps = kernel_size[0] * kernel_size[1]
-    n_pix = n * h * w
-    itemsize = {"fp64": 8, "fp32": 4}.get(_dtype_name(dtype), 2)
-    acc_bytes = 8 if _dtype_name(dtype) == "fp64" else 4
-    # Fused path blocks, from compiling every shape of the table for sm_80 / sm_90 (benchmarks/kernel_report.py):
-    # x and grad_x of all channels stay on chip, so the tile shrinks as C_in grows, and 4 warps keep two or more
-    # programs per SM. NCHW x loads are single-element gathers (a 64-bit address each), so their chunks are
-    # narrower; FMA dots hold their operands in registers whole along K (chunks of 32).
-    if fma:
+    path = forced.pop("PATH", None)
+    args = (n, c_in, c_out, h * w, kernel_size[0] * kernel_size[1], _dot_kind(dtype, prec), _dtype_name(dtype),
+            channels_last)
+    fused = None if path == "split" else _fused_plan(dict(forced), *args)
+    if path == "fused":
+        if fused is None:
+            raise ValueError(f"the fused backward takes at most {FUSED_MAX_CIN} input channels, got {c_in}")
+        return fused
+    split = _split_plan(dict(forced), *args)
+    if fused is None or path == "split":
+        return split
+    fills = fused.launches[0].programs >= min(TARGET_SMS, split.launches[0].programs)
+    return fused if fills and fused.extra_traffic_bytes <= split.extra_traffic_bytes else split
+
+
+def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last) -> Plan | None:
+    """The fused backward (None when C_in is too wide for it). Blocks from compiling every shape of the table
+    for sm_80 / sm_90 (benchmarks/kernel_report.py): x and grad_x of all channels stay on chip, so the tile
+    shrinks as C_in grows, and 4 warps keep two or more programs per SM. NCHW x loads are single-element gathers
+    (a 64-bit address each), so their chunks are narrower; FMA dots hold their operands in registers whole along K
+    (chunks of 32)."""
+    if kind == "fma":
         max_chunk, tp_max = 32, 16
     elif kind == "tf32":
         max_chunk, tp_max = (64 if channels_last else 32), 16
     else:
         max_chunk, tp_max = (128 if channels_last else 64), 32
     chunks = forced.pop("CHUNKS", None) or _channel_chunks(c_in, max_chunk)
-    if chunks is not None and (len(chunks) != 4 or sum(chunks) < c_in):
+    if c_in > FUSED_MAX_CIN or chunks is None:
+        return None
+    if len(chunks) != 4 or sum(chunks) < c_in:
         raise ValueError(f"CHUNKS must be four widths that cover C_in = {c_in}, got {chunks}")
-    if chunks is not None and sum(chunks) <= 32:
+    if sum(chunks) <= 32:
         tp_max *= 2
-    bco_fused = 16
+    n_pix = n * hw
+    acc_bytes = 8 if dtype_name == "fp64" else 4
+    # the largest tile up to tp_max that still gives every SM a program: partials per pixel shrink as it grows
+    tp = forced.pop("TP", next((t for t in (64, 32, 16) if t <= tp_max and triton.cdiv(n_pix, t) >= TARGET_SMS), 16))
+    bco = forced.pop("BCO", 16)
+    n_tiles = triton.cdiv(n_pix, tp)
+    slot = acc_bytes * c_out * (c_in + taps + 2)  # one program's partials: grad_pw | grad_dw, both biases
+    g = max(1, min(n_tiles, forced.pop("G", min(PARTIALS_MAX_BYTES // slot, FUSED_MAX_PROGRAMS))))
+    blk = dict(TP=tp, BCO=bco, **{f"C{i}": c for i, c in enumerate(chunks)}, **_bwd_options(kind))
+    blk.update(forced)
+    partial = g * slot
+    macs = 3 * n_tiles * triton.cdiv(c_out, bco) * tp * bco * sum(chunks)
+    return Plan(path="fused", blocks=blk,
+                launches=(Launch("bwd_fused_kernel", (g,), macs, finest=triton.cdiv(n_pix, 16)),
+                          _reduce_launch(c_out, c_in, taps)),
+                params=dict(G=g, GW=g),
+                # every tile reads and writes its program's slot; the reduction reads the slots once
+                extra_traffic_bytes=2 * n_tiles * slot + partial, extra_hbm_bytes=dram_bytes(partial, 2),
+                partial_bytes=partial)
+
+
+def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last) -> Plan:
+    """The split backward: grad_pre kernel, grad_x and grad_pw GEMMs."""
+    n_pix = n * hw
+    itemsize = {"fp64": 8, "fp32": 4}.get(dtype_name, 2)
+    acc_bytes = 8 if dtype_name == "fp64" else 4
+    fma = kind == "fma"
     bco = 16 if fma else _least_padding(c_out, (32, 16))
     c_slot = acc_bytes * c_out * (taps + 2)  # one program's grad_dw | grad_pw_bias | grad_dw_bias partials
-    w_slot = acc_bytes * c_out * c_in  # one program's (or pixel split's) grad_pw partials
+    w_slot = acc_bytes * c_out * c_in  # one pixel split's grad_pw partials
+    # the tile that pads the pixels least (7 % counts as none), then gives more SMs a grad_pre program, then is
+    # larger
     tps = (32, 16) if fma else (64, 32, 16)
-    # fused: the largest tile up to tp_max that still gives every SM a program (partials per pixel shrink as the
-    # tile grows); split: the tile that pads the pixels least (7 % counts as none), then gives more SMs a grad_pre
-    # program, then is larger
-    tp_fused = next((t for t in tps if t <= tp_max and triton.cdiv(n_pix, t) >= TARGET_SMS), 16)
-    tp_split = min(tps, key=lambda t: (max(_padded(n_pix, t) / n_pix, 1.07),
-                                       -min(triton.cdiv(c_out, bco) * triton.cdiv(n_pix, t), TARGET_SMS), -t))
-    g_fused = max(1, min(triton.cdiv(n_pix, tp_fused), PARTIALS_MAX_BYTES // (c_slot + w_slot),
-                         FUSED_MAX_PROGRAMS))
-    g_split = max(1, min(triton.cdiv(n_pix, tp_split), (PARTIALS_MAX_BYTES // 2) // c_slot))
-    # fused when x and grad_x fit on chip and its programs fill the GPU or outnumber the split path's; else the
-    # split path's C_out blocks add the parallelism that a small batch lacks
-    fused = (c_in <= FUSED_MAX_CIN and chunks is not None
-             and g_fused >= min(TARGET_SMS, triton.cdiv(c_out, bco) * g_split))
-    path = forced.pop("PATH", "fused" if fused else "split")
-    opts = dict(num_warps=4)
-    if fma:
-        opts["num_stages"] = 1  # 3 or 2 stages: 8-16 B spilled on sm_90 at 80-255 regs; 1 stage: none
-    elif kind == "tf32":
-        # fp32 operands are twice the bytes of bf16, and 3 stages of them reached 255 regs on sm_80 and spilled
-        opts["num_stages"] = 2
-    if path == "fused":
-        tp = forced.pop("TP", tp_fused)
-        bco = forced.pop("BCO", bco_fused)
-        n_co = triton.cdiv(c_out, bco)
-        n_tiles = triton.cdiv(n_pix, tp)
-        g = max(1, min(n_tiles, forced.pop("G", g_fused)))
-        blk = dict(TP=tp, BCO=bco, **{f"C{i}": c for i, c in enumerate(chunks)}, **opts)
-        blk.update(forced)
-        k_in = sum(chunks)
-        partial = g * (c_slot + w_slot)
-        return Plan(path="fused", blocks=blk,
-                    launches=(Launch("bwd_fused_kernel", (g,), 3 * n_tiles * n_co * tp * bco * k_in),
-                              _reduce_launch(c_out, c_in, taps)),
-                    params=dict(G=g, GW=g), extra_hbm_bytes=2 * partial, partial_bytes=partial)
-    tp = forced.pop("TP", tp_split)
+    tp = forced.pop("TP", min(tps, key=lambda t: (max(_padded(n_pix, t) / n_pix, 1.07),
+                                                  -min(triton.cdiv(c_out, bco) * triton.cdiv(n_pix, t),
+                                                       TARGET_SMS), -t)))
     n_tiles = triton.cdiv(n_pix, tp)
     # grad_pre programs: one per (tile, C_out block) as far as the channel partials allow; BCO = 16 where 32 would
     # leave SMs without one (and pads C_out no more)
-    g = max(1, min(n_tiles, forced.pop("G", g_split)))
+    g = max(1, min(n_tiles, forced.pop("G", (PARTIALS_MAX_BYTES // 2) // c_slot)))
     if bco == 32 and triton.cdiv(c_out, 32) * g < TARGET_SMS and _padded(c_out, 16) <= _padded(c_out, 32):
         bco = 16
     bco = forced.pop("BCO", bco)
     n_co = triton.cdiv(c_out, bco)
-    # BCI: the K step of the grad_pre dot (least padding); grad_x's C_in block: least padding, then enough
-    # programs for every SM, then larger (NCHW: at most 32, as in the forward)
+    # BCI: the K step of the grad_pre dot (least padding; NCHW: at most 32, as in the forward). grad_x's blocks
+    # (pixels x C_in): least padding, then enough programs for every SM, then larger
     bcis = (32, 16) if fma or not channels_last else (64, 32, 16)
     bci = forced.pop("BCI", None)
-    gx_bci = bci or min(bcis, key=lambda b: (_padded(c_in, b), -min(triton.cdiv(c_in, b) * n_tiles, TARGET_SMS),
-                                            -b))
+    gx_tp, gx_bci = (tp, bci) if bci else min(
+        itertools.product(tps, bcis),
+        key=lambda tb: (_padded(n_pix, tb[0]) * _padded(c_in, tb[1]),
+                        -min(triton.cdiv(n_pix, tb[0]) * triton.cdiv(c_in, tb[1]), TARGET_SMS), -tb[0] * tb[1]))
     bci = bci or _least_padding(c_in, bcis)
     n_ci = triton.cdiv(c_in, bci)
     # grad_pw GEMM: split the pixels until CTA_SLOTS programs run, as far as its partials allow
@@ -757,20 +830,36 @@ def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, p
                                                 (PARTIALS_MAX_BYTES // 2) // w_slot))))
     pix_per_split = triton.cdiv(n_tiles, s) * tp
     s = triton.cdiv(n_pix, pix_per_split)  # every split non-empty
-    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_BCI=gx_bci, **opts)
+    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_TP=gx_tp, GX_BCI=gx_bci, **_bwd_options(kind))
     blk.update(forced)
-    pw_k, co_k = _padded(c_in, bci), _padded(c_out, bco)
-    n_gx = triton.cdiv(c_in, gx_bci)
+    n_gx, gx_tiles = triton.cdiv(c_in, gx_bci), triton.cdiv(n_pix, gx_tp)
     scratch = n_pix * c_out * itemsize
+    x_bytes = n_pix * c_in * itemsize
     partial = g * c_slot + s * w_slot
+    finest = triton.cdiv(n_pix, 16)
     return Plan(path="split", blocks=blk,
-                launches=(Launch("bwd_gpre_kernel", (n_co, g), n_tiles * n_co * tp * bco * pw_k),
-                          Launch("bwd_gx_kernel", (n_gx, n_tiles), n_tiles * n_gx * tp * gx_bci * co_k),
-                          Launch("bwd_gw_kernel", (n_co, n_ci, s), n_co * n_ci * bco * bci * n_tiles * tp),
+                launches=(Launch("bwd_gpre_kernel", (n_co, g), n_tiles * n_co * tp * bco * _padded(c_in, bci),
+                                 finest=finest * triton.cdiv(c_out, 16)),
+                          Launch("bwd_gx_kernel", (n_gx, gx_tiles),
+                                 gx_tiles * n_gx * gx_tp * gx_bci * _padded(c_out, bco),
+                                 finest=finest * triton.cdiv(c_in, 16)),
+                          # its channel blocks stay GEMM-sized: it splits along the pixels only
+                          Launch("bwd_gw_kernel", (n_co, n_ci, s), n_co * n_ci * bco * bci * n_tiles * tp,
+                                 finest=n_co * n_ci * n_tiles),
                           _reduce_launch(c_out, c_in, taps)),
                 params=dict(G=g, GW=s, pix_per_split=pix_per_split),
-                extra_hbm_bytes=3 * scratch + n_pix * c_in * itemsize + 2 * partial, partial_bytes=partial,
-                scratch_bytes=scratch)
+                # grad_pre: written, read by both GEMMs; x: read again by the grad_pw GEMM; channel partials:
+                # read-modified-written per tile; grad_pw partials: written once; all read by the reduction
+                extra_traffic_bytes=3 * scratch + x_bytes + 2 * n_tiles * c_slot + 2 * s * w_slot,
+                extra_hbm_bytes=dram_bytes(scratch, 3) + dram_bytes(x_bytes, 1) + dram_bytes(partial, 2),
+                partial_bytes=partial, scratch_bytes=scratch)
+
+
+def _bwd_options(kind: str) -> dict:
+    """Launch options of the backward kernels: 4 warps (two or more programs per SM); FMA dots: 1 pipeline stage
+    (3 or 2 stages spilled 8-16 B on sm_90 at 80-255 registers); TF32: 2 stages (fp32 operands are twice the bytes
+    of bf16, and 3 stages of them reached 255 registers on sm_80 and spilled)."""
+    return dict(num_warps=4, **({"num_stages": 1} if kind == "fma" else {"num_stages": 2} if kind == "tf32" else {}))
 
 
 _REDUCE_BLOCK = 256
@@ -912,7 +1001,8 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
             **conv, **gemm, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, **dots,
         )
         torch.library.wrap_triton(_bwd_gx_kernel)[gx_launch.grid](
-            gpre, pw, grad_x, n, c_in, c_out, h, w, *grad_x.stride(), **dict(gemm, BCI=blk["GX_BCI"]), **dots,
+            gpre, pw, grad_x, n, c_in, c_out, h, w, *grad_x.stride(), **dict(gemm, TP=blk["GX_TP"], BCI=blk["GX_BCI"]),
+            **dots,
         )
         torch.library.wrap_triton(_bwd_gw_kernel)[gw_launch.grid](
             gpre, x, wpart, n, c_in, c_out, h, w, *x.stride(), prm["pix_per_split"], **gemm, **dots,
