@@ -132,22 +132,30 @@ def _act_grad(g, v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _x_tile(x_ptr, x_row, row_ok, ci, C_in, sxc, CW: tl.constexpr, IDX64: tl.constexpr, X_VEC: tl.constexpr):
+    """x[rows, ci] for CW consecutive channels ci (zeros beyond C_in and in rows with ``row_ok`` False). X_VEC
+    (:func:`_vector_width`): the launcher found C_in and every pixel stride divisible by it with contiguous
+    channels; both are promised to Triton (the mask in whole vectors), so loads are X_VEC elements wide."""
+    ci_x = ci.to(tl.int64) if IDX64 else ci
+    offs = tl.multiple_of(x_row[:, None] + ci_x[None, :] * sxc, [X_VEC, X_VEC])
+    return tl.load(x_ptr + offs, mask=row_ok[:, None] & (ci // X_VEC < C_in // X_VEC)[None, :], other=0.0)
+
+
+@triton.jit
 def _pointwise(
     x_ptr, x_row, row_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc,
     ROWS: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr,
-    ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     """The pointwise stage of the forward and of the split backward: pre[ROWS, BCO] = x[rows, :] . P[co, :]^T +
     b_p[co], a tl.dot chain over C_in blocks. ``x_row`` holds each row's pixel offset; rows with ``row_ok`` False
-    read zeros."""
+    read zeros. X_VEC: see :func:`_vector_width`."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     pre = tl.zeros((ROWS, BCO), dtype=acc_dt)
     for ci0 in range(0, C_in, BCI):
         ci = ci0 + tl.arange(0, BCI)
         ci_ok = ci < C_in
-        ci_x = ci.to(tl.int64) if IDX64 else ci
-        xt = tl.load(x_ptr + (x_row[:, None] + ci_x[None, :] * sxc), mask=row_ok[:, None] & ci_ok[None, :],
-                     other=0.0)
+        xt = _x_tile(x_ptr, x_row, row_ok, ci, C_in, sxc, BCI, IDX64, X_VEC)
         wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         if UPCAST_DOT:
             xt = xt.to(tl.float32)
@@ -171,6 +179,7 @@ def _fwd_kernel(
     TH: tl.constexpr, TW: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr, TP: tl.constexpr, P: tl.constexpr,
     BCO: tl.constexpr, BCI: tl.constexpr, SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
     HAS_DB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    X_VEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if SHIFTED:
@@ -181,12 +190,12 @@ def _fwd_kernel(
             _fwd_item(item, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_slot, C_in, C_out, H, W, H_out, W_out,
                       sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL, KH, KW, SH,
                       SW, DH, DW, TH, TW, HH, WW, TP, P, BCO, BCI, SHIFTED, ACT, HAS_PB, HAS_DB, PREC, ACC64, IDX64,
-                      UPCAST_DOT)
+                      UPCAST_DOT, X_VEC)
     else:
         _fwd_item(pid, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_ptr, C_in, C_out, H, W, H_out, W_out,
                   sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL, KH, KW, SH, SW,
                   DH, DW, TH, TW, HH, WW, TP, P, BCO, BCI, SHIFTED, ACT, HAS_PB, HAS_DB, PREC, ACC64, IDX64,
-                  UPCAST_DOT)
+                  UPCAST_DOT, X_VEC)
 
 
 @triton.jit
@@ -197,6 +206,7 @@ def _fwd_item(
     TH: tl.constexpr, TW: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr, TP: tl.constexpr, P: tl.constexpr,
     BCO: tl.constexpr, BCI: tl.constexpr, SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
     HAS_DB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    X_VEC: tl.constexpr,
 ):
     """One forward work item: output tile x C_out block ``item``. ``mid_slot``: the shifted stage's staging slot."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
@@ -229,7 +239,7 @@ def _fwd_item(
         iw = iw.to(tl.int64)
     x_row = n * sxn + ih * sxh + iw * sxw
     mid = _act(_pointwise(x_ptr, x_row, q_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, P, BCO, BCI, HAS_PB, PREC,
-                          ACC64, IDX64, UPCAST_DOT), ACT)
+                          ACC64, IDX64, UPCAST_DOT, X_VEC), ACT)
     if SHIFTED:
         tl.store(mid_slot + (q[:, None] * BCO + cc[None, :]), mid, mask=q_ok[:, None])
         tl.debug_barrier()  # every row is stored before any thread reads its taps
@@ -349,12 +359,10 @@ def _grad_y_sum(gy_ptr, cpart_g, co, co_ok, first, step, N, H_out, W_out, sgn, s
 
 
 @triton.jit
-def _x_chunk(x_ptr, x_row, p_ok, c0, C_in, sxc, CW: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr):
+def _x_chunk(x_ptr, x_row, p_ok, c0, C_in, sxc, CW: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+             X_VEC: tl.constexpr):
     """x[pixels, c0 : c0 + CW] (zeros beyond C_in and for masked pixels)."""
-    ci = c0 + tl.arange(0, CW)
-    ci_x = ci.to(tl.int64) if IDX64 else ci
-    xt = tl.load(x_ptr + (x_row[:, None] + ci_x[None, :] * sxc), mask=p_ok[:, None] & (ci < C_in)[None, :],
-                 other=0.0)
+    xt = _x_tile(x_ptr, x_row, p_ok, c0 + tl.arange(0, CW), C_in, sxc, CW, IDX64, X_VEC)
     return xt.to(tl.float32) if UPCAST_DOT else xt
 
 
@@ -387,11 +395,12 @@ def _grad_chunk(gx, gpre_in, xt, wt, wpart_g, co, co_ok, c0, C_in, again, CW: tl
 
 
 @triton.jit
-def _store_gx_chunk(gx_ptr, gx_row, p_ok, gx, c0, C_in, sxgc, CW: tl.constexpr, IDX64: tl.constexpr):
+def _store_gx_chunk(gx_ptr, gx_row, p_ok, gx, c0, C_in, sxgc, CW: tl.constexpr, IDX64: tl.constexpr,
+                    X_VEC: tl.constexpr):
     ci = c0 + tl.arange(0, CW)
     ci_x = ci.to(tl.int64) if IDX64 else ci
-    tl.store(gx_ptr + (gx_row[:, None] + ci_x[None, :] * sxgc), gx.to(gx_ptr.dtype.element_ty),
-             mask=p_ok[:, None] & (ci < C_in)[None, :])
+    offs = tl.multiple_of(gx_row[:, None] + ci_x[None, :] * sxgc, [X_VEC, X_VEC])  # see _x_tile
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & (ci // X_VEC < C_in // X_VEC)[None, :])
 
 
 @triton.jit
@@ -403,7 +412,7 @@ def _bwd_fused_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     TP: tl.constexpr, BCO: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
     ACT: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     T: tl.constexpr = KH * KW
@@ -423,16 +432,16 @@ def _bwd_fused_kernel(
         again = tile != pid_g  # later tiles accumulate into the slots, the first one initializes them
         p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
         # the x tile stays on chip for all C_out blocks, and so does the grad_x accumulator
-        x0 = _x_chunk(x_ptr, x_row, p_ok, 0, C_in, sxc, C0, IDX64, UPCAST_DOT)
+        x0 = _x_chunk(x_ptr, x_row, p_ok, 0, C_in, sxc, C0, IDX64, UPCAST_DOT, X_VEC)
         gx0 = tl.zeros((TP, C0), dtype=acc_dt)
         if C1 > 0:
-            x1 = _x_chunk(x_ptr, x_row, p_ok, O1, C_in, sxc, C1, IDX64, UPCAST_DOT)
+            x1 = _x_chunk(x_ptr, x_row, p_ok, O1, C_in, sxc, C1, IDX64, UPCAST_DOT, X_VEC)
             gx1 = tl.zeros((TP, C1), dtype=acc_dt)
         if C2 > 0:
-            x2 = _x_chunk(x_ptr, x_row, p_ok, O2, C_in, sxc, C2, IDX64, UPCAST_DOT)
+            x2 = _x_chunk(x_ptr, x_row, p_ok, O2, C_in, sxc, C2, IDX64, UPCAST_DOT, X_VEC)
             gx2 = tl.zeros((TP, C2), dtype=acc_dt)
         if C3 > 0:
-            x3 = _x_chunk(x_ptr, x_row, p_ok, O3, C_in, sxc, C3, IDX64, UPCAST_DOT)
+            x3 = _x_chunk(x_ptr, x_row, p_ok, O3, C_in, sxc, C3, IDX64, UPCAST_DOT, X_VEC)
             gx3 = tl.zeros((TP, C3), dtype=acc_dt)
         for co0 in range(0, C_out, BCO):
             co = co0 + tl.arange(0, BCO)
@@ -459,13 +468,13 @@ def _bwd_fused_kernel(
             if C3 > 0:
                 gx3 = _grad_chunk(gx3, gpre_in, x3, w3, wpart_g, co, co_ok, O3, C_in, again, C3, PREC, ACC64)
         gx_row = n * sxgn + h * sxgh + w * sxgw
-        _store_gx_chunk(gx_ptr, gx_row, p_ok, gx0, 0, C_in, sxgc, C0, IDX64)
+        _store_gx_chunk(gx_ptr, gx_row, p_ok, gx0, 0, C_in, sxgc, C0, IDX64, X_VEC)
         if C1 > 0:
-            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx1, O1, C_in, sxgc, C1, IDX64)
+            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx1, O1, C_in, sxgc, C1, IDX64, X_VEC)
         if C2 > 0:
-            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx2, O2, C_in, sxgc, C2, IDX64)
+            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx2, O2, C_in, sxgc, C2, IDX64, X_VEC)
         if C3 > 0:
-            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx3, O3, C_in, sxgc, C3, IDX64)
+            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx3, O3, C_in, sxgc, C3, IDX64, X_VEC)
     for co0 in range(0, C_out, BCO):
         co = co0 + tl.arange(0, BCO)
         _grad_y_sum(gy_ptr, cpart_g, co, co < C_out, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO,
@@ -480,7 +489,7 @@ def _bwd_gpre_kernel(
     PT, PL, G,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
-    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     T: tl.constexpr = KH * KW
     cb = tl.program_id(0)  # C_out blocks of one tile group are neighbours in launch order: they share x in L2
@@ -496,7 +505,7 @@ def _bwd_gpre_kernel(
         again = tile != pid_g
         p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
         pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, TP, BCO, BCI, HAS_PB, PREC,
-                         ACC64, IDX64, UPCAST_DOT)
+                         ACC64, IDX64, UPCAST_DOT, X_VEC)
         gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out, W_out,
                          PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64)
         tl.store(gpre_ptr + (p[:, None] * C_out + co_g[None, :]), gpre.to(gpre_ptr.dtype.element_ty),
@@ -508,7 +517,7 @@ def _bwd_gpre_kernel(
 def _bwd_gx_kernel(
     gpre_ptr, pw_ptr, gx_ptr, N, C_in, C_out, H, W, sxgn, sxgc, sxgh, sxgw,
     TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
-    IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     """grad_x[tile, ci block] = grad_pre[tile, :] . P[:, ci block] (a GEMM over C_out)."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
@@ -529,14 +538,14 @@ def _bwd_gx_kernel(
             g = g.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = tl.dot(g, wt, acc, input_precision=PREC, out_dtype=acc_dt)
-    _store_gx_chunk(gx_ptr, gx_row, p_ok, acc, ib * BCI, C_in, sxgc, BCI, IDX64)
+    _store_gx_chunk(gx_ptr, gx_row, p_ok, acc, ib * BCI, C_in, sxgc, BCI, IDX64, X_VEC)
 
 
 @triton.jit
 def _bwd_gw_kernel(
     gpre_ptr, x_ptr, wpart_ptr, N, C_in, C_out, H, W, sxn, sxc, sxh, sxw, pix_per_split,
     TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
-    IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     """grad_pw partial [co block, ci block] over pixel split s: grad_pre[split, co]^T . x[split, ci] (a GEMM over
     pixels), written once to slot s."""
@@ -556,7 +565,7 @@ def _bwd_gw_kernel(
     for k in range(0, n_tiles):
         p, p_ok, n, h, w, x_row = _mid_tile(tile0 + k, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
         g = tl.load(gpre_ptr + (p[:, None] * C_out + co[None, :]), mask=p_ok[:, None] & co_ok[None, :], other=0.0)
-        xt = _x_chunk(x_ptr, x_row, p_ok, ib * BCI, C_in, sxc, BCI, IDX64, UPCAST_DOT)
+        xt = _x_chunk(x_ptr, x_row, p_ok, ib * BCI, C_in, sxc, BCI, IDX64, UPCAST_DOT, X_VEC)
         if UPCAST_DOT:
             g = g.to(tl.float32)
         acc = tl.dot(tl.trans(g), xt, acc, input_precision=PREC, out_dtype=acc_dt)
@@ -888,6 +897,18 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
     return any(_max_offset(t) >= 2**31 - 1 for t in tensors)
 
 
+def _vector_width(t: torch.Tensor) -> int:
+    """Elements of ``t`` per aligned access along its channels (up to 16 bytes): the largest power of two that
+    divides C and every pixel stride, when the channels are contiguous (1 otherwise). The kernels promise Triton
+    these multiples (``tl.multiple_of``), so that C = 24 channels_last loads 16-byte vectors, not single elements."""
+    if t.stride(1) != 1:
+        return 1
+    v = 16 // t.element_size()
+    while v > 1 and any(d % v for d in (t.shape[1], t.stride(0), t.stride(2), t.stride(3))):
+        v //= 2
+    return v
+
+
 def _dot_settings(dtype: torch.dtype, device: torch.device) -> tuple[str, bool, bool]:
     """(input_precision, fp64 accumulation, upcast bf16 before tl.dot)."""
     prec = "tf32" if dtype == torch.float32 and fp32_uses_tf32() else "ieee"
@@ -944,7 +965,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
         prm["tiles_w"], prm["tiles_per_img"], prm["n_co"], prm["n_work"], padding[0], padding[2],
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], **blk,
         SHIFTED=depthwise == "shifted", ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
-        HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
+        HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast, X_VEC=_vector_width(x),
         IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
     )
     return y
@@ -980,7 +1001,8 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         "IDX64", _needs_int64(x, grad_y, grad_x) or (gpre is not None and _needs_int64(gpre)))
     pb = pw_bias if pw_bias is not None else pw
     conv = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1])
-    dots = dict(PREC=prec, ACC64=acc64, IDX64=idx64, UPCAST_DOT=upcast)
+    dots = dict(PREC=prec, ACC64=acc64, IDX64=idx64, UPCAST_DOT=upcast, X_VEC=min(_vector_width(x),
+                                                                               _vector_width(grad_x)))
     if plan.path == "fused":
         fused, _ = plan.launches
         torch.library.wrap_triton(_bwd_fused_kernel)[fused.grid](
