@@ -9,8 +9,10 @@ What the kernels support: CUDA tensors in float32, float16 or bfloat16 on comput
 architecture the build includes, or PTX that the driver can JIT); depthwise kernels of any kh, kw in 1..7 (1x1, 3x3,
 5x5, 7x7 have compile-time specialised paths); any stride / padding / dilation whose dilated kernel footprint
 ((kh-1)*dh+1) * ((kw-1)*dw+1) is at most 384 pixels (stride and dilation <= 64, padding <= 4096). Everything else
-goes to Triton / the reference. fp32 runs in full fp32 FMA (never TF32); fp16 / bf16 use tensor cores with fp32
-accumulation. NCHW inputs are copied to channels_last for the kernels and the result copied back.
+goes to Triton / the reference. fp32 runs on TF32 tensor cores when torch allows TF32 for fp32 convolutions
+(:func:`bsconv_cuda.backends.fp32_uses_tf32`, passed by :mod:`bsconv_cuda.ops`), else in full fp32 FMA; fp16 / bf16
+use tensor cores; all with fp32 accumulation. NCHW inputs are copied to channels_last for the kernels and the
+result copied back.
 """
 
 from __future__ import annotations
