@@ -705,8 +705,10 @@ def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, paddin
     pt, pl = padding[0], padding[2]
     forced = {k: v for k, v in (_FORCED["forward"] or {}).items() if k not in ("IDX64", "SLOTS")}
     kind = _dot_kind(dtype, prec)
-    # NCHW x loads are gathers of single elements, one 64-bit address each: BCI = 64 reached 255 registers
-    bci = forced.pop("BCI", 16 if kind == "fma" else _least_padding(c_in, (64, 32, 16) if channels_last else (32, 16)))
+    # NCHW x loads are gathers of single elements, one 64-bit address each: BCI = 64 reached 255 registers. TF32:
+    # 3 pipeline stages of [P = 128, BCI = 64] fp32 x tiles took 120 KB of shared memory (one program per SM).
+    wide = channels_last and kind == "tc"
+    bci = forced.pop("BCI", 16 if kind == "fma" else _least_padding(c_in, (64, 32, 16) if wide else (32, 16)))
     th, tw, bco = _fwd_tile(n, c_in, bci, c_out, h, w, h_out, w_out, kh, kw, sh, sw, dh, dw,
                             _DW_FMA_COST[kind], 1 if kind == "fma" else MIN_DOT_ROWS, (32, 16))
     th, tw, bco = forced.pop("TH", th), forced.pop("TW", tw), forced.pop("BCO", bco)
@@ -749,12 +751,16 @@ def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, p
     path = forced.pop("PATH", None)
     args = (n, c_in, c_out, h * w, kernel_size[0] * kernel_size[1], _dot_kind(dtype, prec), _dtype_name(dtype),
             channels_last)
-    fused = None if path == "split" else _fused_plan(dict(forced), *args)
+    # each path takes the forced blocks it has (the fused kernel has no BCI and no pixel splits, the split ones no
+    # channel chunks)
+    fused_forced = {k: v for k, v in forced.items()
+                    if k not in ("BCI", "S", "GX_TP", "GX_BCI", "GEMM_WARPS", "GEMM_STAGES")}
+    fused = None if path == "split" else _fused_plan(fused_forced, *args)
     if path == "fused":
         if fused is None:
             raise ValueError(f"the fused backward takes at most {FUSED_MAX_CIN} input channels, got {c_in}")
         return fused
-    split = _split_plan(dict(forced), *args)
+    split = _split_plan({k: v for k, v in forced.items() if k != "CHUNKS"}, *args)
     if fused is None or path == "split":
         return split
     fills = fused.launches[0].programs >= min(TARGET_SMS, split.launches[0].programs)
@@ -839,7 +845,11 @@ def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
                                                 (PARTIALS_MAX_BYTES // 2) // w_slot))))
     pix_per_split = triton.cdiv(n_tiles, s) * tp
     s = triton.cdiv(n_pix, pix_per_split)  # every split non-empty
-    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_TP=gx_tp, GX_BCI=gx_bci, **_bwd_options(kind))
+    # grad_pre kernel: 1 pipeline stage (3 and 2 left a value or two spilled at 72-128 registers on sm_90), and 2
+    # warps for 16 x 16 tiles (4 warps spilled 8 B at 64-80 registers); the GEMMs: 4 warps, 2 stages (3 spilled 8 B
+    # in an NCHW grad_pw GEMM), FMA dots 1
+    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_TP=gx_tp, GX_BCI=gx_bci, num_warps=2 if tp * bco <= 256 else 4,
+               num_stages=1, GEMM_WARPS=4, GEMM_STAGES=1 if fma else 2)
     blk.update(forced)
     n_gx, gx_tiles = triton.cdiv(c_in, gx_bci), triton.cdiv(n_pix, gx_tp)
     scratch = n_pix * c_out * itemsize
@@ -865,7 +875,7 @@ def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
 
 
 def _bwd_options(kind: str) -> dict:
-    """Launch options of the backward kernels: 4 warps (two or more programs per SM); FMA dots: 1 pipeline stage
+    """Launch options of the fused backward kernel: 4 warps (two or more programs per SM); FMA dots: 1 pipeline stage
     (3 or 2 stages spilled 8-16 B on sm_90 at 80-255 registers); TF32: 2 stages (fp32 operands are twice the bytes
     of bf16, and 3 stages of them reached 255 registers on sm_80 and spilled)."""
     return dict(num_warps=4, **({"num_stages": 1} if kind == "fma" else {"num_stages": 2} if kind == "tf32" else {}))
@@ -1014,20 +1024,22 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         )
     else:
         pre_launch, gx_launch, gw_launch, _ = plan.launches
-        gemm = {k: v for k, v in blk.items() if k in ("TP", "BCO", "BCI", "num_warps", "num_stages")}
+        gemm = dict(TP=blk["TP"], BCO=blk["BCO"], BCI=blk["BCI"])
         torch.library.wrap_triton(_bwd_gpre_kernel)[pre_launch.grid](
             grad_y, x, pw, pb, dw, gpre, cpart,
             n, c_in, c_out, h, w, h_out, w_out,
             *x.stride(), *grad_y.stride(),
             padding[0], padding[2], prm["G"],
-            **conv, **gemm, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, **dots,
+            **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_ACT_CODES[activation],
+            HAS_PB=pw_bias is not None, **dots,
         )
         torch.library.wrap_triton(_bwd_gx_kernel)[gx_launch.grid](
             gpre, pw, grad_x, n, c_in, c_out, h, w, *grad_x.stride(), **dict(gemm, TP=blk["GX_TP"], BCI=blk["GX_BCI"]),
-            **dots,
+            num_warps=blk["GEMM_WARPS"], num_stages=blk["GEMM_STAGES"], **dots,
         )
         torch.library.wrap_triton(_bwd_gw_kernel)[gw_launch.grid](
-            gpre, x, wpart, n, c_in, c_out, h, w, *x.stride(), prm["pix_per_split"], **gemm, **dots,
+            gpre, x, wpart, n, c_in, c_out, h, w, *x.stride(), prm["pix_per_split"], **gemm,
+            num_warps=blk["GEMM_WARPS"], num_stages=blk["GEMM_STAGES"], **dots,
         )
     torch.library.wrap_triton(_reduce_kernel)[plan.launches[-1].grid](
         wpart, cpart, grad_pw, grad_dw, grad_pb, grad_db, prm["GW"], prm["G"], c_out, c_in,
