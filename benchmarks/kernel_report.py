@@ -20,10 +20,12 @@ the occupancy those allow (resident warps per SM / 64), whether the matrix stage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -303,7 +305,7 @@ def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"
                 launches.clear()
                 with mock.patch.object(K, "fp32_uses_tf32", lambda tf32=tf32: tf32):
                     _launch_on_meta(K, shape, tdt[dtype], layout)
-                use = f"{shape.name}/{dtype}{'/tf32' if dtype == 'fp32' and tf32 else ''}/{layout}"
+                use = use_label(shape, dtype, layout, tf32)
                 for kernel, args, kwargs in launches:
                     cfg = config_from_launch(kernel, args, kwargs, dtype, use)
                     k = cfg.key()
@@ -312,6 +314,11 @@ def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"
                     else:
                         configs[k] = cfg
     return list(configs.values())
+
+
+def use_label(shape, dtype: str, layout: str, tf32: bool = True) -> str:
+    """How a compiled configuration names the call that launches it: shape name, batch, dtype, layout."""
+    return f"{shape.name}/N{shape.batch}/{dtype}{'/tf32' if dtype == 'fp32' and tf32 else ''}/{layout}"
 
 
 def _launch_on_meta(K, shape, dtype, layout) -> None:
@@ -538,6 +545,179 @@ def cuda_extension_stats(so_path: str | Path | None = None) -> list[KernelStats]
     return out
 
 
+# ------------------------------------------------------------------------------------------------ work accounting
+# The goals of the work table (tests/test_kernel_report.py fails on a shape that breaks one): a backward that
+# recomputes the pointwise product once and runs the two gradient GEMMs, each at the forward's padding at most
+# (backward <= forward + BWD_EXTRA_MACS, in units of the pointwise stage's N*H*W*C_in*C_out); a forward within
+# FWD_MAX_MACS on the k3 maps of at least 7x7; weight-gradient partials that fit in the L2 of an H100 / H200; at
+# batch 1, every launch that carries MAIN_LAUNCH_SHARE of its pass's dot work runs a program per SM, or as many
+# as its smallest blocks allow; two programs per SM wherever there are programs for that.
+BWD_EXTRA_MACS = 2.5
+FWD_MAX_MACS = 3.0
+L2_BYTES = 50 * 2**20  # H100 / H200 SXM
+SMS = 132  # H100 / H200 SXM
+MAIN_LAUNCH_SHARE = 0.25  # launches that carry at least this share of a pass's dot work must fill the SMs
+TRITON_WORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@contextlib.contextmanager
+def count_dot_macs():
+    """Counts the multiply-adds of every ``tl.dot`` that Triton's interpreter runs in the block: M * N * K of each
+    (the interpreter's dot is one numpy matmul), summed into the yielded dict's "macs". Needs TRITON_INTERPRET=1
+    set before triton was imported (the kernels then run on CPU tensors)."""
+    from triton.runtime import interpreter
+
+    counted = {"macs": 0}
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        *batch, m, k = a.data.shape
+        counted["macs"] += math.prod(batch) * m * k * b.data.shape[-1]
+        return original(self, a, b, d, *args, **kwargs)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    try:
+        yield counted
+    finally:
+        interpreter.InterpreterBuilder.create_dot = original
+
+
+def call_plans(shape, backend: str, dtype: str = "bf16", layout: str = "cl", tf32: bool = True):
+    """(forward Plan, backward Plan) of one backend for one benchmark shape (``bsconv_cuda.plan``)."""
+    import torch
+
+    from bsconv_cuda import reference
+
+    stride, padding, dilation = (shape.stride,) * 2, (shape.padding,) * 4, (1, 1)
+    k = (shape.k, shape.k)
+    h_out, w_out = reference.output_size(shape.hw, shape.hw, k, stride, padding, dilation)
+    args = (shape.batch, shape.c_in, shape.c_out, shape.hw, shape.hw, h_out, w_out)
+    tdt = getattr(torch, TRITON_WORK_DTYPES[dtype])
+    if backend == "cuda":
+        from bsconv_cuda import cuda_backend
+
+        return cuda_backend.work_plan(*args, k, stride, padding, dilation, tdt)
+    from bsconv_cuda.kernels import bsconv_u as K
+
+    prec = "tf32" if dtype == "fp32" and tf32 else ("ieee" if dtype == "fp32" else None)
+    cl = layout == "cl"
+    return (K.forward_plan(*args, k, stride, padding, dilation, tdt, prec, channels_last=cl),
+            K.backward_plan(*args, k, tdt, prec, channels_last=cl))
+
+
+@dataclass
+class WorkRow:
+    """The work of one backend on one shape at one batch size (see :func:`work_rows`)."""
+
+    shape: str
+    batch: int
+    backend: str
+    describe: str
+    k: int
+    hw: int
+    fwd_macs: float  # dot multiply-adds over the pointwise stage's N*H*W*C_in*C_out
+    bwd_macs: float
+    fwd_bytes: float  # modeled HBM bytes over Shape.byte_floor
+    bwd_bytes: float
+    bwd_traffic: float  # modeled L2 + HBM traffic of the backward over Shape.byte_floor
+    bwd_path: str
+    partial_bytes: int  # fp32 weight-gradient partials of the backward
+    scratch_bytes: int  # transient buffers of the backward (grad_pre)
+    pointwise_macs: int
+    # per launch: pass, kernel, programs, share of its pass's dot work, CTAs per SM (sm_90; None: not compiled)
+    launches: list = field(default_factory=list)
+
+    def waves(self, launch) -> float | None:
+        ctas = launch["ctas_per_sm"]
+        return launch["programs"] / (SMS * ctas) if ctas else None
+
+
+def work_rows(shapes, batches: Iterable[str] = ("1", "2"), dtype: str = "bf16", layout: str = "cl",
+              backends=("triton", "cuda"), stats: Iterable[KernelStats] = (), arch: int = 90,
+              tf32: bool = True) -> list[WorkRow]:
+    """The work table: per shape (at each of ``batches``: a number, or "table" for the shape table's own batch)
+    and backend, the dot multiply-adds of both passes, modeled bytes, partials, and per launch the programs and,
+    from compiled ``stats`` (``arch``), the CTAs per SM. Triton's rows come from the launchers' own plans, CUDA's
+    from its tile plan (``bsconv_cuda.cuda_backend.work_plan``). tf32: fp32 with TF32 (else IEEE fp32 dots)."""
+    itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    by_use: dict = {}
+    for st in stats:
+        if st.source == "triton" and st.arch == arch and not st.error:
+            for use in st.uses:
+                by_use[(use, st.kernel)] = st.occupancy.get("blocks_per_sm")
+    rows = []
+    for shape in shapes:
+        for b in dict.fromkeys(shape.batch if b == "table" else int(b) for b in batches):
+            s = shape.with_batch(b)
+            pointwise = b * s.hw * s.hw * s.c_in * s.c_out
+            for backend in backends:
+                fwd, bwd = call_plans(s, backend, dtype, layout, tf32)
+                launches = []
+                for pass_, plan in (("fwd", fwd), ("bwd", bwd)):
+                    for launch in plan.launches:
+                        ctas = (by_use.get((use_label(s, dtype, layout, tf32), launch.kernel))
+                                if backend == "triton" else None)
+                        launches.append(dict(pass_=pass_, kernel=launch.kernel, programs=launch.programs,
+                                             max_programs=launch.max_programs,
+                                             share=launch.dot_macs / max(1, plan.dot_macs), ctas_per_sm=ctas))
+                rows.append(WorkRow(
+                    shape=s.name, batch=b, backend=backend, describe=s.describe(), k=s.k, hw=s.hw,
+                    fwd_macs=fwd.dot_macs / pointwise, bwd_macs=bwd.dot_macs / pointwise,
+                    fwd_bytes=1 + fwd.extra_hbm_bytes / s.byte_floor("fwd", itemsize),
+                    bwd_bytes=1 + bwd.extra_hbm_bytes / s.byte_floor("bwd", itemsize),
+                    bwd_traffic=1 + bwd.extra_traffic_bytes / s.byte_floor("bwd", itemsize),
+                    bwd_path=bwd.path, partial_bytes=bwd.partial_bytes, scratch_bytes=bwd.scratch_bytes,
+                    pointwise_macs=pointwise, launches=launches))
+    return rows
+
+
+def work_problems(rows: Iterable[WorkRow]) -> list[str]:
+    """The goals above, checked row by row: one line per broken goal."""
+    out = []
+    for r in rows:
+        where = f"{r.backend} {r.describe}"
+        if r.bwd_macs > r.fwd_macs + BWD_EXTRA_MACS + 1e-9:
+            out.append(f"{where}: backward {r.bwd_macs:.2f}x > forward {r.fwd_macs:.2f}x + {BWD_EXTRA_MACS}")
+        if r.k == 3 and r.hw >= 7 and r.fwd_macs > FWD_MAX_MACS + 1e-9:
+            out.append(f"{where}: forward {r.fwd_macs:.2f}x > {FWD_MAX_MACS}x on a k3 map of 7x7 or more")
+        if r.partial_bytes > L2_BYTES:
+            out.append(f"{where}: weight-gradient partials {r.partial_bytes / 2**20:.1f} MiB > L2")
+        if r.backend == "cuda" and r.scratch_bytes:
+            out.append(f"{where}: the backward writes a grad_pre buffer of {r.scratch_bytes / 2**20:.2f} MiB")
+        for launch in r.launches:
+            if (r.batch == 1 and launch["share"] >= MAIN_LAUNCH_SHARE
+                    and launch["programs"] < min(SMS, launch["max_programs"])):
+                out.append(f"{where}: {launch['kernel']} runs {launch['programs']} programs on {SMS} SMs, "
+                           f"its blocks allow {launch['max_programs']}")
+        for launch in r.launches:
+            ctas = launch["ctas_per_sm"]
+            if ctas is not None and ctas < 2 and launch["programs"] >= 2 * SMS and launch["share"] > 0:
+                out.append(f"{where}: {launch['kernel']} fits {ctas} CTA per SM ({launch['programs']} programs)")
+    return out
+
+
+def _mib(v: int) -> str:
+    return f"{v / 2**20:.1f}" if v else "0"
+
+
+def work_markdown(rows: list[WorkRow]) -> str:
+    """The work table: one line per shape, batch and backend."""
+    lines = ["| shape | N | backend | MACs fwd | MACs bwd | bwd path | HBM fwd | HBM bwd | traffic bwd | "
+             "partials MiB | grad_pre MiB | programs (CTAs/SM, waves on 132 SMs) |",
+             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        parts = []
+        for launch in r.launches:
+            if launch["share"] == 0:
+                continue  # reductions and column sums: no dot work
+            occ = (f" ({launch['ctas_per_sm']}, {r.waves(launch):.2f})" if launch["ctas_per_sm"] else "")
+            parts.append(f"{launch['kernel']} {launch['programs']}{occ}")
+        lines.append(f"| {r.describe.rsplit(' N=', 1)[0]} | {r.batch} | {r.backend} | {r.fwd_macs:.2f} | "
+                     f"{r.bwd_macs:.2f} | {r.bwd_path} | {r.fwd_bytes:.2f} | {r.bwd_bytes:.2f} | {r.bwd_traffic:.2f} | "
+                     f"{_mib(r.partial_bytes)} | {_mib(r.scratch_bytes)} | {'; '.join(parts)} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------- output
 def _widths(c: dict) -> str:
     return " ".join(f"{b}B×{n}" for b, n in sorted(c.items())) or "–"
@@ -619,17 +799,25 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path, default=None, help="write the table here (default: stdout)")
     p.add_argument("--update-markdown", type=Path, default=None, metavar="FILE",
                    help="replace the <!-- kernel-report:begin/end --> section of FILE (e.g. BENCHMARKS.md)")
+    p.add_argument("--work", default="1,2,table",
+                   help="batch sizes of the work table ('table': the shape table's own; '': no work table); the "
+                        "Triton launches of these batches are compiled too (CTAs per SM)")
+    p.add_argument("--work-dtype", default="bf16", help="dtype of the work table (layout: the first of --layouts)")
     args = p.parse_args(argv)
 
     from bsconv_cuda.shapes import select
 
     stats: list[KernelStats] = []
     notes = []
+    shapes = select(args.shapes)
+    work_batches = [b for b in args.work.split(",") if b]
     if args.from_json:
         stats = load_json(args.from_json)
         args.no_triton = args.no_cuda = True
     if not args.no_triton:
-        configs = triton_configs(select(args.shapes), args.dtypes.split(","), args.provider,
+        compiled_shapes = list(dict.fromkeys(
+            s.with_batch(s.batch if b == "table" else int(b)) for s in shapes for b in work_batches or ["table"]))
+        configs = triton_configs(compiled_shapes, args.dtypes.split(","), args.provider,
                                  layouts=tuple(args.layouts.split(",")))
         archs = [int(a) for a in args.arch.split(",")]
 
@@ -652,7 +840,17 @@ def main(argv=None) -> int:
         keep = {int(a) for a in args.table_arch.split(",")}
         shown = [s for s in stats if s.arch in keep]
         notes.append(f"table rows: sm_{', sm_'.join(map(str, sorted(keep)))} only")
-    md = summary_markdown(stats, notes) + "\n\n" + markdown(shown) + "\n"
+    md = summary_markdown(stats, notes) + "\n\n"
+    work_probs = []
+    if work_batches:
+        rows = work_rows(shapes, work_batches, dtype=args.work_dtype, layout=args.layouts.split(",")[0],
+                         stats=stats)
+        work_probs = work_problems(rows)
+        md += (f"Work table ({args.work_dtype}, {args.layouts.split(',')[0]}; CTAs per SM from the sm_90 "
+               f"compilations): {len(work_probs)} goal(s) broken.\n\n")
+        md += "".join(f"- {w}\n" for w in work_probs) + ("\n" if work_probs else "")
+        md += work_markdown(rows) + "\n\n"
+    md += markdown(shown) + "\n"
     if args.markdown:
         args.markdown.write_text(md)
     else:

@@ -441,7 +441,10 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
     try:
         import triton
 
+        from .kernels import bsconv_u as triton_kernels
+
         meta["triton"] = triton.__version__
+        meta["triton_depthwise"] = triton_kernels.DEPTHWISE_STAGE
     except Exception:  # noqa: BLE001
         meta["triton"] = None
     if device.type == "cuda":
@@ -589,6 +592,9 @@ def parse_args(argv: Sequence[str] | None = None):
                    help="CPU: also run the Triton kernels in Triton's interpreter on tiny crops of the first "
                         "shapes (correctness smoke test, NOT a speed measurement)")
     p.add_argument("--interpret-shapes", type=int, default=2, help="how many shapes --triton-interpret runs")
+    p.add_argument("--triton-depthwise", default=None, choices=["gather", "shifted"],
+                   help="the Triton forward's depthwise stage (default: the kernels' DEPTHWISE_STAGE); run once "
+                        "with each to measure both")
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results as JSON")
     p.add_argument("--warmup", type=float, default=GLOBAL_WARMUP_S, metavar="SECONDS",
                    help=f"untimed runs of the first shape's whole plan before any timing (default "
@@ -649,6 +655,10 @@ def _main(argv: list[str]) -> int:
         raise SystemExit("--triton-interpret is for CPU-only machines")
     if not on_gpu:
         torch.set_num_threads(args.threads or 1)
+    if args.triton_depthwise is not None:
+        from .kernels import bsconv_u as triton_kernels
+
+        triton_kernels.DEPTHWISE_STAGE = args.triton_depthwise
     results, meta = run_benchmarks(args)
     print(format_table(results, meta))
     if args.json:

@@ -9,8 +9,10 @@ What the kernels support: CUDA tensors in float32, float16 or bfloat16 on comput
 architecture the build includes, or PTX that the driver can JIT); depthwise kernels of any kh, kw in 1..7 (1x1, 3x3,
 5x5, 7x7 have compile-time specialised paths); any stride / padding / dilation whose dilated kernel footprint
 ((kh-1)*dh+1) * ((kw-1)*dw+1) is at most 384 pixels (stride and dilation <= 64, padding <= 4096). Everything else
-goes to Triton / the reference. fp32 runs in full fp32 FMA (never TF32); fp16 / bf16 use tensor cores with fp32
-accumulation. NCHW inputs are copied to channels_last for the kernels and the result copied back.
+goes to Triton / the reference. fp32 runs on TF32 tensor cores when torch allows TF32 for fp32 convolutions
+(:func:`bsconv_cuda.backends.fp32_uses_tf32`, passed by :mod:`bsconv_cuda.ops`), else in full fp32 FMA; fp16 / bf16
+use tensor cores; all with fp32 accumulation. NCHW inputs are copied to channels_last for the kernels and the
+result copied back.
 """
 
 from __future__ import annotations
@@ -162,8 +164,9 @@ def arch_reason(device: torch.device | str | int | None = None) -> str | None:
     return f"bsconv_cuda._C was compiled for {';'.join(archs)}, which has no code for sm_{major}{minor}"
 
 
-def _fwd_tile_count(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) -> int | None:
-    """Output tiles per image of the forward kernel (choose_fwd_tile in csrc), or None if no tile fits."""
+def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) -> tuple[int, int, int, int] | None:
+    """(TH, TW, IH, IW) of the forward kernel's output tile and its halo (choose_fwd_tile in csrc), or None if no
+    tile fits."""
     best, choice = -1.0, None
     for th0 in (16, 8, 4, 2, 1):
         for tw0 in (32, 16, 8, 4, 2, 1):
@@ -172,12 +175,86 @@ def _fwd_tile_count(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) 
             iw = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
             if ih * iw > MAX_HALO:
                 continue
-            score = th * tw / (-(-ih * iw // 16) * 16)
+            score = th * tw / _round_up(ih * iw, 16)
             if score > best + 1e-12:
-                best, choice = score, (th, tw)
-    if choice is None:
-        return None
-    return math.ceil(h_out / choice[0]) * math.ceil(w_out / choice[1])
+                best, choice = score, (th, tw, ih, iw)
+    return choice
+
+
+def _fwd_tile_count(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) -> int | None:
+    """Output tiles per image of the forward kernel, or None if no tile fits."""
+    tile = _fwd_tile(h_out, w_out, kh, kw, stride, dilation)
+    return None if tile is None else math.ceil(h_out / tile[0]) * math.ceil(w_out / tile[1])
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+# The kernels' constants (csrc/bsconv_kernels.cu): output channels per fused block (CB), mid pixels per backward
+# tile block (kBwdPix), the GEMM block (GBM = GBN), input channels per shared-memory chunk (KC) and the GEMM's K
+# step (BK): 32 for fp16 / bf16 (tensor cores), 16 for fp32 (FMA).
+_CB = 32
+_BWD_PIX = 256
+_GEMM_BLOCK = 64
+
+
+def _bwd_tile_width(w: int) -> int:
+    """TW of the backward tile block (choose_bwd_tile in csrc; TH = 256 / TW)."""
+    return 32 if w > 16 else 16 if w > 8 else 8 if w > 4 else 4
+
+
+def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype):
+    """The forward and backward :class:`bsconv_cuda.plan.Plan` of the CUDA kernels for one call (grids and the
+    multiply-adds of their MMA / FMA loops, from the tile plan of ``csrc/bsconv_kernels.cu``). padding: (top,
+    bottom, left, right); dtype: a torch dtype. Pure arithmetic: needs neither the extension nor a GPU."""
+    from .plan import Launch, Plan, dram_bytes, halo_read_factor
+
+    kh, kw = kernel_size
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    kc = 16 if dtype == torch.float32 else 32  # KC and the GEMM's BK
+    th, tw, ih, iw = _fwd_tile(h_out, w_out, kh, kw, stride, dilation)
+    n_cb = math.ceil(c_out / _CB)
+    tiles = math.ceil(h_out / th) * math.ceil(w_out / tw)
+    halo = halo_read_factor(h, w, h_out, w_out, (th, tw), stride, (padding[0], padding[2]), (ih, iw))
+    halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
+    fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, P_pad=_round_up(ih * iw, 16), CB=_CB, KC=kc),
+               launches=(Launch("fwd_kernel", (n_cb, tiles, n),
+                                n * tiles * n_cb * _round_up(ih * iw, 16) * _CB * _round_up(c_in, kc),
+                                finest=n * h_out * w_out * n_cb),),  # 1 x 1 output tiles
+               params={}, extra_traffic_bytes=halo_bytes, extra_hbm_bytes=halo_bytes)
+
+    # bwd_geom in csrc
+    btw = _bwd_tile_width(w)
+    b_tiles = math.ceil(h / (_BWD_PIX // btw)) * math.ceil(w / btw)
+    m = n * h * w
+    mn_tiles = math.ceil(c_out / _GEMM_BLOCK) * math.ceil(c_in / _GEMM_BLOCK)
+    splits = max(1, min(math.ceil(512 / mn_tiles), math.ceil(m / 256)))
+    kchunk = _round_up(math.ceil(m / splits), kc)
+    splits = math.ceil(m / kchunk)
+    m_out = n * h_out * w_out
+    col_rows = max(math.ceil(m_out / 32768), 1024)
+    col_blocks = math.ceil(m_out / col_rows)
+    gw_k = (splits - 1) * kchunk + _round_up(m - (splits - 1) * kchunk, kc)  # each split's K loop, padded to BK
+    gemm_mn = math.ceil(m / _GEMM_BLOCK), math.ceil(c_in / _GEMM_BLOCK)
+    gpre = m * c_out * itemsize
+    partial = 4 * (n * b_tiles * c_out * (kh * kw + 1) + splits * c_out * c_in + col_blocks * c_out)
+    bwd = Plan(path="cuda", blocks=dict(TW=btw, TH=_BWD_PIX // btw, CB=_CB, KC=kc),
+               launches=(Launch("bwd_tile_kernel", (n_cb, b_tiles, n),
+                                n * b_tiles * n_cb * _BWD_PIX * _CB * _round_up(c_in, kc)),
+                         Launch("gemm_kernel<grad_x>", gemm_mn,
+                                gemm_mn[0] * gemm_mn[1] * _GEMM_BLOCK ** 2 * _round_up(c_out, kc)),
+                         Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK), gemm_mn[1], splits),
+                                mn_tiles * _GEMM_BLOCK ** 2 * gw_k),
+                         Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)),
+               params=dict(splits=splits, kchunk=kchunk),
+               # gpre written, read by both GEMMs; x read again by the grad_pw GEMM; partials written once and
+               # read by the reductions
+               extra_traffic_bytes=3 * gpre + m * c_in * itemsize + 2 * partial,
+               extra_hbm_bytes=dram_bytes(gpre, 3) + dram_bytes(m * c_in * itemsize, 1) + dram_bytes(partial, 2),
+               partial_bytes=partial,
+               scratch_bytes=gpre)
+    return fwd, bwd
 
 
 def unsupported_reason(

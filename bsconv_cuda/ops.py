@@ -9,7 +9,11 @@ One forward and one backward operator per backend, all with one schema::
 - ``reference``: ``torch.library.custom_op`` over :mod:`bsconv_cuda.reference`.
 - ``triton``: ``torch.library.triton_op`` over :mod:`bsconv_cuda.kernels.bsconv_u`, so that ``torch.compile`` sees
   the Triton kernels themselves (on GPU; under Triton's interpreter it can only run them eagerly).
-- ``cuda``: defined and implemented in C++ (``csrc/``, loaded as ``bsconv_cuda._C``); only the fakes are added here.
+- ``cuda``: defined and implemented in C++ (``csrc/``, loaded as ``bsconv_cuda._C``), with one more argument,
+  ``bool allow_tf32=False``; here they get their fakes and ``custom_op`` wrappers
+  (``bsconv_cuda::cuda_with_tf32_switch_forward/_backward``, the schema above) that pass torch's TF32 switch for
+  fp32 convolutions (:func:`bsconv_cuda.backends.fp32_uses_tf32`), which the Triton launchers read themselves, so
+  fp32 precision does not depend on which backend ``auto`` picked.
 
 Separate operators per backend (rather than one operator with a backend argument) keep each registration in its
 own mechanism and let the backend be chosen once, in :func:`bsconv_cuda.bsconv_u`, before anything is traced.
@@ -46,8 +50,8 @@ def _backward_fake(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, pa
     )
 
 
-def _define(backend: str, define, forward: Launcher, backward: Launcher):
-    """Registers ``bsconv_cuda::{backend}_forward/_backward`` with ``define`` (custom_op or triton_op)."""
+def _define(name: str, define, forward: Launcher, backward: Launcher):
+    """Registers ``bsconv_cuda::{name}_forward/_backward`` with ``define`` (custom_op or triton_op)."""
 
     def forward_op(
         x: Tensor, pw_weight: Tensor, pw_bias: Optional[Tensor], dw_weight: Tensor, dw_bias: Optional[Tensor],
@@ -61,8 +65,8 @@ def _define(backend: str, define, forward: Launcher, backward: Launcher):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         return backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation)
 
-    forward_op = define(f"bsconv_cuda::{backend}_forward", forward_op, mutates_args=())
-    backward_op = define(f"bsconv_cuda::{backend}_backward", backward_op, mutates_args=())
+    forward_op = define(f"bsconv_cuda::{name}_forward", forward_op, mutates_args=())
+    backward_op = define(f"bsconv_cuda::{name}_backward", backward_op, mutates_args=())
     forward_op.register_fake(_forward_fake)
     backward_op.register_fake(_backward_fake)
     return forward_op, backward_op
@@ -80,9 +84,25 @@ if backends.triton_import_error() is None:
     )
 
 if backends.extension_load_error() is None:
-    torch.library.register_fake("bsconv_cuda::cuda_forward")(_forward_fake)
-    torch.library.register_fake("bsconv_cuda::cuda_backward")(_backward_fake)
-    OPS["cuda"] = (torch.ops.bsconv_cuda.cuda_forward.default, torch.ops.bsconv_cuda.cuda_backward.default)
+
+    def _cuda_forward_fake(*args, allow_tf32=False):
+        return _forward_fake(*args[:9])
+
+    def _cuda_backward_fake(*args, allow_tf32=False):
+        return _backward_fake(*args[:10])
+
+    torch.library.register_fake("bsconv_cuda::cuda_forward")(_cuda_forward_fake)
+    torch.library.register_fake("bsconv_cuda::cuda_backward")(_cuda_backward_fake)
+
+    def _cuda_forward(*args):
+        return torch.ops.bsconv_cuda.cuda_forward.default(*args, backends.fp32_uses_tf32())
+
+    def _cuda_backward(*args):
+        return torch.ops.bsconv_cuda.cuda_backward.default(*args, backends.fp32_uses_tf32())
+
+    # The C++ operators behind custom operators that read torch's TF32 switch when the call runs: read in traced
+    # code, the flag lookups break torch.compile's graph.
+    OPS["cuda"] = _define("cuda_with_tf32_switch", torch.library.custom_op, _cuda_forward, _cuda_backward)
 
 
 class BSConvUFunction(torch.autograd.Function):

@@ -5,8 +5,8 @@
 // for other layouts.
 //
 // Forward (fwd_kernel): one block = (32 output channels, one TH x TW output tile, one image). It computes
-// pre = x . W^T for the (tile + halo) input pixels with tensor cores (WMMA, fp16/bf16) or fp32 FMA, in chunks
-// of input channels staged in shared memory; then mid = act(pre + pw_bias), zero outside the image (padding
+// pre = x . W^T for the (tile + halo) input pixels with tensor cores (WMMA: fp16/bf16, and fp32 as TF32 when
+// ConvShape::tf32 says torch allows it) or fp32 FMA, in chunks of input channels staged in shared memory; then mid = act(pre + pw_bias), zero outside the image (padding
 // applies to mid), kept in shared memory as fp32; then the depthwise KxK stage reads mid from shared memory and
 // writes y. mid never touches global memory.
 //
@@ -15,7 +15,8 @@
 //      gathers grad_mid from grad_y through the transposed depthwise stencil, writes gpre = grad_mid * act'(pre)
 //      (input dtype, scratch of mid's size, lives only during backward) and per-block fp32 partial sums of
 //      grad_dw_weight and grad_pw_bias.
-//   2. gemm_kernel: grad_x = gpre . W (tensor cores / FMA) and split-K partials of grad_pw_weight = gpre^T . x.
+//   2. gemm_kernel: grad_x = gpre . W (tensor cores, TF32 as above / FMA) and split-K partials of
+//      grad_pw_weight = gpre^T . x.
 //   3. colsum_kernel: per-row-block partials of grad_dw_bias = column sums of grad_y.
 //   4. reduce kernels: sum the partials in a fixed order (deterministic, bitwise reproducible).
 #include <cuda_runtime.h>
@@ -43,15 +44,44 @@ constexpr int kMaxHalo = 384;  // max (tile + halo) pixels per forward block; mu
 constexpr int kBwdPix = 256;   // mid pixels per backward tile block
 
 // ----------------------------------------------------------------------------------------------- type helpers
-template <typename T>
+// The matrix stages are templated on a math type M: __half / __nv_bfloat16 (tensor cores), float (fp32 FMA) or
+// Tf32 (fp32 data in memory and shared memory, TF32 tensor cores: what torch allows for fp32 convolutions when its
+// TF32 switch is on). Elem<M> is the element type in memory.
+struct Tf32 {};
+template <typename M>
+struct ElemOf {
+  using type = M;
+};
+template <>
+struct ElemOf<Tf32> {
+  using type = float;
+};
+template <typename M>
+using Elem = typename ElemOf<M>::type;
+
+template <typename M>
 struct Cfg {
-  static constexpr bool kFloat = std::is_same<T, float>::value;
-  static constexpr bool kTC = !kFloat;              // tensor cores for fp16 / bf16, fp32 FMA for float
+  using T = Elem<M>;
+  static constexpr bool kFloat = std::is_same<T, float>::value;  // fp32 data (FMA or TF32)
+  static constexpr bool kTC = !std::is_same<M, float>::value;    // tensor cores for fp16 / bf16 / TF32
+  static constexpr bool kTf32 = std::is_same<M, Tf32>::value;
   static constexpr int KC = kFloat ? 16 : 32;       // input channels per shared-memory chunk
   static constexpr int LDX = kFloat ? KC + 4 : KC + 8;  // 80 bytes per row either way (16B multiple)
   static constexpr int LDW = LDX;
   static constexpr int VEC = 16 / (int)sizeof(T);   // elements per 16-byte access
+  // WMMA shape 16 x 16 x MMA_K and the element type of its A / B fragments (tensor-core path only)
+  static constexpr int MMA_K = kTf32 ? 8 : 16;
+  using MmaElem = typename std::conditional<kTf32, wmma::precision::tf32, T>::type;
 };
+
+// A / B fragments of TF32 WMMA are loaded as fp32 and must be rounded to TF32 before mma_sync.
+template <typename M, typename Frag>
+__device__ __forceinline__ void to_mma_precision(Frag& f) {
+  if constexpr (Cfg<M>::kTf32) {
+#pragma unroll
+    for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+  }
+}
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -106,20 +136,21 @@ __host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { r
 //   ws  [CB][LDW]    T : W rows c0..c0+CB, KC input channels (== B = W^T in column-major order)
 // After the GEMM (and a __syncthreads), region 0 holds
 //   acc [P_pad][LDM] float : pre-activation without bias, for pixel p (row) and channel c0 + c (column).
-template <typename T>
+template <typename M>
 __host__ __device__ __forceinline__ int region0_bytes(int P_pad) {
-  const int gemm = (P_pad * Cfg<T>::LDX + CB * Cfg<T>::LDW) * (int)sizeof(T);
+  const int gemm = (P_pad * Cfg<M>::LDX + CB * Cfg<M>::LDW) * (int)sizeof(Elem<M>);
   const int acc = P_pad * LDM * (int)sizeof(float);
   return round_up(gemm > acc ? gemm : acc, 128);
 }
 
 // Region: pixels p in [0, P) are (r_h0 + p / RW, r_w0 + p % RW) of image n; rows P..P_pad-1 and pixels outside
 // the image read as zeros. `vec`: C_in % VEC == 0 and x is 16-byte aligned, so 16-byte loads are legal.
-template <typename T>
-__device__ __forceinline__ void pointwise_gemm(const T* __restrict__ x, const T* __restrict__ pw, const ConvShape& s, int n,
-                               int c0, int r_h0, int r_w0, int RW, int P, int P_pad, bool vec,
-                               unsigned char* region0) {
-  using C = Cfg<T>;
+template <typename M>
+__device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, const Elem<M>* __restrict__ pw,
+                                               const ConvShape& s, int n, int c0, int r_h0, int r_w0, int RW, int P,
+                                               int P_pad, bool vec, unsigned char* region0) {
+  using C = Cfg<M>;
+  using T = Elem<M>;
   constexpr int KC = C::KC, LDX = C::LDX, LDW = C::LDW, VEC = C::VEC;
   T* xs = reinterpret_cast<T*>(region0);
   T* ws = xs + P_pad * LDX;
@@ -133,7 +164,7 @@ __device__ __forceinline__ void pointwise_gemm(const T* __restrict__ x, const T*
   constexpr int kMaxRows = kMaxHalo / kWarps;             // 48 pixel rows per warp (FMA path)
 
   // tensor-core accumulators: warp w owns N-tile (w & 1) and M-tiles (w >> 1) + 4 j
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[C::kTC ? kMaxFrag : 1];
+  wmma::fragment<wmma::accumulator, 16, 16, C::MMA_K, float> frag[C::kTC ? kMaxFrag : 1];
   // FMA accumulators: lane = channel, rows warp + 8 t
   float facc[C::kTC ? 1 : kMaxRows];
   if constexpr (C::kTC) {
@@ -185,15 +216,17 @@ __device__ __forceinline__ void pointwise_gemm(const T* __restrict__ x, const T*
     if constexpr (C::kTC) {
       const int nt = warp & 1;
 #pragma unroll
-      for (int kk = 0; kk < KC; kk += 16) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;
+      for (int kk = 0; kk < KC; kk += C::MMA_K) {
+        wmma::fragment<wmma::matrix_b, 16, 16, C::MMA_K, typename C::MmaElem, wmma::col_major> bf;
         wmma::load_matrix_sync(bf, ws + nt * 16 * LDW + kk, LDW);
+        to_mma_precision<M>(bf);
 #pragma unroll
         for (int j = 0; j < kMaxFrag; ++j) {
           const int mt = (warp >> 1) + 4 * j;
           if (mt < m_tiles) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+            wmma::fragment<wmma::matrix_a, 16, 16, C::MMA_K, typename C::MmaElem, wmma::row_major> af;
             wmma::load_matrix_sync(af, xs + mt * 16 * LDX + kk, LDX);
+            to_mma_precision<M>(af);
             wmma::mma_sync(frag[j], af, bf, frag[j]);
           }
         }
@@ -269,13 +302,14 @@ struct FwdTile {
   int64_t tiles;
 };
 
-template <typename T, int K>
+template <typename MT, int K>
 __host__ __device__ __forceinline__ int fwd_smem_bytes(int P_pad) {
-  return region0_bytes<T>(P_pad) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CB * (int)sizeof(float);
+  return region0_bytes<MT>(P_pad) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CB * (int)sizeof(float);
 }
 
-template <typename T, int K>
+template <typename MT, int K>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, bool vec) {
+  using T = Elem<MT>;
   extern __shared__ __align__(128) unsigned char smem[];
   const ConvShape& s = a.s;
   const T* __restrict__ x = static_cast<const T*>(a.x);
@@ -291,13 +325,13 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
 
   float* acc_s = reinterpret_cast<float*>(smem);
-  float* dws = reinterpret_cast<float*>(smem + region0_bytes<T>(t.P_pad));
+  float* dws = reinterpret_cast<float*>(smem + region0_bytes<MT>(t.P_pad));
   float* pbs = dws + KM * KM * CB;
   float* dbs = pbs + CB;
   load_channel_params<T>(static_cast<const T*>(a.dw_w), KH * KW, static_cast<const T*>(a.pw_b),
                             static_cast<const T*>(a.dw_b), s.C_out, c0, dws, pbs, dbs);
 
-  pointwise_gemm<T>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.P, t.P_pad, vec, smem);
+  pointwise_gemm<MT>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.P, t.P_pad, vec, smem);
 
   // mid = act(pre + b) inside the image, 0 in the padding (and in the unused rows)
   for (int e = tid; e < t.P_pad * CB; e += kThreads) {
@@ -402,18 +436,19 @@ class SmemLimit {
   std::map<int, int> limit_;  // device -> the limit set for the kernel there
 };
 
-template <typename T, int K>
+template <typename MT, int K>
 int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
+  using T = Elem<MT>;
   const ConvShape& s = a.s;
   FwdTile t;
   if (!choose_fwd_tile(s, &t)) return -1;
-  const bool vec = (s.C_in % Cfg<T>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
-  const int smem = fwd_smem_bytes<T, K>(t.P_pad);
+  const bool vec = (s.C_in % Cfg<MT>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
+  const int smem = fwd_smem_bytes<MT, K>(t.P_pad);
   static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps P_pad <= kMaxHalo
-  int rc = limit.allow(fwd_kernel<T, K>, smem, fwd_smem_bytes<T, K>(kMaxHalo));
+  int rc = limit.allow(fwd_kernel<MT, K>, smem, fwd_smem_bytes<MT, K>(kMaxHalo));
   if (rc != 0) return rc;
   dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)t.tiles, (unsigned)s.N);
-  fwd_kernel<T, K><<<grid, kThreads, smem, stream>>>(a, t, vec);
+  fwd_kernel<MT, K><<<grid, kThreads, smem, stream>>>(a, t, vec);
   return (int)cudaGetLastError();
 }
 
@@ -432,16 +467,17 @@ BwdTile choose_bwd_tile(const ConvShape& s) {
   return t;
 }
 
-template <typename T, int K>
+template <typename MT, int K>
 __host__ __device__ __forceinline__ int bwd_smem_bytes() {
-  return region0_bytes<T>(kBwdPix) + (KSize<K>::kMax * KSize<K>::kMax + 1) * CB * (int)sizeof(float);
+  return region0_bytes<MT>(kBwdPix) + (KSize<K>::kMax * KSize<K>::kMax + 1) * CB * (int)sizeof(float);
 }
 
 // Launch bounds (256 threads, 2 blocks/SM): caps registers at 128, the budget it was tuned to (2 x 8 warps per SM;
 // shared memory, about 43 KB per block, would allow more). Per-tap state lives in registers only because every
 // array index below is a compile-time constant after full unrolling (gD[i * KM + j], owj[j]).
-template <typename T, int K>
+template <typename MT, int K>
 __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTile t, bool vec) {
+  using T = Elem<MT>;
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr int KM = KSize<K>::kMax;
   const ConvShape& s = a.s;
@@ -456,12 +492,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
   const int64_t C_out = s.C_out;
 
   float* acc_s = reinterpret_cast<float*>(smem);
-  float* dws = reinterpret_cast<float*>(smem + region0_bytes<T>(kBwdPix));
+  float* dws = reinterpret_cast<float*>(smem + region0_bytes<MT>(kBwdPix));
   float* pbs = dws + KM * KM * CB;
   load_channel_params<T>(static_cast<const T*>(a.dw_w), KK, static_cast<const T*>(a.pw_b), nullptr, C_out, c0, dws,
                          pbs, nullptr);
 
-  pointwise_gemm<T>(static_cast<const T*>(a.x), static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.TW, kBwdPix,
+  pointwise_gemm<MT>(static_cast<const T*>(a.x), static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.TW, kBwdPix,
                     kBwdPix, vec, smem);
 
   const T* __restrict__ gy = static_cast<const T*>(a.grad_y);
@@ -539,11 +575,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
 // PARTIAL: C is float [splits][M][N] (split = blockIdx.z); else C is T [M][N].
 constexpr int GBM = 64, GBN = 64;
 
-template <typename T>
+template <typename MT>
 struct GemmCfg {
-  static constexpr int BK = Cfg<T>::kFloat ? 16 : 32;
-  static constexpr int LDA = Cfg<T>::kFloat ? BK + 4 : BK + 8;
-  static constexpr int LDB = Cfg<T>::kFloat ? GBN + 4 : GBN + 8;
+  using T = Elem<MT>;
+  static constexpr int BK = Cfg<MT>::kFloat ? 16 : 32;
+  static constexpr int LDA = Cfg<MT>::kFloat ? BK + 4 : BK + 8;
+  static constexpr int LDB = Cfg<MT>::kFloat ? GBN + 4 : GBN + 8;
   static constexpr int LDC = GBN + 4;
   static constexpr int kABytes = GBM * LDA * (int)sizeof(T);
   static constexpr int kBBytes = BK * LDB * (int)sizeof(T);
@@ -553,11 +590,13 @@ struct GemmCfg {
 
 // Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (17 KB static shared memory per block). Without the
 // min-blocks hint ptxas picked a register target by itself (64 for fp16 on sm_90, 48 for bf16 on sm_80) and spilled.
-template <typename T, bool PARTIAL>
+template <typename MT, bool PARTIAL>
 __global__ void __launch_bounds__(kThreads, 4)
-    gemm_kernel(const T* __restrict__ A, int64_t sAm, int64_t sAk, const T* __restrict__ B, int64_t sBk,
+    gemm_kernel(const Elem<MT>* __restrict__ A, int64_t sAm, int64_t sAk, const Elem<MT>* __restrict__ B, int64_t sBk,
                 int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout) {
-  using G = GemmCfg<T>;
+  using G = GemmCfg<MT>;
+  using C = Cfg<MT>;
+  using T = Elem<MT>;
   constexpr int BK = G::BK, LDA = G::LDA, LDB = G::LDB, LDC = G::LDC;
   __shared__ __align__(128) unsigned char smem[G::kSmem];
   T* As = reinterpret_cast<T*>(smem);
@@ -578,9 +617,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   const T* a_ptr = A + (m0 + a_mm0) * sAm + (kb + a_kk0) * sAk;
   const T* b_ptr = B + (kb + b_kk0) * sBk + (n0 + b_nn0) * sBn;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag[Cfg<T>::kTC ? 2 : 1];
-  float facc[Cfg<T>::kTC ? 1 : 4][Cfg<T>::kTC ? 1 : 4];
-  if constexpr (Cfg<T>::kTC) {
+  wmma::fragment<wmma::accumulator, 16, 16, C::MMA_K, float> frag[C::kTC ? 2 : 1];
+  float facc[C::kTC ? 1 : 4][C::kTC ? 1 : 4];
+  if constexpr (C::kTC) {
     wmma::fill_fragment(frag[0], 0.f);
     wmma::fill_fragment(frag[1], 0.f);
   } else {
@@ -608,16 +647,18 @@ __global__ void __launch_bounds__(kThreads, 4)
     a_ptr += BK * sAk;
     b_ptr += BK * sBk;
     __syncthreads();
-    if constexpr (Cfg<T>::kTC) {
+    if constexpr (C::kTC) {
       const int mt = warp >> 1, nt0 = (warp & 1) * 2;
 #pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+      for (int kk = 0; kk < BK; kk += C::MMA_K) {
+        wmma::fragment<wmma::matrix_a, 16, 16, C::MMA_K, typename C::MmaElem, wmma::row_major> af;
         wmma::load_matrix_sync(af, As + mt * 16 * LDA + kk, LDA);
+        to_mma_precision<MT>(af);
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+          wmma::fragment<wmma::matrix_b, 16, 16, C::MMA_K, typename C::MmaElem, wmma::row_major> bf;
           wmma::load_matrix_sync(bf, Bs + kk * LDB + (nt0 + q) * 16, LDB);
+          to_mma_precision<MT>(bf);
           wmma::mma_sync(frag[q], af, bf, frag[q]);
         }
       }
@@ -648,7 +689,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         static_cast<T*>(Cout)[m * N + nq] = from_f<T>(v);
     }
   };
-  if constexpr (Cfg<T>::kTC) {
+  if constexpr (C::kTC) {
     const int mt = warp >> 1, nt0 = (warp & 1) * 2;
     wmma::store_matrix_sync(Cs + mt * 16 * LDC + nt0 * 16, frag[0], LDC, wmma::mem_row_major);
     wmma::store_matrix_sync(Cs + mt * 16 * LDC + (nt0 + 1) * 16, frag[1], LDC, wmma::mem_row_major);
@@ -754,21 +795,22 @@ BwdGeom bwd_geom(const ConvShape& s) {
   }
 }
 
-template <typename T, int K>
+template <typename MT, int K>
 int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
+  using T = Elem<MT>;
   const ConvShape& s = a.s;
   const BwdGeom g = bwd_geom(s);
   const int KK = s.KH * s.KW;
-  const bool vec = (s.C_in % Cfg<T>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
+  const bool vec = (s.C_in % Cfg<MT>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
   int rc;
   // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
   {
-    const int smem = bwd_smem_bytes<T, K>();
+    const int smem = bwd_smem_bytes<MT, K>();
     static SmemLimit limit;  // one per kernel instantiation; its shared memory does not depend on the shape
-    rc = limit.allow(bwd_tile_kernel<T, K>, smem, smem);
+    rc = limit.allow(bwd_tile_kernel<MT, K>, smem, smem);
     if (rc != 0) return rc;
     dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)g.tile.tiles, (unsigned)s.N);
-    bwd_tile_kernel<T, K><<<grid, kThreads, smem, stream>>>(a, g.tile, vec);
+    bwd_tile_kernel<MT, K><<<grid, kThreads, smem, stream>>>(a, g.tile, vec);
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
   const int64_t M = s.N * s.H * s.W;
@@ -778,14 +820,14 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in]
   {
     dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(s.C_in, GBN), 1);
-    gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out,
+    gemm_kernel<MT, false><<<grid, kThreads, 0, stream>>>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out,
                                                          s.C_out, a.grad_x);
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
   // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
   {
     dim3 grid((unsigned)ceil_div64(s.C_out, GBM), (unsigned)ceil_div64(s.C_in, GBN), (unsigned)g.splits);
-    gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M,
+    gemm_kernel<MT, true><<<grid, kThreads, 0, stream>>>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M,
                                                         g.kchunk, a.part_gemm);
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
@@ -825,7 +867,10 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
 
 #define BSCONV_DISPATCH(FN, ...)                                              \
   switch (s.dtype) {                                                          \
-    case DType::Float32: { BSCONV_DISPATCH_K(float, FN, __VA_ARGS__) }        \
+    case DType::Float32: {                                                    \
+      if (s.tf32) { BSCONV_DISPATCH_K(Tf32, FN, __VA_ARGS__) }                \
+      BSCONV_DISPATCH_K(float, FN, __VA_ARGS__)                               \
+    }                                                                         \
     case DType::Float16: { BSCONV_DISPATCH_K(__half, FN, __VA_ARGS__) }       \
     case DType::BFloat16: { BSCONV_DISPATCH_K(__nv_bfloat16, FN, __VA_ARGS__) } \
     default: return -1;                                                       \

@@ -108,7 +108,7 @@ struct Checked {
 Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional<Tensor>& pw_bias,
                    const Tensor& dw_weight, const std::optional<Tensor>& dw_bias, const std::vector<int64_t>& stride,
                    const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-                   const std::string& activation, const char* op) {
+                   const std::string& activation, bool allow_tf32, const char* op) {
   STD_TORCH_CHECK(x.dim() == 4, op, ": x must be 4-d (N, C_in, H, W), got ", x.dim(), " dims");
   STD_TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   Checked c;
@@ -168,6 +168,7 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
                       s.W + padding[2] + padding[3] - (int64_t)s.dw * (s.KW - 1) - 1 >= 0,
                   op, ": the (padded) input is smaller than the dilated kernel");
   s.act = to_act(activation, op);
+  s.tf32 = allow_tf32 && s.dtype == bsconv::DType::Float32;
   c.pw_w = torch::stable::contiguous(pw_weight);
   c.dw_w = torch::stable::contiguous(dw_weight);
   if (pw_bias.has_value()) c.pw_b = torch::stable::contiguous(*pw_bias);
@@ -218,9 +219,10 @@ Tensor to_format(const Tensor& t_cl, MemoryFormat fmt) {
 
 Tensor cuda_forward(Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, Tensor dw_weight,
                     std::optional<Tensor> dw_bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                    std::vector<int64_t> dilation, std::string activation) {
+                    std::vector<int64_t> dilation, std::string activation, bool allow_tf32) {
   const char* op = "bsconv_cuda::cuda_forward";
-  Checked c = check_args(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation, op);
+  Checked c = check_args(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation,
+                         allow_tf32, op);
   const bsconv::ConvShape& s = c.s;
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const MemoryFormat fmt = output_format(x);
@@ -246,9 +248,10 @@ Tensor cuda_forward(Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
     Tensor grad_y, Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, Tensor dw_weight,
     std::optional<Tensor> dw_bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
-    std::vector<int64_t> dilation, std::string activation) {
+    std::vector<int64_t> dilation, std::string activation, bool allow_tf32) {
   const char* op = "bsconv_cuda::cuda_backward";
-  Checked c = check_args(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation, op);
+  Checked c = check_args(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation,
+                         allow_tf32, op);
   const bsconv::ConvShape& s = c.s;
   check_same(grad_y, x, "grad_y", op);
   STD_TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.N && grad_y.size(1) == s.C_out &&
@@ -308,12 +311,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
 // FRAGMENT rather than a DEF library: the Python side registers the reference / triton ops of the same
 // namespace, and only one DEF library per namespace is allowed. This is the only place the schema is written.
 STABLE_TORCH_LIBRARY_FRAGMENT(bsconv_cuda, m) {
+  // allow_tf32: float32 matrix stages on TF32 tensor cores (bsconv_cuda.ops passes torch's switch for fp32
+  // convolutions, bsconv_cuda.backends.fp32_uses_tf32(), as the Triton backend and cuDNN follow it)
   m.def(
       "cuda_forward(Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, Tensor? dw_bias, "
-      "int[] stride, int[] padding, int[] dilation, str activation) -> Tensor");
+      "int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) -> Tensor");
   m.def(
       "cuda_backward(Tensor grad_y, Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, "
-      "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation) "
+      "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

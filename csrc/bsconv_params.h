@@ -20,6 +20,7 @@ struct ConvShape {
   int dh, dw;             // dilation
   Act act;
   DType dtype;
+  bool tf32;  // Float32 only: the matrix stages on TF32 tensor cores (torch allows TF32 for fp32 convolutions)
 };
 
 struct FwdArgs {

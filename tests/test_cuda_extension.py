@@ -30,11 +30,11 @@ TORCH_PREDATES_STABLE_ABI = torch.__version__ < cuda_backend.MIN_TORCH
 
 FORWARD_SCHEMA = (
     "bsconv_cuda::cuda_forward(Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, Tensor? dw_bias, "
-    "int[] stride, int[] padding, int[] dilation, str activation) -> Tensor"
+    "int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) -> Tensor"
 )
 BACKWARD_SCHEMA = (
     "bsconv_cuda::cuda_backward(Tensor grad_y, Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, "
-    "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation) "
+    "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -194,6 +194,39 @@ def test_gpu_matches_reference(ext, case):
     for name, g, r in zip(names, grads, g_ref):
         assert g.dtype == dtype, name
         assert_close(name, g, r, strict)
+
+
+@pytest.mark.cuda
+def test_gpu_fp32_follows_the_tf32_switch(ext):
+    """fp32 runs on TF32 tensor cores exactly when asked (allow_tf32), and bsconv_u asks exactly when torch allows
+    TF32 for fp32 convolutions, as the Triton backend and cuDNN do."""
+    x, pw, pwb, dw, dwb = _inputs(2, 64, 96, 20, 20, (3, 3), torch.float32, True, True, True)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], "none")
+    grad_y = torch.randn(2, 96, 20, 20, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d64 = [t.detach().cpu().double() for t in (x, pw, pwb, dw, dwb)]
+    refs = [reference.forward(*d64, *args), *reference.backward(grad_y, *d64, *args)[:2]]  # y, grad_x, grad_pw
+
+    def run(allow_tf32):
+        y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args, allow_tf32)
+        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.float().cuda(), x, pw, pwb, dw, dwb, *args, allow_tf32)
+        return [y, *grads[:2]]
+
+    def rel_errors(outs):
+        return [((o.cpu().double() - r).norm() / r.norm()).item() for o, r in zip(outs, refs)]
+
+    exact, tf32 = run(False), run(True)
+    assert max(rel_errors(exact)) < 1e-5, rel_errors(exact)
+    # TF32 keeps 10 mantissa bits: about 1e-4 relative error on these K = 64 / 96 / 800 dots
+    assert all(2e-5 < e < 1e-2 for e in rel_errors(tf32)), rel_errors(tf32)
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        for allow, expected in ((True, tf32), (False, exact)):
+            torch.backends.cudnn.allow_tf32 = allow
+            assert backends.fp32_uses_tf32() == allow
+            y = bsconv_cuda.bsconv_u(x, pw, dw, dwb, padding=1, pw_bias=pwb, backend="cuda")
+            assert torch.equal(y, expected[0])
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.cuda

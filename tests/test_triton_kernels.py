@@ -5,6 +5,7 @@ runs on the tensors' device."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, reference
-from fused_checks import assert_close, poisoned_outputs
+from fused_checks import Case, assert_close, check_case, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton") is not None,
@@ -39,28 +40,36 @@ def _inputs(device, n, c_in, c_out, h, w, k, dtype=torch.float32, seed=0, channe
             rand(c_out))
 
 
-# (shape, conv args, forced forward blocks, forced backward blocks)
+# (shape, conv args, forced forward blocks, forced backward blocks); every case runs both depthwise stages of the
+# forward and both backward paths
 EDGE_CASES = [
-    # channels cross block edges (C_in 20 = 16 + 4, C_out 18 = 16 + 2), non-power-of-two output tile 2x3,
-    # grad_x / grad_pw over two ci-blocks (pre recomputed per ci-block), G=3 programs striding over 3 tiles each
+    # channels cross block edges (C_in 20 = 16 + 4, C_out 18 = 16 + 2), non-power-of-two output tile 2x3; fused
+    # backward: two channel chunks; split: two ci-blocks, two pixel splits of the grad_pw GEMM; G=3 programs
+    # striding over 3 tiles each; shifted forward: 2 programs looping over the work items
     dict(shape=(1, 20, 18, 7, 5), k=(3, 3), conv=((2, 2), (1, 1, 1, 1), (1, 1), "relu6"),
-         fwd=dict(TH=2, TW=3, BCO=16, BCI=16), bwd=dict(TP=16, BCO=16, BCI=16, G=3)),
+         fwd=dict(TH=2, TW=3, BCO=16, BCI=16, SLOTS=2),
+         bwd=dict(TP=16, BCO=16, BCI=16, CHUNKS=(16, 16, 0, 0), G=3, S=2)),
     # 1x1 output tiles (P padded up to 16), non-square kernel with dilation, asymmetric padding
     dict(shape=(2, 3, 5, 5, 6), k=(3, 5), conv=((1, 1), (1, 2, 0, 4), (1, 2), "silu"),
          fwd=dict(TH=1, TW=1), bwd=dict(TP=16, G=1)),
-    # stride (2, 1), tile 3x5 not dividing the output, 64-bit offsets forced on, channels_last
-    dict(shape=(2, 17, 5, 9, 7), k=(5, 3), conv=((2, 1), (2, 2, 1, 1), (1, 1), "hardswish"),
-         fwd=dict(TH=3, TW=5, BCO=16, BCI=16, IDX64=True), bwd=dict(TP=32, BCI=16, G=2, IDX64=True),
-         channels_last=True),
-    # 7x7 kernel, tile larger than the output, one program per tile
+    # stride (2, 1), tile 3x5 not dividing the output, 64-bit offsets forced on, channels_last; four channel
+    # chunks in the fused backward (C_in 50: the last chunk holds 2 channels)
+    dict(shape=(2, 50, 5, 9, 7), k=(5, 3), conv=((2, 1), (2, 2, 1, 1), (1, 1), "hardswish"),
+         fwd=dict(TH=3, TW=5, BCO=16, BCI=16, IDX64=True, SLOTS=3),
+         bwd=dict(TP=32, BCI=16, CHUNKS=(16, 16, 16, 16), G=2, S=3, IDX64=True), channels_last=True),
+    # 7x7 kernel, tile larger than the output (the clipped halo is the whole image), one program per tile
     dict(shape=(1, 4, 3, 8, 8), k=(7, 7), conv=((1, 1), (3, 3, 3, 3), (1, 1), "relu"),
-         fwd=dict(TH=16, TW=16), bwd=dict(TP=16, G=1000)),
+         fwd=dict(TH=16, TW=16), bwd=dict(TP=16, G=1000, S=1000)),
+    # padding larger than the kernel's reach: output tiles whose clipped halo is empty
+    dict(shape=(1, 6, 5, 3, 4), k=(3, 3), conv=((2, 2), (4, 4, 4, 4), (1, 1), "none"),
+         fwd=dict(TH=2, TW=2), bwd=dict(TP=16, G=2, S=2)),
 ]
 
 
+@pytest.mark.parametrize(("depthwise", "path"), [("gather", "fused"), ("shifted", "split")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: f"{c['shape']}-k{c['k']}-{c['fwd']}")
-def test_forced_block_edges(case, dtype, device):
+def test_forced_block_edges(case, dtype, depthwise, path, device):
     kernels = _kernels()
     n, c_in, c_out, h, w = case["shape"]
     x, pw, pb, dw, db = _inputs(device, n, c_in, c_out, h, w, case["k"], dtype,
@@ -69,8 +78,8 @@ def test_forced_block_edges(case, dtype, device):
     saved_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        with kernels.force_blocks(case["fwd"], case["bwd"]), poisoned_outputs(x.device):
-            y = kernels.forward(x, pw, pb, dw, db, *conv)
+        with kernels.force_blocks(case["fwd"], dict(case["bwd"], PATH=path)), poisoned_outputs(x.device):
+            y = kernels.forward(x, pw, pb, dw, db, *conv, depthwise=depthwise)
             grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
             grads = kernels.backward(grad_y, x, pw, pb, dw, db, *conv)
     finally:
@@ -87,14 +96,39 @@ def test_forced_block_edges(case, dtype, device):
         assert_close(name, g, r, strict)
 
 
-def test_weight_gradients_are_bitwise_deterministic(device):
+# The grid of tests/test_fused_backends.py runs the default forward stage ("gather") and mostly the fused backward;
+# the other stage and path run here through the public API in every dtype and both layouts.
+OTHER_STAGE_CASES = [
+    Case(dtype=dtype, channels_last=cl, act=act, stride=stride)
+    for (dtype, act, stride), cl in itertools.product(
+        [(torch.float32, "relu6", 1), (torch.float64, "hardswish", 2), (torch.bfloat16, "silu", 1),
+         (torch.float16, None, 2)], [False, True])
+] + [Case(tf32=True, act="relu")]
+
+
+@pytest.mark.parametrize("case", OTHER_STAGE_CASES, ids=str)
+def test_shifted_forward_and_split_backward(case, device, monkeypatch):
+    kernels = _kernels()
+    monkeypatch.setattr(kernels, "DEPTHWISE_STAGE", "shifted")
+    with kernels.force_blocks(dict(SLOTS=5), dict(PATH="split")):
+        check_case(case, "triton", device)
+
+
+def test_depthwise_stage_argument_is_checked(device):
+    x, pw, pb, dw, db = _inputs(device, 1, 2, 3, 4, 4, (3, 3))
+    with pytest.raises(ValueError, match="depthwise must be one of"):
+        _kernels().forward(x, pw, pb, dw, db, (1, 1), (1, 1, 1, 1), (1, 1), "none", depthwise="unrolled")
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_weight_gradients_are_bitwise_deterministic(path, device):
     kernels = _kernels()
     x, pw, pb, dw, db = _inputs(device, 2, 9, 20, 7, 6, (3, 3))
     grad_y = torch.randn(2, 20, 7, 6, generator=torch.Generator().manual_seed(3)).to(device)
     conv = ((1, 1), (1, 1, 1, 1), (1, 1), "silu")
     runs = []
     for _ in range(2):
-        with kernels.force_blocks(None, dict(TP=16, BCO=16, G=2)):
+        with kernels.force_blocks(None, dict(PATH=path, TP=16, BCO=16, G=2, S=3)):
             runs.append(kernels.backward(grad_y, x, pw, pb, dw, db, *conv))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -155,16 +189,15 @@ def test_nothing_of_mid_size_is_saved(device):
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_tile_heuristic_bounds(k, stride, dilation):
     kernels = _kernels()
-    for h_out, w_out in [(1, 1), (7, 7), (14, 14), (56, 56), (112, 112), (3, 200)]:
-        th, tw = kernels._fwd_tile(h_out, w_out, k, k, stride, stride, dilation, dilation)
-        assert 1 <= th <= h_out and 1 <= tw <= w_out
-        halo = ((th - 1) * stride + (k - 1) * dilation + 1) * ((tw - 1) * stride + (k - 1) * dilation + 1)
-        assert triton_next_pow2(halo) <= 256
-        assert triton_next_pow2(th * tw) <= 128
-
-
-def triton_next_pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length()
+    pad = (k - 1) * dilation // 2
+    for batch, h in [(1, 1), (1, 7), (2, 14), (64, 56), (1, 112), (3, 200)]:
+        h_out, w_out = reference.output_size(h, h, (k, k), (stride, stride), (pad,) * 4, (dilation, dilation))
+        plan = kernels.forward_plan(batch, 24, 40, h, h, h_out, w_out, (k, k), (stride, stride), (pad,) * 4,
+                                    (dilation, dilation))
+        blk = plan.blocks
+        assert 1 <= blk["TH"] <= h_out and 1 <= blk["TW"] <= w_out
+        clipped = min(blk["HH"], h) * min(blk["WW"], h)
+        assert clipped <= blk["P"] <= kernels.MAX_HALO and blk["TH"] * blk["TW"] <= blk["TP"] <= kernels.FWD_MAX_TP
 
 
 def _record_launches(monkeypatch):
@@ -207,17 +240,38 @@ def _fake_cuda_call(device):
         kernels.backward(torch.empty_like(y), x, *args, *conv)
 
 
-def test_every_launch_runs_on_the_tensors_device(monkeypatch):
+# the launches of forward + backward, by backward path
+_LAUNCHES = {
+    "fused": ["_fwd_kernel", "_bwd_fused_kernel", "_reduce_kernel"],
+    "split": ["_fwd_kernel", "_bwd_gpre_kernel", "_bwd_gx_kernel", "_bwd_gw_kernel", "_reduce_kernel"],
+}
+
+
+@pytest.mark.parametrize("path", sorted(_LAUNCHES))
+def test_every_launch_runs_on_the_tensors_device(monkeypatch, path):
     # Triton launches on the current device: with cuda:0 current, tensors on cuda:1 need cuda:1 made current
     launches = _record_launches(monkeypatch)
-    _fake_cuda_call("cuda:1")
-    assert launches == [("_fwd_kernel", "cuda:1"), ("_bwd_kernel", "cuda:1"), ("_reduce_kernel", "cuda:1")]
+    with _kernels().force_blocks(backward=dict(PATH=path)):
+        _fake_cuda_call("cuda:1")
+    assert launches == [(name, "cuda:1") for name in _LAUNCHES[path]]
 
 
-def test_no_device_switch_while_torch_compile_traces(monkeypatch):
+@pytest.mark.parametrize("path", sorted(_LAUNCHES))
+def test_no_device_switch_while_torch_compile_traces(monkeypatch, path):
     # under torch.compile, Inductor's generated code guards the device itself; the launchers must not
     launches = _record_launches(monkeypatch)
     monkeypatch.setattr(_kernels(), "_is_compiling", lambda: True)
-    _fake_cuda_call("cuda:1")
-    assert [device for _, device in launches] == ["cuda:0"] * 3
+    with _kernels().force_blocks(backward=dict(PATH=path)):
+        _fake_cuda_call("cuda:1")
+    assert launches == [(name, "cuda:0") for name in _LAUNCHES[path]]
 
+
+def test_channel_chunks_cover_the_channels():
+    kernels = _kernels()
+    for c_in in range(1, 129):
+        for max_chunk in (32, 128):
+            chunks = kernels._channel_chunks(c_in, max_chunk)
+            assert chunks is not None and len(chunks) == 4
+            assert sum(chunks) == -(-c_in // 16) * 16, (c_in, chunks)  # no padding beyond a multiple of 16
+            assert all(c == 0 or (16 <= c <= max_chunk and c & (c - 1) == 0) for c in chunks)
+    assert kernels._channel_chunks(160, 32) is None

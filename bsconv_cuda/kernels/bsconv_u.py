@@ -1,42 +1,57 @@
 """Fused BSConv-U (pointwise -> [activation] -> zero-padded depthwise) in Triton, forward and backward.
 
 Launchers :func:`forward` and :func:`backward` follow the backend contract of :mod:`bsconv_cuda.reference` and launch
-every kernel through ``torch.library.wrap_triton`` (so ``torch.library.triton_op`` can trace them).
+every kernel through ``torch.library.wrap_triton`` (so ``torch.library.triton_op`` can trace them). They run from a
+launch plan (:func:`forward_plan`, :func:`backward_plan`, records of :mod:`bsconv_cuda.plan`), which also counts
+the work: the multiply-adds of every ``tl.dot`` (M * N * K, padding included; ``benchmarks/kernel_report.py``
+tabulates them per shape and tests/test_kernel_report.py checks them against Triton's interpreter).
 
 Forward, ONE launch (``_fwd_kernel``). A program owns an output tile: image ``n``, ``TH x TW`` output pixels, ``BCO``
-channels. It computes ``mid`` for the tile plus its halo (``HH x WW`` input pixels, flattened and padded to ``P``, a
-power of two) with a ``tl.dot`` chain over ``C_in`` (fp32 accumulation), adds ``pw_bias``, applies the activation,
-zeroes the positions that lie in the padding, and keeps the result on chip. The depthwise stage then picks, per tap,
-the shifted rows of ``mid`` with ``tl.gather`` (the gather variant; docs/DESIGN.md, section 5) and accumulates
-``mid * D[tap]``.
-``mid`` never exists in global memory.
+channels. It computes ``mid`` for the tile's halo clipped to the image (at most ``HH x WW`` input pixels, flattened
+and padded to ``P``, a power of two) with a ``tl.dot`` chain over ``C_in`` (fp32 accumulation), adds ``pw_bias``,
+applies the activation and keeps the result on chip; padding rows are never computed (the depthwise stage reads
+zeros there). Two depthwise stages, chosen by ``forward(depthwise=...)``: "gather" picks, per tap, the shifted rows
+of ``mid`` with ``tl.gather`` (cross-lane shuffles; the gather variant of docs/DESIGN.md, section 5); "shifted"
+stores ``mid`` in a per-program staging slot of global memory (``P x BCO`` fp32; ``SHIFTED_SLOTS`` programs loop
+over the work items, so the slots stay in L1/L2) and reads each tap back with plain shifted loads. ``mid`` never
+makes a round trip through DRAM. The tile is chosen per image (:func:`_fwd_tile`): among the tiles whose dot work
+stays within ``FWD_MAX_DOT_RATIO`` pointwise stages, the least modeled time (dot work + weighted depthwise FMAs,
+times the waves over two programs per SM).
 
-Backward, TWO launches:
-1. ``_bwd_kernel``: a program owns a set of flat tiles of ``TP`` mid pixels (= input pixels; tiles are strided over
-   the grid, ``tile = g, g + G, g + 2G, ...``) and one block of input channels (``BCI``, for ``grad_x`` and
-   ``grad_pw``). For every tile and every block of ``BCO`` output channels it recomputes ``pre = x . P^T + b_p`` (no
-   halo is needed: backward tiles are in mid space), ``mid = act(pre)``, reads per tap the ``grad_y`` pixel that this
-   mid pixel feeds (a masked load: the depthwise transpose needs no on-chip shifting), and forms
-   ``grad_mid = sum_tap grad_y * D[tap]``, ``grad_pre = grad_mid * act'(pre)``, ``grad_x += grad_pre . P`` (tl.dot,
-   so ``grad_x`` is finished in registers and written once), and per-program partial sums of the weight gradients
-   (``grad_pre^T . x`` by tl.dot, ``sum grad_pre``, ``sum grad_y * mid`` per tap, ``sum grad_y``) into this program's
-   own slot of a partials buffer, always in the same order. Nothing of mid's size is written anywhere.
-2. ``_reduce_kernel``: sums the ``G`` partial slots in fixed order ``g = 0..G-1`` and writes the four weight/bias
-   gradients in the input dtype. This launch exists because a deterministic cross-program reduction needs a second
-   pass (atomics would be nondeterministic); it also does the final dtype casts, so no torch op runs on the way out.
-When ``C_in > BCI`` the ci-blocks are a second grid axis and ``pre`` is recomputed once per ci-block (the price of
-finishing ``grad_x`` on chip without writing ``grad_pre``); weight partials of the channel-only gradients are then
-written by ci-block 0 only.
+Backward, the pointwise product recomputed ONCE and consumed by both gradient GEMMs: 3 pointwise stages of dot
+work (recompute, grad_x, grad_pw) plus the padding of the blocks. Two paths, chosen by modeled memory traffic:
+- fused (``_bwd_fused_kernel`` + ``_reduce_kernel``): a program owns flat tiles of ``TP`` mid pixels (strided over
+  the grid), keeps the x tile and the grad_x accumulator of ALL input channels on chip (up to four power-of-two
+  chunks covering C_in rounded up to 16, ``FUSED_MAX_CIN`` at most) and loops over ``BCO`` blocks of C_out:
+  ``pre = x . P^T + b_p``, ``grad_mid`` through the depthwise transpose (a masked grad_y load per tap),
+  ``grad_pre = grad_mid * act'(pre)``, ``grad_x += grad_pre . P`` and the tile's ``grad_pre^T . x`` added into the
+  program's own slot of weight partials [C_out, C_in] (with the grad_dw / bias partials). Nothing of mid's size is
+  written. The price: every tile reads and writes its program's slot (C_out x C_in fp32) in L2.
+- split (``_bwd_gpre_kernel``, ``_bwd_gx_kernel``, ``_bwd_gw_kernel`` + ``_reduce_kernel``): programs own (tile,
+  C_out block), compute ``grad_pre`` once and write it (input dtype, mid's size); grad_x = grad_pre . P is a GEMM
+  over C_out, and grad_pw = grad_pre^T . x a GEMM over pixels split ``S`` ways, each split's partial written once.
+Both reduce partials in a fixed order, so weight gradients are bitwise reproducible; their partials stay within
+``PARTIALS_MAX_BYTES`` (24 MiB, under half the 50 MB L2 of an H100 / H200).
 
-sm_90 code (compiled without a GPU, triton 3.8, as ``benchmarks/kernel_report.py`` does, plus ``tt.divisibility=16``
-attrs on pointers, channel counts and n/h strides, as Triton's launcher specializes multiples of 16), regs / spills:
-- forward, 4 warps, halo P <= 128, BCO = 32: bf16 80-168 regs, no spills (stack 0) for 3x3, 5x5 stride 2 and 7x7
-  layers, NCHW and NHWC; the pointwise tl.dot lowers to HGMMA (wgmma) in bf16 and TF32. NHWC: x through 16-byte
-  cp.async (LDGSTS.128), y stored with 16-byte STG.128; NCHW: mostly narrow loads (the flattened halo is contiguous
-  only within a row) - a tuning gap.
-- backward, 8 warps, TP = 64, BCI = 32 (bf16/fp16/TF32): 200-237 regs (sm_80 up to 255), no spills; fp32 without
-  TF32 (FMA dots): TP = 32, BCO = 16, 1 stage, 80-209 regs, no spills. BCI = 64 spilled (fp32: 255 regs, 256-376 B
-  stack); see :func:`_bwd_blocks`.
+The choice, by the numbers (plan models, bf16; traffic beyond the byte floor that goes through L2 or DRAM):
+- the fused path keeps C_in x (2 B of x + 4 B of grad_x) per tile pixel on chip: with two programs of 4 warps per
+  SM that is 128 channels at TP = 32 (160 registers channels_last, no spills); wider layers do not fit, and their
+  partial slots (512 x 512 fp32 = 1 MiB per program) would allow only 24 programs;
+- where both fit, the traffic decides: 32->64 @ 112, N = 64: fused +269 MiB (all in L2) vs split +412 MiB (343 MiB
+  of it DRAM: grad_pre is 98 MiB) -> fused; 128->128 @ 56, N = 64: fused +875 MiB (C_out x C_in x 8 B per 32-pixel
+  tile) vs split +234 MiB -> split; 96->576 @ 14, N = 64: fused +208 MiB vs split +55 MiB -> split. Batch-1/2
+  layers mostly split too (grad_pre fits in L2 there, while a fused tile of 16-32 pixels rewrites a whole slot).
+  A GPU run (``python -m bsconv_cuda.bench``) should confirm the crossover; ``force_blocks(backward=dict(PATH=...))``
+  runs either path.
+Dot work in pointwise stages, before -> after, bf16 channels_last, N = 1 (the issue's examples; every shape of
+``bsconv_cuda.shapes`` at batch 1 and 2 is in BENCHMARKS.md): 32->64 @ 112: forward 2.00 -> 2.00, backward 3.00 ->
+3.00; 128->128 @ 56: 2.29 -> 2.00, 6.00 -> 3.00; 512->512 @ 14: 2.61 -> 2.29, 23.5 -> 3.18; 1024->1024 @ 7:
+5.22 -> 2.61, 44.4 -> 3.92; 1024->1024 @ 4: 4.00 -> 2.00, 136 -> 3.00; 24->144 @ 56: 3.39 -> 2.67, 4.44 -> 4.00.
+
+Registers (compiled without a GPU for sm_90 / sm_80, triton 3.8, as ``benchmarks/kernel_report.py`` does, with
+``tt.divisibility=16`` attrs where Triton's launcher would specialize): see BENCHMARKS.md for every launch. NCHW x
+loads are single-element gathers with a 64-bit address each (the channel dimension that the dots reduce over is
+strided), so NCHW launches use narrower channel blocks (forward BCI <= 32, fused chunks <= 64).
 
 Interpreter notes: under ``TRITON_INTERPRET=1`` (CPU tensors) the kernels run through NumPy; float64 works there
 (``_dot``: tl.dot in fp64 from triton 3.5 on, summed broadcast products before), which lets ``gradcheck``
@@ -49,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 
 import torch
 import triton
@@ -58,6 +74,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from .. import reference
 from ..backends import fp32_uses_tf32, major_minor
 from ..cuda_backend import device_capability
+from ..plan import L2_RESIDENT_BYTES, Launch, Plan, dram_bytes, halo_read_factor
 
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -69,8 +86,10 @@ _FORCED: dict[str, dict | None] = {"forward": None, "backward": None}
 def force_blocks(forward: dict | None = None, backward: dict | None = None):
     """Forces block sizes (for tests of tiling edges with tiny shapes).
 
-    forward: any of TH, TW (output tile), BCO, BCI, num_warps, IDX64 (64-bit offsets even for small tensors).
-    backward: any of TP, BCO, BCI, G, num_warps, IDX64.
+    forward: any of TH, TW (output tile), BCO, BCI, num_warps, IDX64 (64-bit offsets even for small tensors),
+    SLOTS (programs of the shifted depthwise stage, each looping over work items).
+    backward: PATH ("fused" or "split"), TP, BCO, BCI (split path), CHUNKS (fused path: up to 4 channel-chunk
+    widths), G (tile programs), S (pixel splits of the split path's grad_pw GEMM), num_warps, IDX64.
     """
     saved = dict(_FORCED)
     _FORCED["forward"], _FORCED["backward"] = forward, backward
@@ -131,21 +150,30 @@ def _dot(a, b, acc, PREC: tl.constexpr, ACC64: tl.constexpr):
 
 
 @triton.jit
+def _x_tile(x_ptr, x_row, row_ok, ci, C_in, sxc, CW: tl.constexpr, IDX64: tl.constexpr, X_VEC: tl.constexpr):
+    """x[rows, ci] for CW consecutive channels ci (zeros beyond C_in and in rows with ``row_ok`` False). X_VEC
+    (:func:`_vector_width`): the launcher found C_in and every pixel stride divisible by it with contiguous
+    channels; both are promised to Triton (the mask in whole vectors), so loads are X_VEC elements wide."""
+    ci_x = ci.to(tl.int64) if IDX64 else ci
+    offs = tl.multiple_of(x_row[:, None] + ci_x[None, :] * sxc, [X_VEC, X_VEC])
+    return tl.load(x_ptr + offs, mask=row_ok[:, None] & (ci // X_VEC < C_in // X_VEC)[None, :], other=0.0)
+
+
+@triton.jit
 def _pointwise(
     x_ptr, x_row, row_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc,
     ROWS: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr,
-    ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
-    """The pointwise stage of both passes: pre[ROWS, BCO] = x[rows, :] . P[co, :]^T + b_p[co], a tl.dot chain over
-    C_in blocks. ``x_row`` holds each row's pixel offset; rows with ``row_ok`` False read zeros."""
+    """The pointwise stage of the forward and of the split backward: pre[ROWS, BCO] = x[rows, :] . P[co, :]^T +
+    b_p[co], a tl.dot chain over C_in blocks. ``x_row`` holds each row's pixel offset; rows with ``row_ok`` False
+    read zeros. X_VEC: see :func:`_vector_width`."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     pre = tl.zeros((ROWS, BCO), dtype=acc_dt)
     for ci0 in range(0, C_in, BCI):
         ci = ci0 + tl.arange(0, BCI)
         ci_ok = ci < C_in
-        ci_x = ci.to(tl.int64) if IDX64 else ci
-        xt = tl.load(x_ptr + (x_row[:, None] + ci_x[None, :] * sxc), mask=row_ok[:, None] & ci_ok[None, :],
-                     other=0.0)
+        xt = _x_tile(x_ptr, x_row, row_ok, ci, C_in, sxc, BCI, IDX64, X_VEC)
         wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         if UPCAST_DOT:
             xt = xt.to(tl.float32)
@@ -161,55 +189,98 @@ def _pointwise(
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_kernel(
-    x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr,
+    x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_ptr,
     C_in, C_out, H, W, H_out, W_out,
     sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-    tiles_w, tiles_per_img, n_co_blk, PT, PL,
+    tiles_w, tiles_per_img, n_co_blk, n_work, PT, PL,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr, TP: tl.constexpr, P: tl.constexpr,
-    BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr, HAS_DB: tl.constexpr,
-    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BCO: tl.constexpr, BCI: tl.constexpr, SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
+    HAS_DB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    X_VEC: tl.constexpr,
 ):
-    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     pid = tl.program_id(0)
-    cb = pid % n_co_blk  # channel blocks of one tile are neighbours in launch order: they share the x halo in L2
-    t = pid // n_co_blk
+    if SHIFTED:
+        # fewer programs than work items, each owning one staging slot of mid and looping over items
+        mid_slot = mid_ptr + pid * (P * BCO)
+        for item in range(pid, n_work, tl.num_programs(0)):
+            tl.debug_barrier()  # the previous item's reads of the slot are done before it is overwritten
+            _fwd_item(item, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_slot, C_in, C_out, H, W, H_out, W_out,
+                      sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL, KH, KW, SH,
+                      SW, DH, DW, TH, TW, HH, WW, TP, P, BCO, BCI, SHIFTED, ACT, HAS_PB, HAS_DB, PREC, ACC64, IDX64,
+                      UPCAST_DOT, X_VEC)
+    else:
+        _fwd_item(pid, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_ptr, C_in, C_out, H, W, H_out, W_out,
+                  sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL, KH, KW, SH, SW,
+                  DH, DW, TH, TW, HH, WW, TP, P, BCO, BCI, SHIFTED, ACT, HAS_PB, HAS_DB, PREC, ACC64, IDX64,
+                  UPCAST_DOT, X_VEC)
+
+
+@triton.jit
+def _fwd_item(
+    item, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_slot, C_in, C_out, H, W, H_out, W_out,
+    sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr, TP: tl.constexpr, P: tl.constexpr,
+    BCO: tl.constexpr, BCI: tl.constexpr, SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
+    HAS_DB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    X_VEC: tl.constexpr,
+):
+    """One forward work item: output tile x C_out block ``item``. ``mid_slot``: the shifted stage's staging slot."""
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    cc = tl.arange(0, BCO)
+    cb = item % n_co_blk  # channel blocks of one tile are neighbours in launch order: they share x in L2
+    t = item // n_co_blk
     n = t // tiles_per_img
     r = t % tiles_per_img
     oh0 = (r // tiles_w) * TH
     ow0 = (r % tiles_w) * TW
-
-    co = cb * BCO + tl.arange(0, BCO)
+    co = cb * BCO + cc
     co_ok = co < C_out
 
-    # --- pointwise stage for tile + halo: acc[P, BCO] = x[halo pixels, :] . P^T ---
+    # --- pointwise stage over the tile's halo clipped to the image: ch x cw input pixels, flattened to
+    # q < ch * cw (rows up to P are filler). Padding rows are never computed: the depthwise stage masks them.
+    h_lo = oh0 * SH - PT
+    w_lo = ow0 * SW - PL
+    ih0 = tl.maximum(h_lo, 0)
+    iw0 = tl.maximum(w_lo, 0)
+    ch = tl.maximum(tl.minimum(h_lo + HH, H) - ih0, 0)
+    cw = tl.maximum(tl.minimum(w_lo + WW, W) - iw0, 0)
+    cw_div = tl.maximum(cw, 1)
     q = tl.arange(0, P)
-    ih = oh0 * SH - PT + q // WW
-    iw = ow0 * SW - PL + q % WW
-    q_ok = (q < HH * WW) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    q_ok = q < ch * cw
+    ih = ih0 + q // cw_div
+    iw = iw0 + q % cw_div
     if IDX64:
         n = n.to(tl.int64)
         ih = ih.to(tl.int64)
         iw = iw.to(tl.int64)
     x_row = n * sxn + ih * sxh + iw * sxw
-    acc = _pointwise(x_ptr, x_row, q_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, P, BCO, BCI, HAS_PB, PREC, ACC64,
-                     IDX64, UPCAST_DOT)
-    # zero padding belongs to mid: padded (and power-of-two filler) rows are 0 after the activation
-    mid = tl.where(q_ok[:, None], _act(acc, ACT), 0.0)
+    mid = _act(_pointwise(x_ptr, x_row, q_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, P, BCO, BCI, HAS_PB, PREC,
+                          ACC64, IDX64, UPCAST_DOT, X_VEC), ACT)
+    if SHIFTED:
+        tl.store(mid_slot + (q[:, None] * BCO + cc[None, :]), mid, mask=q_ok[:, None])
+        tl.debug_barrier()  # every row is stored before any thread reads its taps
 
-    # --- depthwise stage: per tap, gather the shifted halo rows ---
+    # --- depthwise stage: per tap, the mid rows under the shifted output pixels (0 in the padding)
     tt = tl.arange(0, TP)
     lh = tt // TW
     lw = tt % TW
     t_ok = tt < TH * TW
     out = tl.zeros((TP, BCO), dtype=acc_dt)
-    # a runtime loop over taps (not static_range): unrolled, the per-tap weights and gather indices of all taps were
+    # a runtime loop over taps (not static_range): unrolled, the per-tap weights and indices of all taps were
     # hoisted and spilled for 5x5 / 7x7 on sm_90
     for tap in tl.range(0, KH * KW):
         i = tap // KW
         j = tap % KW
-        idx = tl.where(t_ok, (lh * SH + i * DH) * WW + lw * SW + j * DW, 0)
-        g = tl.gather(mid, tl.broadcast_to(idx[:, None], (TP, BCO)), 0)
+        tap_h = (oh0 + lh) * SH - PT + i * DH
+        tap_w = (ow0 + lw) * SW - PL + j * DW
+        ok = t_ok & (tap_h >= 0) & (tap_h < H) & (tap_w >= 0) & (tap_w < W)
+        idx = tl.where(ok, (tap_h - ih0) * cw + (tap_w - iw0), 0)
+        if SHIFTED:
+            g = tl.load(mid_slot + (idx[:, None] * BCO + cc[None, :]), mask=ok[:, None], other=0.0)
+        else:
+            g = tl.where(ok[:, None], tl.gather(mid, tl.broadcast_to(idx[:, None], (TP, BCO)), 0), 0.0)
         wd = tl.load(dw_ptr + co * (KH * KW) + tap, mask=co_ok, other=0.0).to(acc_dt)
         out += g * wd[None, :]
     if HAS_DB:
@@ -218,11 +289,12 @@ def _fwd_kernel(
     oh = oh0 + lh
     ow = ow0 + lw
     y_ok = t_ok & (oh < H_out) & (ow < W_out)
+    co_y = co
     if IDX64:
         oh = oh.to(tl.int64)
         ow = ow.to(tl.int64)
-        co = co.to(tl.int64)
-    y_off = n * syn + co[None, :] * syc + (oh * syh + ow * syw)[:, None]
+        co_y = co.to(tl.int64)
+    y_off = n * syn + co_y[None, :] * syc + (oh * syh + ow * syw)[:, None]
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=y_ok[:, None] & co_ok[None, :])
 
 
@@ -230,145 +302,606 @@ def _fwd_kernel(
 # Backward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_kernel(
-    gy_ptr, x_ptr, pw_ptr, pb_ptr, dw_ptr, gx_ptr, part_ptr,
+def _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP: tl.constexpr, IDX64: tl.constexpr):
+    """Flat tile ``tile`` of TP mid (= input) pixels over all images: pixel index, mask, (n, h, w), x row offset."""
+    if IDX64:
+        tile = tl.cast(tile, tl.int64)  # tl.cast: the interpreter passes loop indices as Python ints
+    p = tile * TP + tl.arange(0, TP)
+    p_ok = p < n_pix
+    n = p // HW
+    rr = p % HW
+    h = rr // W
+    w = rr % W
+    return p, p_ok, n, h, w, n * sxn + h * sxh + w * sxw
+
+
+@triton.jit
+def _grad_pre(
+    gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out, W_out, PT, PL, again,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TP: tl.constexpr, BCO: tl.constexpr, ACT: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
+):
+    """grad_pre[TP, BCO] of mid pixels (n, h, w) and channels co, from pre (the recomputed pre-activation), grad_y
+    and the depthwise weights; adds this tile's grad_dw_weight and grad_pw_bias terms into the program's channel
+    partials ``cpart_g`` [C_out, KH*KW + 2] (initialized instead when ``again`` is False)."""
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    T: tl.constexpr = KH * KW
+    mid = _act(pre, ACT)
+    co_g = co.to(tl.int64) if IDX64 else co
+    # depthwise transpose: mid pixel (h, w) feeds output (oh, ow) through tap (i, j) when oh*SH + i*DH - PT == h
+    # (and the same for w): a masked load per tap, no on-chip shifting
+    gmid = tl.zeros((TP, BCO), dtype=acc_dt)
+    for tap in tl.range(0, T):  # runtime loop: see the forward kernel
+        i = tap // KW
+        j = tap % KW
+        ohn = h + PT - i * DH
+        own = w + PL - j * DW
+        oh = ohn // SH
+        ow = own // SW
+        ok = p_ok & (ohn >= 0) & (ohn % SH == 0) & (oh < H_out) & (own >= 0) & (own % SW == 0) & (ow < W_out)
+        g_row = n * sgn + oh * sgh + ow * sgw
+        gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
+                      other=0.0).to(acc_dt)
+        wd = tl.load(dw_ptr + co * T + tap, mask=co_ok, other=0.0).to(acc_dt)
+        gmid += gyt * wd[None, :]
+        d_ptr = cpart_g + co * (T + 2) + tap
+        prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
+        tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
+    gpre = _act_grad(gmid, pre, ACT)
+    b_ptr = cpart_g + co * (T + 2) + T
+    prev = tl.load(b_ptr, mask=co_ok & again, other=0.0)
+    tl.store(b_ptr, prev + tl.sum(gpre, axis=0), mask=co_ok)
+    return gpre
+
+
+@triton.jit
+def _grad_y_sum(gy_ptr, cpart_g, co, co_ok, first, step, N, H_out, W_out, sgn, sgc, sgh, sgw,
+                T: tl.constexpr, TP: tl.constexpr, BCO: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr):
+    """grad_dw_bias partial: the sum of grad_y over flat output tiles first, first + step, ... into column T + 1
+    of the channel partials."""
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    HWo = tl.cast(H_out, tl.int64) * W_out if IDX64 else H_out * W_out  # tl.cast: H_out may be a constexpr 1
+    n_opix = N * HWo
+    co_g = co.to(tl.int64) if IDX64 else co
+    s = tl.zeros((BCO,), dtype=acc_dt)
+    for tile in range(first, tl.cdiv(n_opix, TP), step):
+        o = (tl.cast(tile, tl.int64) if IDX64 else tile) * TP + tl.arange(0, TP)
+        o_ok = o < n_opix
+        no = o // HWo
+        ro = o % HWo
+        g_row = no * sgn + (ro // W_out) * sgh + (ro % W_out) * sgw
+        gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=o_ok[:, None] & co_ok[None, :],
+                      other=0.0)
+        s += tl.sum(gyt.to(acc_dt), axis=0)
+    tl.store(cpart_g + co * (T + 2) + (T + 1), s, mask=co_ok)
+
+
+@triton.jit
+def _x_chunk(x_ptr, x_row, p_ok, c0, C_in, sxc, CW: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+             X_VEC: tl.constexpr):
+    """x[pixels, c0 : c0 + CW] (zeros beyond C_in and for masked pixels)."""
+    xt = _x_tile(x_ptr, x_row, p_ok, c0 + tl.arange(0, CW), C_in, sxc, CW, IDX64, X_VEC)
+    return xt.to(tl.float32) if UPCAST_DOT else xt
+
+
+@triton.jit
+def _pre_chunk(pre, xt, pw_ptr, co, co_ok, c0, C_in, CW: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
+               UPCAST_DOT: tl.constexpr):
+    """pre += x chunk . P[co, c0 : c0 + CW]^T; also returns that weight chunk [BCO, CW] for the gradient dots."""
+    ci = c0 + tl.arange(0, CW)
+    wt = tl.load(pw_ptr + (co[:, None] * C_in + ci[None, :]), mask=co_ok[:, None] & (ci < C_in)[None, :], other=0.0)
+    if UPCAST_DOT:
+        wt = wt.to(tl.float32)
+    pre = _dot(xt, tl.trans(wt), pre, PREC, ACC64)
+    return pre, wt
+
+
+@triton.jit
+def _grad_chunk(gx, gpre_in, xt, wt, wpart_g, co, co_ok, c0, C_in, again, CW: tl.constexpr, PREC: tl.constexpr,
+                ACC64: tl.constexpr):
+    """The two gradient dots of one channel chunk: grad_x chunk += grad_pre . P[co, chunk] (returned) and this
+    tile's grad_pw[co, chunk] term grad_pre^T . x added into the program's weight partials ``wpart_g``."""
+    gx = _dot(gpre_in, wt, gx, PREC, ACC64)
+    ci = c0 + tl.arange(0, CW)
+    w_ptr = wpart_g + (co[:, None] * C_in + ci[None, :])
+    w_ok = co_ok[:, None] & (ci < C_in)[None, :]
+    prev = tl.load(w_ptr, mask=w_ok & again, other=0.0)  # the slot's sum so far (acc dtype), zeros on the first tile
+    tl.store(w_ptr, _dot(tl.trans(gpre_in), xt, prev, PREC, ACC64), mask=w_ok)
+    return gx
+
+
+@triton.jit
+def _store_gx_chunk(gx_ptr, gx_row, p_ok, gx, c0, C_in, sxgc, CW: tl.constexpr, IDX64: tl.constexpr,
+                    X_VEC: tl.constexpr):
+    ci = c0 + tl.arange(0, CW)
+    ci_x = ci.to(tl.int64) if IDX64 else ci
+    offs = tl.multiple_of(gx_row[:, None] + ci_x[None, :] * sxgc, [X_VEC, X_VEC])  # see _x_tile
+    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & (ci // X_VEC < C_in // X_VEC)[None, :])
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    gy_ptr, x_ptr, pw_ptr, pb_ptr, dw_ptr, gx_ptr, wpart_ptr, cpart_ptr,
     N, C_in, C_out, H, W, H_out, W_out,
     sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sxgn, sxgc, sxgh, sxgw,
-    PT, PL, G, K_PART,
+    PT, PL, G,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
-    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    TP: tl.constexpr, BCO: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+    ACT: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     T: tl.constexpr = KH * KW
     pid_g = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    lead = pid_c == 0  # ci-block 0 also owns the channel-only partials (grad_dw, grad_pw_bias, grad_dw_bias)
-    # with IDX64 the pixel index and everything derived from it (n, h, w, the offsets) is computed in int64
     HW = tl.cast(H, tl.int64) * W if IDX64 else H * W  # tl.cast: H may be specialized to a constexpr 1
     n_pix = N * HW
-    n_tiles = tl.cdiv(n_pix, TP)
-    part_g = part_ptr + pid_g * (C_out * K_PART)  # this program's partials slot [C_out, K_PART]
-
-    cx = pid_c * BCI + tl.arange(0, BCI)  # this program's input channels (grad_x, grad_pw columns)
-    cx_ok = cx < C_in
-    cx_l = cx.to(tl.int64) if IDX64 else cx
-
-    for tile in range(pid_g, n_tiles, G):
+    wpart_g = wpart_ptr + pid_g * (C_out * C_in)  # this program's slots: grad_pw [C_out, C_in] ...
+    cpart_g = cpart_ptr + pid_g * (C_out * (T + 2))  # ... and grad_dw | grad_pw_bias | grad_dw_bias [C_out, T + 2]
+    # x's channels in up to four chunks (widths C0 >= C1 >= C2 >= C3, 0 = absent) at offsets 0, C0, C0 + C1, ...
+    O1: tl.constexpr = C0
+    O2: tl.constexpr = C0 + C1
+    O3: tl.constexpr = C0 + C1 + C2
+    for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
         # The partial slots are read back and rewritten every tile, possibly by other threads than wrote them:
         # order the previous tile's stores before this tile's loads.
         tl.debug_barrier()
-        again = tile != pid_g  # later tiles accumulate into the slot, the first one initializes it
-        p = tile * TP + tl.arange(0, TP)
-        p_ok = p < n_pix
-        n = p // HW
-        rr = p % HW
-        h = rr // W
-        w = rr % W
-        x_row = n * sxn + h * sxh + w * sxw
-        x_own = tl.load(x_ptr + (x_row[:, None] + cx_l[None, :] * sxc), mask=p_ok[:, None] & cx_ok[None, :],
-                        other=0.0)
-        if UPCAST_DOT:
-            x_own = x_own.to(tl.float32)
-        gx = tl.zeros((TP, BCI), dtype=acc_dt)
+        again = tile != pid_g  # later tiles accumulate into the slots, the first one initializes them
+        p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
+        # the x tile stays on chip for all C_out blocks, and so does the grad_x accumulator
+        x0 = _x_chunk(x_ptr, x_row, p_ok, 0, C_in, sxc, C0, IDX64, UPCAST_DOT, X_VEC)
+        gx0 = tl.zeros((TP, C0), dtype=acc_dt)
+        if C1 > 0:
+            x1 = _x_chunk(x_ptr, x_row, p_ok, O1, C_in, sxc, C1, IDX64, UPCAST_DOT, X_VEC)
+            gx1 = tl.zeros((TP, C1), dtype=acc_dt)
+        if C2 > 0:
+            x2 = _x_chunk(x_ptr, x_row, p_ok, O2, C_in, sxc, C2, IDX64, UPCAST_DOT, X_VEC)
+            gx2 = tl.zeros((TP, C2), dtype=acc_dt)
+        if C3 > 0:
+            x3 = _x_chunk(x_ptr, x_row, p_ok, O3, C_in, sxc, C3, IDX64, UPCAST_DOT, X_VEC)
+            gx3 = tl.zeros((TP, C3), dtype=acc_dt)
         for co0 in range(0, C_out, BCO):
             co = co0 + tl.arange(0, BCO)
             co_ok = co < C_out
-            # recompute pre for this tile (mid pixels only, no halo)
-            pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, TP, BCO, BCI, HAS_PB, PREC,
-                             ACC64, IDX64, UPCAST_DOT)
-            mid = _act(pre, ACT)
-            co_g = co.to(tl.int64) if IDX64 else co
-
-            # depthwise transpose: mid pixel (h, w) feeds output (oh, ow) through tap (i, j) when
-            # oh*SH + i*DH - PT == h (and the same for w)
-            gmid = tl.zeros((TP, BCO), dtype=acc_dt)
-            for tap in tl.range(0, T):  # runtime loop: see the forward kernel
-                i = tap // KW
-                j = tap % KW
-                ohn = h + PT - i * DH
-                own = w + PL - j * DW
-                oh = ohn // SH
-                ow = own // SW
-                ok = p_ok & (ohn >= 0) & (ohn % SH == 0) & (oh < H_out) & (own >= 0) & (own % SW == 0) & (ow < W_out)
-                g_row = n * sgn + oh * sgh + ow * sgw
-                gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
-                              other=0.0).to(acc_dt)
-                wd = tl.load(dw_ptr + co * T + tap, mask=co_ok, other=0.0).to(acc_dt)
-                gmid += gyt * wd[None, :]
-                if lead:
-                    d_ptr = part_g + co * K_PART + (C_in + tap)
-                    prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
-                    tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
-            gpre = _act_grad(gmid, pre, ACT)
-            if lead:
-                b_ptr = part_g + co * K_PART + (C_in + T)
-                prev = tl.load(b_ptr, mask=co_ok & again, other=0.0)
-                tl.store(b_ptr, prev + tl.sum(gpre, axis=0), mask=co_ok)
-            gpre_in = gpre.to(x_own.dtype)
-            # grad_x += grad_pre . P[co, cx]
-            wx = tl.load(pw_ptr + (co[:, None] * C_in + cx[None, :]), mask=co_ok[:, None] & cx_ok[None, :], other=0.0)
-            if UPCAST_DOT:
-                wx = wx.to(tl.float32)
-            gx = _dot(gpre_in, wx, gx, PREC, ACC64)
-            # grad_pw[co, cx] partial += grad_pre^T . x
-            gw = _dot(tl.trans(gpre_in), x_own, tl.zeros((BCO, BCI), dtype=acc_dt), PREC, ACC64)
-            w_ptr = part_g + (co[:, None] * K_PART + cx[None, :])
-            w_ok = co_ok[:, None] & cx_ok[None, :]
-            prev = tl.load(w_ptr, mask=w_ok & again, other=0.0)
-            tl.store(w_ptr, prev + gw, mask=w_ok)
+            # pre computed once per (tile, C_out block), consumed in place by both gradient dots
+            pre = tl.zeros((TP, BCO), dtype=acc_dt)
+            pre, w0 = _pre_chunk(pre, x0, pw_ptr, co, co_ok, 0, C_in, C0, PREC, ACC64, UPCAST_DOT)
+            if C1 > 0:
+                pre, w1 = _pre_chunk(pre, x1, pw_ptr, co, co_ok, O1, C_in, C1, PREC, ACC64, UPCAST_DOT)
+            if C2 > 0:
+                pre, w2 = _pre_chunk(pre, x2, pw_ptr, co, co_ok, O2, C_in, C2, PREC, ACC64, UPCAST_DOT)
+            if C3 > 0:
+                pre, w3 = _pre_chunk(pre, x3, pw_ptr, co, co_ok, O3, C_in, C3, PREC, ACC64, UPCAST_DOT)
+            if HAS_PB:
+                pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+            gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out,
+                             W_out, PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64)
+            gpre_in = gpre.to(x0.dtype)
+            gx0 = _grad_chunk(gx0, gpre_in, x0, w0, wpart_g, co, co_ok, 0, C_in, again, C0, PREC, ACC64)
+            if C1 > 0:
+                gx1 = _grad_chunk(gx1, gpre_in, x1, w1, wpart_g, co, co_ok, O1, C_in, again, C1, PREC, ACC64)
+            if C2 > 0:
+                gx2 = _grad_chunk(gx2, gpre_in, x2, w2, wpart_g, co, co_ok, O2, C_in, again, C2, PREC, ACC64)
+            if C3 > 0:
+                gx3 = _grad_chunk(gx3, gpre_in, x3, w3, wpart_g, co, co_ok, O3, C_in, again, C3, PREC, ACC64)
         gx_row = n * sxgn + h * sxgh + w * sxgw
-        tl.store(gx_ptr + (gx_row[:, None] + cx_l[None, :] * sxgc), gx.to(gx_ptr.dtype.element_ty),
-                 mask=p_ok[:, None] & cx_ok[None, :])
-
-    # grad_dw_bias partial: sum of grad_y over this program's output tiles (same tile striding, flat output pixels)
-    if lead:
-        HWo = tl.cast(H_out, tl.int64) * W_out if IDX64 else H_out * W_out
-        n_opix = N * HWo
-        for co0 in range(0, C_out, BCO):
-            co = co0 + tl.arange(0, BCO)
-            co_ok = co < C_out
-            co_g = co.to(tl.int64) if IDX64 else co
-            s = tl.zeros((BCO,), dtype=acc_dt)
-            for tile in range(pid_g, tl.cdiv(n_opix, TP), G):
-                o = tile * TP + tl.arange(0, TP)
-                o_ok = o < n_opix
-                no = o // HWo
-                ro = o % HWo
-                g_row = no * sgn + (ro // W_out) * sgh + (ro % W_out) * sgw
-                gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=o_ok[:, None] & co_ok[None, :],
-                              other=0.0)
-                s += tl.sum(gyt.to(acc_dt), axis=0)
-            tl.store(part_g + co * K_PART + (C_in + T + 1), s, mask=co_ok)
+        _store_gx_chunk(gx_ptr, gx_row, p_ok, gx0, 0, C_in, sxgc, C0, IDX64, X_VEC)
+        if C1 > 0:
+            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx1, O1, C_in, sxgc, C1, IDX64, X_VEC)
+        if C2 > 0:
+            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx2, O2, C_in, sxgc, C2, IDX64, X_VEC)
+        if C3 > 0:
+            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx3, O3, C_in, sxgc, C3, IDX64, X_VEC)
+    for co0 in range(0, C_out, BCO):
+        co = co0 + tl.arange(0, BCO)
+        _grad_y_sum(gy_ptr, cpart_g, co, co < C_out, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO,
+                    ACC64, IDX64)
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, G, C_in, M, K_PART, T: tl.constexpr,
-                   BLOCK: tl.constexpr, ACC64: tl.constexpr):
+def _bwd_gpre_kernel(
+    gy_ptr, x_ptr, pw_ptr, pb_ptr, dw_ptr, gpre_ptr, cpart_ptr,
+    N, C_in, C_out, H, W, H_out, W_out,
+    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
+    PT, PL, G,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
+    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
+):
+    T: tl.constexpr = KH * KW
+    cb = tl.program_id(0)  # C_out blocks of one tile group are neighbours in launch order: they share x in L2
+    pid_g = tl.program_id(1)
+    HW = tl.cast(H, tl.int64) * W if IDX64 else H * W
+    n_pix = N * HW
+    cpart_g = cpart_ptr + pid_g * (C_out * (T + 2))
+    co = cb * BCO + tl.arange(0, BCO)
+    co_ok = co < C_out
+    co_g = co.to(tl.int64) if IDX64 else co
+    for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
+        tl.debug_barrier()  # see _bwd_fused_kernel
+        again = tile != pid_g
+        p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
+        pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, TP, BCO, BCI, HAS_PB, PREC,
+                         ACC64, IDX64, UPCAST_DOT, X_VEC)
+        gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out, W_out,
+                         PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64)
+        tl.store(gpre_ptr + (p[:, None] * C_out + co_g[None, :]), gpre.to(gpre_ptr.dtype.element_ty),
+                 mask=p_ok[:, None] & co_ok[None, :])
+    _grad_y_sum(gy_ptr, cpart_g, co, co_ok, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO, ACC64, IDX64)
+
+
+@triton.jit
+def _bwd_gx_kernel(
+    gpre_ptr, pw_ptr, gx_ptr, N, C_in, C_out, H, W, sxgn, sxgc, sxgh, sxgw,
+    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
+    IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
+):
+    """grad_x[tile, ci block] = grad_pre[tile, :] . P[:, ci block] (a GEMM over C_out)."""
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    ib = tl.program_id(0)  # C_in blocks of one tile are neighbours: they share the grad_pre rows in L2
+    tile = tl.program_id(1)
+    HW = tl.cast(H, tl.int64) * W if IDX64 else H * W
+    n_pix = N * HW
+    p, p_ok, n, h, w, gx_row = _mid_tile(tile, HW, W, n_pix, sxgn, sxgh, sxgw, TP, IDX64)
+    ci = ib * BCI + tl.arange(0, BCI)
+    ci_ok = ci < C_in
+    acc = tl.zeros((TP, BCI), dtype=acc_dt)
+    for co0 in range(0, C_out, BCO):
+        co = co0 + tl.arange(0, BCO)
+        co_ok = co < C_out
+        g = tl.load(gpre_ptr + (p[:, None] * C_out + co[None, :]), mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+        wt = tl.load(pw_ptr + (co[:, None] * C_in + ci[None, :]), mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
+        if UPCAST_DOT:
+            g = g.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = _dot(g, wt, acc, PREC, ACC64)
+    _store_gx_chunk(gx_ptr, gx_row, p_ok, acc, ib * BCI, C_in, sxgc, BCI, IDX64, X_VEC)
+
+
+@triton.jit
+def _bwd_gw_kernel(
+    gpre_ptr, x_ptr, wpart_ptr, N, C_in, C_out, H, W, sxn, sxc, sxh, sxw, pix_per_split,
+    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
+    IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
+):
+    """grad_pw partial [co block, ci block] over pixel split s: grad_pre[split, co]^T . x[split, ci] (a GEMM over
+    pixels), written once to slot s."""
+    acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    cb = tl.program_id(0)
+    ib = tl.program_id(1)
+    s = tl.program_id(2)
+    HW = tl.cast(H, tl.int64) * W if IDX64 else H * W
+    n_pix = N * HW
+    co = cb * BCO + tl.arange(0, BCO)
+    co_ok = co < C_out
+    ci = ib * BCI + tl.arange(0, BCI)
+    ci_ok = ci < C_in
+    tile0 = s * (pix_per_split // TP)  # pix_per_split is a multiple of TP
+    n_tiles = tl.minimum(tl.cdiv(n_pix, TP) - tile0, pix_per_split // TP)
+    acc = tl.zeros((BCO, BCI), dtype=acc_dt)
+    for k in range(0, n_tiles):
+        p, p_ok, n, h, w, x_row = _mid_tile(tile0 + k, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
+        g = tl.load(gpre_ptr + (p[:, None] * C_out + co[None, :]), mask=p_ok[:, None] & co_ok[None, :], other=0.0)
+        xt = _x_chunk(x_ptr, x_row, p_ok, ib * BCI, C_in, sxc, BCI, IDX64, UPCAST_DOT, X_VEC)
+        if UPCAST_DOT:
+            g = g.to(tl.float32)
+        acc = _dot(tl.trans(g), xt, acc, PREC, ACC64)
+    w_ok = co_ok[:, None] & ci_ok[None, :]
+    tl.store(wpart_ptr + s * (C_out * C_in) + (co[:, None] * C_in + ci[None, :]), acc, mask=w_ok)
+
+
+@triton.jit
+def _reduce_kernel(wpart_ptr, cpart_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, GW, GC, C_out, C_in,
+                   T: tl.constexpr, BLOCK: tl.constexpr, ACC64: tl.constexpr):
+    """Sums the partial slots in fixed order (bitwise reproducible) and writes the weight/bias gradients in their
+    dtype: axis 1 = 0: the GW grad_pw slots [C_out, C_in]; = 1: the GC channel slots [C_out, T + 2]."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = m < M
     s = tl.zeros((BLOCK,), dtype=acc_dt)
-    for g in range(0, G):  # fixed order: bitwise reproducible
-        s += tl.load(part_ptr + g * M + m, mask=ok, other=0.0)
-    co = m // K_PART
-    k = m % K_PART
-    tl.store(gpw_ptr + co * C_in + k, s.to(gpw_ptr.dtype.element_ty), mask=ok & (k < C_in))
-    tl.store(gdw_ptr + co * T + (k - C_in), s.to(gdw_ptr.dtype.element_ty), mask=ok & (k >= C_in) & (k < C_in + T))
-    tl.store(gpb_ptr + co, s.to(gpb_ptr.dtype.element_ty), mask=ok & (k == C_in + T))
-    tl.store(gdb_ptr + co, s.to(gdb_ptr.dtype.element_ty), mask=ok & (k == C_in + T + 1))
+    if tl.program_id(1) == 0:
+        M = C_out * C_in
+        ok = m < M
+        for g in range(0, GW):
+            s += tl.load(wpart_ptr + g * M + m, mask=ok, other=0.0)
+        tl.store(gpw_ptr + m, s.to(gpw_ptr.dtype.element_ty), mask=ok)
+    else:
+        M = C_out * (T + 2)
+        ok = m < M
+        for g in range(0, GC):
+            s += tl.load(cpart_ptr + g * M + m, mask=ok, other=0.0)
+        co = m // (T + 2)
+        k = m % (T + 2)
+        tl.store(gdw_ptr + co * T + k, s.to(gdw_ptr.dtype.element_ty), mask=ok & (k < T))
+        tl.store(gpb_ptr + co, s.to(gpb_ptr.dtype.element_ty), mask=ok & (k == T))
+        tl.store(gdb_ptr + co, s.to(gdb_ptr.dtype.element_ty), mask=ok & (k == T + 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch plans: block sizes, grids, and the work and bytes they imply
 # ----------------------------------------------------------------------------------------------------------------
+TARGET_SMS = 132  # H100 / H200 SXM: grids are sized for it (a constant, never read from the device)
+CTA_SLOTS = 2 * TARGET_SMS  # two resident programs per SM
+PARTIALS_MAX_BYTES = L2_RESIDENT_BYTES  # fp32 weight-gradient partials of one backward
+FUSED_MAX_CIN = 128  # the fused backward keeps x and grad_x of all C_in on chip up to this many channels, ...
+FUSED_MAX_PROGRAMS = 2 * CTA_SLOTS  # ... in at most this many programs (more would only add partial slots)
+MAX_HALO = 256  # mid rows (tile + halo) the forward keeps on chip; see unsupported_reason
+FWD_MAX_P = 128  # ... per program, except for large dilated kernels: [P, BCO = 32] at 4 warps; P = 256 spilled
+FWD_MAX_TP = 128  # output pixels per forward program
+SHIFTED_SLOTS = 2 * CTA_SLOTS  # programs (each with one staging slot of mid) of the shifted depthwise stage
+FWD_MAX_DOT_RATIO = 3.0  # forward dot multiply-adds over the pointwise stage's, where a tile allows it
+MIN_DOT_ROWS = 64  # rows of one Hopper wgmma tile: fewer rows in a tensor-core dot take as long
+DEPTHWISE_STAGES = ("gather", "shifted")
+DEPTHWISE_STAGE = "gather"  # the default until a GPU run measures both
+# Tensor-core multiply-adds per depthwise FMA in the forward tile cost (peak rates on H100: bf16/fp16 dense
+# 495 T MAC/s, TF32 247 T, fp32 FMA 33.5 T; FMA dots: 1). A model weight, not a measurement.
+_DW_FMA_COST = {"tc": 16, "tf32": 8, "fma": 1}
+
+
 def _pow2(v: int) -> int:
     return triton.next_power_of_2(max(1, int(v)))
 
 
-# The forward keeps mid for one output tile plus its halo on chip: [P, BCO] with the halo padded to P pixels. At
-# P = 256 it already takes 8 warps; larger dilated kernels go to the reference.
-MAX_HALO = 256
+def _padded(c: int, block: int) -> int:
+    return triton.cdiv(c, block) * block
+
+
+def _least_padding(c: int, blocks: tuple[int, ...]) -> int:
+    """The block from ``blocks`` that pads ``c`` least (the largest on ties)."""
+    return min(blocks, key=lambda b: (_padded(c, b), -b))
+
+
+def _channel_chunks(c_in: int, max_chunk: int) -> tuple[int, int, int, int] | None:
+    """Widths of at most four power-of-two channel chunks (each >= 16, tl.dot's minimum K) that cover C_in rounded
+    up to 16, largest first, padded with 0; None when four do not suffice."""
+    rest, out = _padded(c_in, 16), []
+    while rest:
+        out.append(min(max_chunk, 1 << (rest.bit_length() - 1)))
+        rest -= out[-1]
+    return tuple(out + [0] * (4 - len(out))) if len(out) <= 4 else None
+
+
+def _fma_dots(dtype, prec) -> bool:
+    """True when tl.dot runs on FMA units (fp32 without TF32, fp64): its operands are then held in registers whole
+    along K, so the blocks must be smaller. dtype: a torch dtype or "bf16"/"fp16"/"fp32"/"fp64" (None: a
+    tensor-core dtype); prec: the launcher's input precision (None: "tf32" for fp32)."""
+    name = _dtype_name(dtype)
+    return name == "fp64" or (name == "fp32" and (prec or "tf32") != "tf32")
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).replace("torch.", "") if dtype is not None else "bf16"
+    return {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, name)
+
+
+def _dot_kind(dtype, prec) -> str:
+    if _fma_dots(dtype, prec):
+        return "fma"
+    return "tf32" if _dtype_name(dtype) == "fp32" else "tc"
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_tile(n, c_in, bci, c_out, h, w, h_out, w_out, kh, kw, sh, sw, dh, dw, dw_cost, min_rows, bco_choices):
+    """(TH, TW, BCO) of the forward: among the tiles whose dot multiply-adds stay within FWD_MAX_DOT_RATIO times
+    the pointwise stage's, the least modeled time; where no tile does, the fewest multiply-adds.
+
+    Per program: max(P, min_rows) x BCO x C_in (pointwise dot; P = the tile's halo clipped to the image, rounded
+    up to a power of two; fewer rows than one Hopper wgmma tile take as long) plus dw_cost x TP x BCO x taps
+    (depthwise FMAs). Time: the per-program work times the waves over CTA_SLOTS programs, counted fractionally,
+    so that a full GPU minimizes the work per image and a batch too small to fill CTA_SLOTS programs splits into
+    smaller programs (BCO = 16, or finer tiles)."""
+    c_in_pad = _padded(c_in, bci)
+    pointwise = n * h * w * c_in * c_out
+    best = None
+    for p_max in (FWD_MAX_P, MAX_HALO):
+        for bco in bco_choices:
+            ctas_per_tile = n * triton.cdiv(c_out, bco)
+            for th in range(1, min(h_out, 64) + 1):
+                hh = min((th - 1) * sh + (kh - 1) * dh + 1, h)
+                for tw in range(1, min(w_out, 128) + 1):
+                    p = max(16, _pow2(hh * min((tw - 1) * sw + (kw - 1) * dw + 1, w)))
+                    tp = _pow2(th * tw)
+                    if p > p_max or tp > FWD_MAX_TP:
+                        break
+                    ctas = ctas_per_tile * triton.cdiv(h_out, th) * triton.cdiv(w_out, tw)
+                    per_cta = bco * (max(p, min_rows) * c_in_pad + dw_cost * tp * kh * kw)
+                    macs = ctas * bco * p * c_in_pad
+                    key = (max(macs / pointwise, FWD_MAX_DOT_RATIO), per_cta * max(1.0, ctas / CTA_SLOTS), macs,
+                           -bco, -tw)
+                    if best is None or key < best[0]:
+                        best = (key, th, tw, bco)
+        if best is not None:
+            return best[1:]
+    raise ValueError(f"no output tile keeps the halo within {MAX_HALO} pixels (see unsupported_reason)")
+
+
+def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype=None,
+                 prec=None, depthwise: str = DEPTHWISE_STAGE, channels_last: bool = True) -> Plan:
+    """Blocks, grid and work of :func:`forward` (padding: (top, bottom, left, right); dtype and prec as in
+    :func:`_fma_dots`; channels_last: x's channel stride is 1)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    pt, pl = padding[0], padding[2]
+    forced = {k: v for k, v in (_FORCED["forward"] or {}).items() if k not in ("IDX64", "SLOTS")}
+    kind = _dot_kind(dtype, prec)
+    # NCHW x loads are gathers of single elements, one 64-bit address each: BCI = 64 reached 255 registers. TF32:
+    # 3 pipeline stages of [P = 128, BCI = 64] fp32 x tiles took 120 KB of shared memory (one program per SM).
+    wide = channels_last and kind == "tc"
+    bci = forced.pop("BCI", 16 if kind == "fma" else _least_padding(c_in, (64, 32, 16) if wide else (32, 16)))
+    th, tw, bco = _fwd_tile(n, c_in, bci, c_out, h, w, h_out, w_out, kh, kw, sh, sw, dh, dw,
+                            _DW_FMA_COST[kind], 1 if kind == "fma" else MIN_DOT_ROWS, (32, 16))
+    th, tw, bco = forced.pop("TH", th), forced.pop("TW", tw), forced.pop("BCO", bco)
+    ext_h, ext_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    hh, ww = (th - 1) * sh + ext_h, (tw - 1) * sw + ext_w
+    p = max(16, _pow2(min(hh, h) * min(ww, w)))  # tl.dot needs M >= 16
+    blk = dict(TH=th, TW=tw, HH=hh, WW=ww, TP=_pow2(th * tw), P=p, BCO=bco, BCI=bci,
+               num_warps=8 if p * bco > 4096 else 4)
+    if kind == "fma":
+        # 3 pipeline stages (the default) left a few live values spilled at low register counts (8-16 B stack,
+        # sm_80 and sm_90), and 2 stages still spilled 8 B on sm_90 (3x3 NCHW, 32 -> 32 channels, 128 regs); with
+        # 1 stage none spill. The FMA dot is compute-bound, so the lost prefetch costs little.
+        blk["num_stages"] = 1
+    blk.update(forced)
+    tiles_h, tiles_w = triton.cdiv(h_out, blk["TH"]), triton.cdiv(w_out, blk["TW"])
+    n_co = triton.cdiv(c_out, blk["BCO"])
+    n_work = n * tiles_h * tiles_w * n_co
+    shifted = depthwise == "shifted"
+    programs = min(n_work, (_FORCED["forward"] or {}).get("SLOTS", SHIFTED_SLOTS)) if shifted else n_work
+    acc_bytes = 8 if _dtype_name(dtype) == "fp64" else 4
+    halo = halo_read_factor(h, w, h_out, w_out, (blk["TH"], blk["TW"]), stride, (pt, pl), (hh, ww))
+    itemsize = {"fp64": 8, "fp32": 4}.get(_dtype_name(dtype), 2)
+    macs = n_work * blk["P"] * blk["BCO"] * _padded(c_in, blk["BCI"])
+    halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
+    # shifted: mid written to the slot and read back once per tap (L1 / L2)
+    staged = n_work * blk["BCO"] * acc_bytes * (blk["P"] + kh * kw * blk["TP"]) if shifted else 0
+    return Plan(path=depthwise, blocks=blk,
+                launches=(Launch("fwd_kernel", (programs,), macs, finest=n_work if shifted else 0),),
+                params=dict(tiles_w=tiles_w, tiles_per_img=tiles_h * tiles_w, n_co=n_co, n_work=n_work),
+                extra_traffic_bytes=halo_bytes + staged, extra_hbm_bytes=halo_bytes,
+                scratch_bytes=programs * blk["P"] * blk["BCO"] * acc_bytes if shifted else 0)
+
+
+def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, prec=None,
+                  channels_last: bool = True) -> Plan:
+    """Path, blocks, grids and work of :func:`backward` (dtype and prec as in :func:`_fma_dots`; channels_last:
+    x's channel stride is 1). The fused path where C_in allows it, unless the split path moves fewer bytes, or
+    runs more programs where the fused one would leave SMs idle (see the module docstring)."""
+    forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k != "IDX64"}
+    path = forced.pop("PATH", None)
+    args = (n, c_in, c_out, h * w, kernel_size[0] * kernel_size[1], _dot_kind(dtype, prec), _dtype_name(dtype),
+            channels_last)
+    # each path takes the forced blocks it has (the fused kernel has no BCI and no pixel splits, the split ones no
+    # channel chunks)
+    fused_forced = {k: v for k, v in forced.items()
+                    if k not in ("BCI", "S", "GX_TP", "GX_BCI", "GEMM_WARPS", "GEMM_STAGES")}
+    fused = None if path == "split" else _fused_plan(fused_forced, *args)
+    if path == "fused":
+        if fused is None:
+            raise ValueError(f"the fused backward takes at most {FUSED_MAX_CIN} input channels, got {c_in}")
+        return fused
+    split = _split_plan({k: v for k, v in forced.items() if k != "CHUNKS"}, *args)
+    if fused is None or path == "split":
+        return split
+    fills = fused.launches[0].programs >= min(TARGET_SMS, split.launches[0].programs)
+    return fused if fills and fused.extra_traffic_bytes <= split.extra_traffic_bytes else split
+
+
+def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last) -> Plan | None:
+    """The fused backward (None when C_in is too wide for it). Blocks from compiling every shape of the table
+    for sm_80 / sm_90 (benchmarks/kernel_report.py): x and grad_x of all channels stay on chip, so the tile
+    shrinks as C_in grows, and 4 warps keep two or more programs per SM. NCHW x loads are single-element gathers
+    (a 64-bit address each), so their chunks are narrower; FMA dots hold their operands in registers whole along K
+    (chunks of 32)."""
+    if kind == "fma":
+        max_chunk, tp_max = 32, 16
+    elif kind == "tf32":
+        max_chunk, tp_max = (64 if channels_last else 32), 16
+    else:
+        max_chunk, tp_max = (128 if channels_last else 64), 32
+    chunks = forced.pop("CHUNKS", None) or _channel_chunks(c_in, max_chunk)
+    if c_in > FUSED_MAX_CIN or chunks is None:
+        return None
+    if len(chunks) != 4 or sum(chunks) < c_in:
+        raise ValueError(f"CHUNKS must be four widths that cover C_in = {c_in}, got {chunks}")
+    if sum(chunks) <= 32:
+        tp_max *= 2
+    n_pix = n * hw
+    acc_bytes = 8 if dtype_name == "fp64" else 4
+    # the largest tile up to tp_max that still gives every SM a program: partials per pixel shrink as it grows
+    tp = forced.pop("TP", next((t for t in (64, 32, 16) if t <= tp_max and triton.cdiv(n_pix, t) >= TARGET_SMS), 16))
+    bco = forced.pop("BCO", 16)
+    n_tiles = triton.cdiv(n_pix, tp)
+    slot = acc_bytes * c_out * (c_in + taps + 2)  # one program's partials: grad_pw | grad_dw, both biases
+    g = max(1, min(n_tiles, forced.pop("G", min(PARTIALS_MAX_BYTES // slot, FUSED_MAX_PROGRAMS))))
+    blk = dict(TP=tp, BCO=bco, **{f"C{i}": c for i, c in enumerate(chunks)}, **_bwd_options(kind))
+    blk.update(forced)
+    partial = g * slot
+    macs = 3 * n_tiles * triton.cdiv(c_out, bco) * tp * bco * sum(chunks)
+    return Plan(path="fused", blocks=blk,
+                launches=(Launch("bwd_fused_kernel", (g,), macs, finest=triton.cdiv(n_pix, 16)),
+                          _reduce_launch(c_out, c_in, taps)),
+                params=dict(G=g, GW=g),
+                # every tile reads and writes its program's slot; the reduction reads the slots once
+                extra_traffic_bytes=2 * n_tiles * slot + partial, extra_hbm_bytes=dram_bytes(partial, 2),
+                partial_bytes=partial)
+
+
+def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last) -> Plan:
+    """The split backward: grad_pre kernel, grad_x and grad_pw GEMMs."""
+    n_pix = n * hw
+    itemsize = {"fp64": 8, "fp32": 4}.get(dtype_name, 2)
+    acc_bytes = 8 if dtype_name == "fp64" else 4
+    fma = kind == "fma"
+    bco = 16 if fma else _least_padding(c_out, (32, 16))
+    c_slot = acc_bytes * c_out * (taps + 2)  # one program's grad_dw | grad_pw_bias | grad_dw_bias partials
+    w_slot = acc_bytes * c_out * c_in  # one pixel split's grad_pw partials
+    # the tile that pads the pixels least (7 % counts as none), then gives more SMs a grad_pre program, then is
+    # larger
+    tps = (32, 16) if fma else (64, 32, 16)
+    tp = forced.pop("TP", min(tps, key=lambda t: (max(_padded(n_pix, t) / n_pix, 1.07),
+                                                  -min(triton.cdiv(c_out, bco) * triton.cdiv(n_pix, t),
+                                                       TARGET_SMS), -t)))
+    n_tiles = triton.cdiv(n_pix, tp)
+    # grad_pre programs: one per (tile, C_out block) as far as the channel partials allow; BCO = 16 where 32 would
+    # leave SMs without one (and pads C_out no more)
+    g = max(1, min(n_tiles, forced.pop("G", (PARTIALS_MAX_BYTES // 2) // c_slot)))
+    if bco == 32 and triton.cdiv(c_out, 32) * g < TARGET_SMS and _padded(c_out, 16) <= _padded(c_out, 32):
+        bco = 16
+    bco = forced.pop("BCO", bco)
+    n_co = triton.cdiv(c_out, bco)
+    # BCI: the K step of the grad_pre dot (least padding; NCHW: at most 32, as in the forward). grad_x's blocks
+    # (pixels x C_in): least padding, then enough programs for every SM, then larger
+    bcis = (32, 16) if fma or not channels_last else (64, 32, 16)
+    bci = forced.pop("BCI", None)
+    gx_tp, gx_bci = (tp, bci) if bci else min(
+        itertools.product(tps, bcis),
+        key=lambda tb: (_padded(n_pix, tb[0]) * _padded(c_in, tb[1]),
+                        -min(triton.cdiv(n_pix, tb[0]) * triton.cdiv(c_in, tb[1]), TARGET_SMS), -tb[0] * tb[1]))
+    bci = bci or _least_padding(c_in, bcis)
+    n_ci = triton.cdiv(c_in, bci)
+    # grad_pw GEMM: split the pixels until CTA_SLOTS programs run, as far as its partials allow
+    s = max(1, min(n_tiles, forced.pop("S", min(triton.cdiv(CTA_SLOTS, n_co * n_ci),
+                                                (PARTIALS_MAX_BYTES // 2) // w_slot))))
+    pix_per_split = triton.cdiv(n_tiles, s) * tp
+    s = triton.cdiv(n_pix, pix_per_split)  # every split non-empty
+    # grad_pre kernel: 1 pipeline stage (3 and 2 left a value or two spilled at 72-128 registers on sm_90), and 2
+    # warps for 16 x 16 tiles (4 warps spilled 8 B at 64-80 registers); the GEMMs: 4 warps, 2 stages (3 spilled 8 B
+    # in an NCHW grad_pw GEMM), FMA dots 1
+    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_TP=gx_tp, GX_BCI=gx_bci, num_warps=2 if tp * bco <= 256 else 4,
+               num_stages=1, GEMM_WARPS=4, GEMM_STAGES=1 if fma else 2)
+    blk.update(forced)
+    n_gx, gx_tiles = triton.cdiv(c_in, gx_bci), triton.cdiv(n_pix, gx_tp)
+    scratch = n_pix * c_out * itemsize
+    x_bytes = n_pix * c_in * itemsize
+    partial = g * c_slot + s * w_slot
+    finest = triton.cdiv(n_pix, 16)
+    return Plan(path="split", blocks=blk,
+                launches=(Launch("bwd_gpre_kernel", (n_co, g), n_tiles * n_co * tp * bco * _padded(c_in, bci),
+                                 finest=finest * triton.cdiv(c_out, 16)),
+                          Launch("bwd_gx_kernel", (n_gx, gx_tiles),
+                                 gx_tiles * n_gx * gx_tp * gx_bci * _padded(c_out, bco),
+                                 finest=finest * triton.cdiv(c_in, 16)),
+                          # its channel blocks stay GEMM-sized: it splits along the pixels only
+                          Launch("bwd_gw_kernel", (n_co, n_ci, s), n_co * n_ci * bco * bci * n_tiles * tp,
+                                 finest=n_co * n_ci * n_tiles),
+                          _reduce_launch(c_out, c_in, taps)),
+                params=dict(G=g, GW=s, pix_per_split=pix_per_split),
+                # grad_pre: written, read by both GEMMs; x: read again by the grad_pw GEMM; channel partials:
+                # read-modified-written per tile; grad_pw partials: written once; all read by the reduction
+                extra_traffic_bytes=3 * scratch + x_bytes + 2 * n_tiles * c_slot + 2 * s * w_slot,
+                extra_hbm_bytes=dram_bytes(scratch, 3) + dram_bytes(x_bytes, 1) + dram_bytes(partial, 2),
+                partial_bytes=partial, scratch_bytes=scratch)
+
+
+def _bwd_options(kind: str) -> dict:
+    """Launch options of the fused backward kernel: 4 warps (two or more programs per SM); FMA dots: 1 pipeline stage
+    (3 or 2 stages spilled 8-16 B on sm_90 at 80-255 registers); TF32: 2 stages (fp32 operands are twice the bytes
+    of bf16, and 3 stages of them reached 255 registers on sm_80 and spilled)."""
+    return dict(num_warps=4, **({"num_stages": 1} if kind == "fma" else {"num_stages": 2} if kind == "tf32" else {}))
+
+
+_REDUCE_BLOCK = 256
+
+
+def _reduce_launch(c_out, c_in, taps) -> Launch:
+    return Launch("reduce_kernel", (triton.cdiv(c_out * max(c_in, taps + 2), _REDUCE_BLOCK), 2), 0)
 
 
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
@@ -382,96 +915,24 @@ def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
-def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, sh: int, sw: int, dh: int, dw: int) -> tuple[int, int]:
-    """Output tile (TH, TW) with the least padded work per output pixel: (P + TP) / (TH * TW), where the halo
-    (flattened) is padded to P <= 128 (up to MAX_HALO only when nothing else fits: large dilated kernels) and the
-    tile to TP <= 128. P = 128 keeps mid [P, BCO=32] plus the output accumulator within registers at 4 warps on sm_90
-    (P = 256 spilled on sm_90)."""
-    best = None
-    for p_max in (128, MAX_HALO):
-        for th in range(1, min(h_out, 64) + 1):
-            hh = (th - 1) * sh + (kh - 1) * dh + 1
-            for tw in range(1, min(w_out, 128) + 1):
-                ww = (tw - 1) * sw + (kw - 1) * dw + 1
-                p, tp = _pow2(hh * ww), _pow2(th * tw)
-                if p > p_max or tp > 128:
-                    break
-                cost = ((p + tp) / (th * tw), -tw)
-                if best is None or cost < best[0]:
-                    best = (cost, th, tw)
-        if best is not None:
-            return best[1], best[2]
-    raise ValueError(f"no output tile keeps the halo within {MAX_HALO} pixels (see unsupported_reason)")
-
-
-def _fma_dots(dtype, prec) -> bool:
-    """True when tl.dot runs on FMA units (fp32 without TF32, fp64): its operands are then held in registers whole
-    along K, so the blocks must be smaller. dtype: a torch dtype or "bf16"/"fp16"/"fp32"/"fp64" (None: a
-    tensor-core dtype); prec: the launcher's input precision (None: "tf32" for fp32)."""
-    name = str(dtype).replace("torch.", "") if dtype is not None else "bf16"
-    if name in ("fp64", "float64"):
-        return True
-    return name in ("fp32", "float32") and (prec or "tf32") != "tf32"
-
-
-def _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dw, dtype=None, prec: str | None = None) -> dict:
-    """Forward block sizes and launch options (the kernel's tile constexprs + num_warps), by shape and dtype
-    (see :func:`_fma_dots`): FMA dots (fp32 without TF32) take BCI = 16 (BCI = 32/64 spilled up to 4.9 KB on
-    sm_80)."""
-    forced = dict(_FORCED["forward"] or {})
-    forced.pop("IDX64", None)
-    th, tw = _fwd_tile(h_out, w_out, kh, kw, sh, sw, dh, dw)
-    th, tw = forced.pop("TH", th), forced.pop("TW", tw)
-    hh, ww = (th - 1) * sh + (kh - 1) * dh + 1, (tw - 1) * sw + (kw - 1) * dw + 1
-    p = max(16, _pow2(hh * ww))  # tl.dot needs M >= 16
-    blk = dict(TH=th, TW=tw, HH=hh, WW=ww, TP=_pow2(th * tw), P=p, BCO=max(16, min(32, _pow2(c_out))),
-               BCI=max(16, min(16 if _fma_dots(dtype, prec) else 64, _pow2(c_in))))
-    blk["num_warps"] = 8 if p * blk["BCO"] > 4096 else 4
-    if _fma_dots(dtype, prec):
-        # 3 pipeline stages (the default) left a few live values spilled at low register counts (8-16 B stack,
-        # sm_80 and sm_90), and 2 stages still spilled 8 B on sm_90 (3x3 NCHW, 32 -> 32 channels, 128 regs); with
-        # 1 stage none spill. The FMA dot is compute-bound, so the lost prefetch costs little.
-        blk["num_stages"] = 1
-    blk.update(forced)
-    return blk
-
-
-def _bwd_blocks(c_in, c_out, dtype=None, prec: str | None = None) -> dict:
-    """Backward block sizes and launch options, by shape and dtype (G, the number of tile programs, is chosen by the
-    launcher).
-
-    dtype: a torch dtype or "bf16"/"fp16"/"fp32"/"fp64" (None: a tensor-core dtype); prec: the tl.dot input
-    precision the launcher picks ("tf32"/"ieee"; None: "tf32" for fp32). Register pressure, compiled without a GPU
-    (triton 3.8, 8 warps, worst case 7x7 + silu + pw_bias, with and without divisibility-16 hints):
-    - tensor-core dots (bf16/fp16, fp32 as TF32): TP = 64, BCI = 32: sm_80 220-255 regs, sm_90 200-237 regs, no
-      spills. BCI = 64 spilled on sm_80 (bf16 24-192 B stack, TF32 470-660 B) and on sm_90 TF32 (330-380 B), and on
-      sm_90 bf16/fp16 without the divisibility hints (16-32 B).
-    - fp32 without TF32 (and fp64): the dots run on FMA units with their operands in registers: TP = 32, BCO = 16,
-      BCI = 32, 1 pipeline stage: sm_80 80-206 regs, sm_90 80-209 regs, no spills (TP = 64 spilled even at
-      BCI = 16; BCO = 32 spilled 112 B on sm_90 with relu6 + pw_bias).
-    8 warps: at 4 the [TP, BCI] grad_x accumulator + pre/mid/grad_mid tiles spilled.
-    """
-    forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k not in ("IDX64", "G")}
-    fma = _fma_dots(dtype, prec)
-    blk = dict(TP=32 if fma else 64, BCO=max(16, min(16 if fma else 32, _pow2(c_out))),
-               BCI=max(16, min(32, _pow2(c_in))), num_warps=8)
-    if fma:
-        blk["num_stages"] = 1  # 3 or 2 stages: 8-16 B spilled on sm_90 at 80-255 regs; 1 stage: none
-    elif str(dtype).replace("torch.", "") in ("fp32", "float32"):
-        # TF32: fp32 operands are twice the bytes of bf16, and 3 stages of them reached 255 regs on sm_80 and spilled
-        # 32 B (5x5 + relu + pw_bias, channels_last); 2 stages keep the same blocks (and tensor cores) spill-free
-        blk["num_stages"] = 2
-    blk.update(forced)
-    return blk
-
-
 def _max_offset(t: torch.Tensor) -> int:
     return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) + 1
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
     return any(_max_offset(t) >= 2**31 - 1 for t in tensors)
+
+
+def _vector_width(t: torch.Tensor) -> int:
+    """Elements of ``t`` per aligned access along its channels (up to 16 bytes): the largest power of two that
+    divides C and every pixel stride, when the channels are contiguous (1 otherwise). The kernels promise Triton
+    these multiples (``tl.multiple_of``), so that C = 24 channels_last loads 16-byte vectors, not single elements."""
+    if t.stride(1) != 1:
+        return 1
+    v = 16 // t.element_size()
+    while v > 1 and any(d % v for d in (t.shape[1], t.stride(0), t.stride(2), t.stride(3))):
+        v //= 2
+    return v
 
 
 def _dot_settings(dtype: torch.dtype, device: torch.device) -> tuple[str, bool, bool]:
@@ -520,14 +981,18 @@ def _launchable(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
+def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation, *,
+            depthwise: str | None = None):
+    """y of the block. depthwise: the depthwise stage, "gather" (tl.gather of the shifted mid rows held in
+    registers) or "shifted" (mid staged per program in a global scratch slot, L1/L2-resident, taps read back as
+    plain shifted loads); None: :data:`DEPTHWISE_STAGE`."""
     _check(x, "bsconv_cuda::triton_forward")
+    depthwise = DEPTHWISE_STAGE if depthwise is None else depthwise
+    if depthwise not in DEPTHWISE_STAGES:
+        raise ValueError(f"depthwise must be one of {DEPTHWISE_STAGES}, got {depthwise!r}")
     pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = dw.shape
-    sh, sw = stride
-    pt, _, pl, _ = padding
-    dh, dwl = dilation
     h_out, w_out = reference.output_size(h, w, (kh, kw), stride, padding, dilation)
     y = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
                     memory_format=reference.output_memory_format(x))
@@ -535,21 +1000,23 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
         return y
 
     prec, acc64, upcast = _dot_settings(x.dtype, x.device)
-    blk = _fwd_blocks(c_in, c_out, h_out, w_out, kh, kw, sh, sw, dh, dwl, x.dtype, prec)
-    th, tw, bco = blk["TH"], blk["TW"], blk["BCO"]
-    tiles_h, tiles_w = triton.cdiv(h_out, th), triton.cdiv(w_out, tw)
-    n_co = triton.cdiv(c_out, bco)
-    grid = (n * tiles_h * tiles_w * n_co,)
+    plan = forward_plan(n, c_in, c_out, h, w, h_out, w_out, (kh, kw), stride, padding, dilation, x.dtype, prec,
+                        depthwise, channels_last=x.stride(1) == 1)
+    blk, prm = plan.blocks, plan.params
+    grid = plan.launches[0].grid
+    mid = (torch.empty((grid[0], blk["P"], blk["BCO"]), dtype=torch.float64 if acc64 else torch.float32,
+                       device=x.device) if depthwise == "shifted" else y)  # y: a placeholder, never accessed
     pb = pw_bias if pw_bias is not None else pw
     db = dw_bias if dw_bias is not None else dw
     with _launch_device(x):
         _launchable(_fwd_kernel)[grid](
-            x, pw, pb, dw, db, y,
+            x, pw, pb, dw, db, y, mid,
             c_in, c_out, h, w, h_out, w_out,
             *x.stride(), *y.stride(),
-            tiles_w, tiles_h * tiles_w, n_co, pt, pl,
-            KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation],
-            HAS_PB=pw_bias is not None, HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
+            prm["tiles_w"], prm["tiles_per_img"], prm["n_co"], prm["n_work"], padding[0], padding[2],
+            KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], **blk,
+            SHIFTED=depthwise == "shifted", ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
+            HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast, X_VEC=_vector_width(x),
             IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
         )
     return y
@@ -561,9 +1028,6 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = dw.shape
     h_out, w_out = grad_y.shape[2:]
-    sh, sw = stride
-    pt, _, pl, _ = padding
-    dh, dwl = dilation
     taps = kh * kw
     dev, dt = x.device, x.dtype
     grad_x = torch.empty(x.shape, dtype=dt, device=dev, memory_format=reference.output_memory_format(x))
@@ -576,30 +1040,52 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
                 grad_db.copy_(grad_y.sum((0, 2, 3))))
 
     prec, acc64, upcast = _dot_settings(dt, dev)
-    blk = _bwd_blocks(c_in, c_out, dt, prec)
-    forced = _FORCED["backward"] or {}
-    tp, bci = blk["TP"], blk["BCI"]
-    n_ci = triton.cdiv(c_in, bci)
-    k_part = c_in + taps + 2  # partial slot columns: grad_pw (C_in) | grad_dw (taps) | grad_pw_bias | grad_dw_bias
-    n_tiles = triton.cdiv(n * h * w, tp)  # every program must own >= 1 mid tile: it initializes its slot
-    # G: programs along the tile axis; by shape only (never by device), so results are reproducible bit for bit.
-    # Bounded so that the partials buffer stays small (<= 2^24 elements).
-    g = max(1, min(n_tiles, forced.get("G", max(1, 1024 // n_ci)), (1 << 24) // (c_out * k_part)))
-    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
-    part = torch.empty((g, c_out, k_part), dtype=acc_dt, device=dev)
-    m = c_out * k_part
-    block = 256
+    plan = backward_plan(n, c_in, c_out, h, w, h_out, w_out, (kh, kw), dt, prec, channels_last=x.stride(1) == 1)
+    blk, prm = plan.blocks, plan.params
+    acc_dt = torch.float64 if acc64 else torch.float32
+    # G programs (or pixel splits) each own one slot of partials; their count depends on the shape only (never on
+    # the device), so the fixed-order reduction reproduces results bit for bit
+    wpart = torch.empty((prm["GW"], c_out, c_in), dtype=acc_dt, device=dev)
+    cpart = torch.empty((prm["G"], c_out, taps + 2), dtype=acc_dt, device=dev)
+    gpre = torch.empty((n * h * w, c_out), dtype=dt, device=dev) if plan.path == "split" else None
+    idx64 = (_FORCED["backward"] or {}).get(
+        "IDX64", _needs_int64(x, grad_y, grad_x) or (gpre is not None and _needs_int64(gpre)))
+    pb = pw_bias if pw_bias is not None else pw
+    conv = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1])
+    dots = dict(PREC=prec, ACC64=acc64, IDX64=idx64, UPCAST_DOT=upcast, X_VEC=min(_vector_width(x),
+                                                                               _vector_width(grad_x)))
     with _launch_device(x):
-        _launchable(_bwd_kernel)[(g, n_ci)](
-            grad_y, x, pw, pw_bias if pw_bias is not None else pw, dw, grad_x, part,
-            n, c_in, c_out, h, w, h_out, w_out,
-            *x.stride(), *grad_y.stride(), *grad_x.stride(),
-            pt, pl, g, k_part,
-            KH=kh, KW=kw, SH=sh, SW=sw, DH=dh, DW=dwl, **blk, ACT=_ACT_CODES[activation],
-            HAS_PB=pw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast,
-            IDX64=forced.get("IDX64", _needs_int64(x, grad_y, grad_x)),
-        )
-        _launchable(_reduce_kernel)[(triton.cdiv(m, block),)](
-            part, grad_pw, grad_dw, grad_pb, grad_db, g, c_in, m, k_part, T=taps, BLOCK=block, ACC64=acc64,
+        if plan.path == "fused":
+            fused, _ = plan.launches
+            _launchable(_bwd_fused_kernel)[fused.grid](
+                grad_y, x, pw, pb, dw, grad_x, wpart, cpart,
+                n, c_in, c_out, h, w, h_out, w_out,
+                *x.stride(), *grad_y.stride(), *grad_x.stride(),
+                padding[0], padding[2], prm["G"],
+                **conv, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, **dots,
+            )
+        else:
+            pre_launch, gx_launch, gw_launch, _ = plan.launches
+            gemm = dict(TP=blk["TP"], BCO=blk["BCO"], BCI=blk["BCI"])
+            _launchable(_bwd_gpre_kernel)[pre_launch.grid](
+                grad_y, x, pw, pb, dw, gpre, cpart,
+                n, c_in, c_out, h, w, h_out, w_out,
+                *x.stride(), *grad_y.stride(),
+                padding[0], padding[2], prm["G"],
+                **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_ACT_CODES[activation],
+                HAS_PB=pw_bias is not None, **dots,
+            )
+            _launchable(_bwd_gx_kernel)[gx_launch.grid](
+                gpre, pw, grad_x, n, c_in, c_out, h, w, *grad_x.stride(),
+                **dict(gemm, TP=blk["GX_TP"], BCI=blk["GX_BCI"]),
+                num_warps=blk["GEMM_WARPS"], num_stages=blk["GEMM_STAGES"], **dots,
+            )
+            _launchable(_bwd_gw_kernel)[gw_launch.grid](
+                gpre, x, wpart, n, c_in, c_out, h, w, *x.stride(), prm["pix_per_split"], **gemm,
+                num_warps=blk["GEMM_WARPS"], num_stages=blk["GEMM_STAGES"], **dots,
+            )
+        _launchable(_reduce_kernel)[plan.launches[-1].grid](
+            wpart, cpart, grad_pw, grad_dw, grad_pb, grad_db, prm["GW"], prm["G"], c_out, c_in,
+            T=taps, BLOCK=_REDUCE_BLOCK, ACC64=acc64,
         )
     return grad_x, grad_pw, grad_pb, grad_dw, grad_db

@@ -1,0 +1,84 @@
+"""Launch plans: what the fused kernels launch for one call, and the work and memory traffic that implies.
+
+Both backends describe their launches with these records (the Triton launchers run from them; for the CUDA
+backend, :func:`bsconv_cuda.cuda_backend.work_plan` mirrors the tile choices of ``csrc/bsconv_kernels.cu``), so
+``benchmarks/kernel_report.py`` can account the work of every shape without a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+# A transient buffer up to half of the 50 MB L2 of an H100 / H200 is modeled to stay in L2 (the other half holds
+# the tensors streaming through); the Triton backward bounds its weight-gradient partials by it.
+L2_RESIDENT_BYTES = 24 << 20
+
+
+def dram_bytes(buffer_bytes: int, passes: int) -> int:
+    """DRAM traffic of a transient buffer moved ``passes`` times (written once, read back passes - 1 times)."""
+    return buffer_bytes * passes if buffer_bytes > L2_RESIDENT_BYTES else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch: its grid and the multiply-adds of every matrix (tl.dot / MMA / FMA-GEMM) step its programs
+    run, M * N * K summed with the padding of the blocks included."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    dot_macs: int
+    finest: int = 0  # programs at the kernel's smallest blocks for this call (0: no finer split exists)
+
+    @property
+    def programs(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def max_programs(self) -> int:
+        return max(self.finest, self.programs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The launches of one pass (forward or backward) of one call.
+
+    Memory traffic beyond ``Shape.byte_floor`` (every tensor once), modeled: ``extra_traffic_bytes`` counts every
+    byte that goes through L2 or DRAM beyond the floor: the x halo that neighbouring tiles read twice (programs of
+    the channel blocks of one tile run next to each other and share their x tile); weight-gradient partials
+    (read-modified-written per tile by a program that owns a slot, written once by a GEMM split, and read back by
+    the reduction); a grad_pre buffer written once and read by each GEMM that consumes it; x read again by a
+    grad_pw GEMM; mid staged per work item and read back per tap. ``extra_hbm_bytes`` is the part of it that
+    reaches DRAM: the halo re-reads, and the transient buffers larger than :data:`L2_RESIDENT_BYTES` (smaller ones
+    are written and read back in L2).
+    """
+
+    path: str  # which variant runs, e.g. the Triton forward's depthwise stage or the backward's fused / split path
+    blocks: dict  # block sizes and launch options of the main kernel
+    launches: tuple[Launch, ...]
+    params: dict  # runtime scalars a launcher passes (tile counts, program counts, ...)
+    extra_traffic_bytes: int
+    extra_hbm_bytes: int
+    partial_bytes: int = 0  # fp32 weight-gradient partials
+    scratch_bytes: int = 0  # transient buffers: a grad_pre of mid's size, staging slots of mid
+
+    @property
+    def dot_macs(self) -> int:
+        return sum(launch.dot_macs for launch in self.launches)
+
+
+def halo_read_factor(h, w, h_out, w_out, tile, stride, pad_top_left, halo) -> float:
+    """Input pixels that the halos of all output tiles cover inside the image, over H * W (1 when no two tiles
+    read the same pixel). tile: (TH, TW); stride; pad_top_left: (top, left); halo: the input rows and columns of
+    one tile, (IH, IW)."""
+
+    def covered(size, out_size, t, s, pad, extent):
+        total = 0
+        for t0 in range(0, out_size, t):
+            lo = t0 * s - pad
+            total += max(0, min(lo + extent, size) - max(lo, 0))
+        return total
+
+    return (covered(h, h_out, tile[0], stride[0], pad_top_left[0], halo[0]) *
+            covered(w, w_out, tile[1], stride[1], pad_top_left[1], halo[1])) / (h * w)
