@@ -23,10 +23,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bsconv_cuda import bench_harness, bench_models
-from bsconv_cuda.bench_harness import FUSED
-
 REPO = Path(__file__).resolve().parent.parent
+# This checkout's harness (its speed-up formula), not another installed copy: the report reads what this checkout's
+# suite wrote.
+sys.path.insert(0, str(REPO))
+
+from bsconv_cuda import bench_harness, bench_models  # noqa: E402
+from bsconv_cuda.bench_harness import FUSED  # noqa: E402
 
 PASS_ORDER = ("fwd", "bwd", "fwdbwd")
 LABEL_ORDER = ("reference-nchw", "reference-cl", "composed-nchw", "composed-cl", "compile-nchw", "compile-cl",

@@ -63,6 +63,15 @@ def pytest_generate_tests(metafunc):
     parametrize(metafunc, "job", plan, lambda job: f"{job.shape.name}-{job.dtype}-{job.pass_}-{job.label}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def warmed_up(request, session):
+    """The command line's warm-up before the first measurement (``Session.warm_up``), on the selected tests' jobs."""
+    which = bench_set(request.config)
+    jobs = [item.callspec.params["job"] for item in request.session.items
+            if "job" in getattr(getattr(item, "callspec", None), "params", {})]
+    session.warm_up([job for job in jobs if skip_reason(which, job, session.device) is None], harness.GLOBAL_WARMUP_S)
+
+
 def test_bsconv_u(benchmark, request, device, session, job):
     which = bench_set(request.config)
     shape = job.shape

@@ -32,8 +32,6 @@ from . import bench_harness as harness
 from .bench_harness import FUSED
 from .shapes import SHAPES, Shape, select
 
-GLOBAL_WARMUP_S = 1.0  # default of --warmup: untimed runs of the whole plan before the first measurement
-
 
 # ------------------------------------------------------------------------------------------------ command line tool
 @dataclass
@@ -55,7 +53,7 @@ class Result:
 
     @property
     def label(self) -> str:
-        return f"{self.contender}-{self.layout}"
+        return harness.label(self.contender, self.layout)
 
 
 class Progress:
@@ -251,9 +249,9 @@ def parse_args(argv: Sequence[str] | None = None):
                         "shapes (correctness smoke test, NOT a speed measurement)")
     p.add_argument("--interpret-shapes", type=int, default=2, help="how many shapes --triton-interpret runs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results as JSON")
-    p.add_argument("--warmup", type=float, default=GLOBAL_WARMUP_S, metavar="SECONDS",
+    p.add_argument("--warmup", type=float, default=harness.GLOBAL_WARMUP_S, metavar="SECONDS",
                    help=f"untimed runs of the first shape's whole plan before any timing (default "
-                        f"{GLOBAL_WARMUP_S:g}; each measurement also warms up on its own)")
+                        f"{harness.GLOBAL_WARMUP_S:g}; each measurement also warms up on its own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only when stderr is a terminal)")
     p.add_argument("--list", action="store_true", help="list the shapes and exit")
     return p.parse_args(argv)

@@ -46,6 +46,7 @@ FUSED = ("triton", "cuda")
 CONTENDERS = BASELINES + FUSED
 TRAIN_CONTENDERS = ("eager", "compile") + FUSED  # the training-mode BatchNorm block's
 BLOCKS = ("layer", "train_bn")  # what a Job times: the BSConv-U op, or the training-mode BatchNorm block
+GLOBAL_WARMUP_S = 1.0  # Session.warm_up before the first measurement of a run
 
 
 # --------------------------------------------------------------------------------------------------- the contenders
@@ -448,7 +449,7 @@ def write_json(path: str, results) -> None:
 # --------------------------------------------------------------------------------------------------------- speed-up
 def fastest(times_ms: Mapping[str, float], labels: Iterable[str]) -> str | None:
     """The label of ``labels`` with the smallest time in ``times_ms`` (labels not timed are passed over)."""
-    timed = [label for label in labels if label in times_ms]
+    timed = [name for name in labels if name in times_ms]
     return min(timed, key=times_ms.__getitem__) if timed else None
 
 
@@ -458,7 +459,7 @@ def speedups(times_ms: Mapping[str, float], baselines: Iterable[str]) -> tuple[s
     best = fastest(times_ms, baselines)
     if best is None:
         return None, {}
-    return best, {label: times_ms[best] / ms for label, ms in times_ms.items()}
+    return best, {name: times_ms[best] / ms for name, ms in times_ms.items()}
 
 
 def layer_speedups(times_ms: Mapping[str, float], over_baselines: bool) -> tuple[str | None, dict[str, float]]:
@@ -472,11 +473,13 @@ def layer_speedups(times_ms: Mapping[str, float], over_baselines: bool) -> tuple
 
 # ------------------------------------------------------------------------------------------------------- the jobs
 def label(contender: str, layout: str) -> str:
+    """A layer contender's column name, e.g. ``triton-cl``."""
     return f"{contender}-{layout}"
 
 
-def contender_of(label_: str) -> str:
-    return label_.rsplit("-", 1)[0]
+def contender_of(name: str) -> str:
+    """The contender of a :func:`label`."""
+    return name.rsplit("-", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -509,9 +512,6 @@ def layer_contenders(layouts: Sequence[str] = ("cl",), composed: bool = False,
 def layer_jobs(shapes: Sequence[Shape], dtypes: Sequence[str], passes: Sequence[str],
                contenders: Sequence[tuple[str, str]]) -> list[Job]:
     """Every (shape, dtype, pass, contender) in run order: for each shape/dtype/pass the baselines come first."""
-    for p in passes:
-        if p not in PASSES:
-            raise ValueError(f"pass must be one of {PASSES}, got {p!r}")
     return [Job(shape, dtype, pass_, contender, layout)
             for shape in shapes for dtype in dtypes for pass_ in passes for contender, layout in contenders]
 
