@@ -28,6 +28,8 @@ except ImportError:  # not installed: use the checkout
 
 import torch  # noqa: E402
 
+from bsconv_cuda import bench_harness  # noqa: E402
+
 from _suite import BENCH_SETS, bench_set, on_gpu  # noqa: E402
 
 
@@ -56,8 +58,6 @@ def pytest_configure(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from bsconv_cuda import bench_harness
-
     env = bench_harness.environment(torch.device("cuda" if on_gpu() else "cpu"))
     machine_info["bsconv_device"] = env.pop("device")
     machine_info.update(env, bench_set=bench_set(config))
@@ -76,6 +76,4 @@ def device() -> torch.device:
 def session(device):
     """The harness's session: each job measured once, so fused contenders find their baselines measured (on
     demand when a baseline test was deselected)."""
-    from bsconv_cuda import bench_harness
-
     return bench_harness.Session(device)
