@@ -28,6 +28,8 @@ except ImportError:  # not installed: use the checkout
 
 import torch  # noqa: E402
 
+from bsconv_cuda import bench_harness  # noqa: E402
+
 from _suite import BENCH_SETS, bench_set, on_gpu  # noqa: E402
 
 
@@ -56,23 +58,9 @@ def pytest_configure(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    from bsconv_cuda import bench
-    from bsconv_cuda.backends import fp32_uses_tf32
-
-    dev = torch.device("cuda" if on_gpu() else "cpu")
-    machine_info["bsconv_device"] = bench.device_name(dev)
-    machine_info["torch"] = torch.__version__
-    try:
-        import triton
-
-        machine_info["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        machine_info["triton"] = None
-    if on_gpu():
-        machine_info["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        machine_info["copy_bandwidth_gbs"] = bench.copy_bandwidth_gbs(0)
-    machine_info["bench_set"] = bench_set(config)
-    machine_info["fp32_uses_tf32"] = fp32_uses_tf32()
+    env = bench_harness.environment(torch.device("cuda" if on_gpu() else "cpu"))
+    machine_info["bsconv_device"] = env.pop("device")
+    machine_info.update(env, bench_set=bench_set(config))
 
 
 @pytest.fixture(scope="session")
@@ -84,15 +72,8 @@ def device() -> torch.device:
     return torch.device("cuda" if on_gpu() else "cpu")
 
 
-class Memo:
-    """Session-wide store of measurements, so fused contenders can be compared with the baselines of the same
-    (shape, dtype, pass) — measured once, on demand when a baseline test was deselected."""
-
-    def __init__(self):
-        self.times: dict = {}
-        self.peaks: dict = {}
-
-
 @pytest.fixture(scope="session")
-def memo() -> Memo:
-    return Memo()
+def session(device):
+    """The harness's session: each job measured once, so fused contenders find their baselines measured (on
+    demand when a baseline test was deselected)."""
+    return bench_harness.Session(device)

@@ -11,7 +11,8 @@ when absent).
 Times: ``extra_info["time_ms"]`` (GPU: do_bench/CUDA events; CPU: min of pytest-benchmark's wall-clock rounds); when it is
 missing, pytest-benchmark's own median. Speed-up of a contender = the fastest non-fused contender (reference in NCHW or
 channels_last, composed dense conv, torch.compile) of the same shape/dtype/pass divided by its time; in results
-without fused contenders (CPU) the speed-up is over the NCHW reference instead.
+without fused contenders (CPU) the speed-up is over the NCHW reference instead: ``bsconv_cuda.bench_harness``'s
+formula, the one ``python -m bsconv_cuda.bench`` prints.
 """
 
 from __future__ import annotations
@@ -23,43 +24,44 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FUSED = ("triton", "cuda")
+# This checkout's harness (its speed-up formula), not another installed copy: the report reads what this checkout's
+# suite wrote.
+sys.path.insert(0, str(REPO))
+
+from bsconv_cuda import bench_harness, bench_models  # noqa: E402
+from bsconv_cuda.bench_harness import FUSED  # noqa: E402
+
 PASS_ORDER = ("fwd", "bwd", "fwdbwd")
 LABEL_ORDER = ("reference-nchw", "reference-cl", "composed-nchw", "composed-cl", "compile-nchw", "compile-cl",
                "triton-nchw", "triton-cl", "cuda-nchw", "cuda-cl")
 
 
-def load(path: Path) -> tuple[list[dict], dict]:
-    """Rows (one per timed test) and machine info from a pytest-benchmark JSON file."""
-    data = json.loads(Path(path).read_text())
+def _timed(data: dict, *keys: str) -> list[dict]:
+    """The ``extra_info`` of every timed test whose info has ``keys``, with its time in ``time_ms``."""
     rows = []
     for b in data.get("benchmarks", []):
         info = b.get("extra_info") or {}
-        if "shape" not in info or "contender" not in info:
-            continue  # not one of ours (e.g. test_models)
-        ms = info.get("time_ms")
-        if ms is None and b.get("stats"):
-            ms = b["stats"]["median"] * 1e3
-        if ms is None:
-            continue
-        rows.append(dict(info, time_ms=float(ms), label=info.get("label") or f"{info['contender']}-{info['layout']}"))
-    return rows, data.get("machine_info", {})
-
-
-def load_models(path: Path) -> list[dict]:
-    """Rows of benchmarks/test_models.py from the same JSON."""
-    data = json.loads(Path(path).read_text())
-    rows = []
-    for b in data.get("benchmarks", []):
-        info = b.get("extra_info") or {}
-        if "model" not in info or "variant" not in info:
-            continue
+        if any(key not in info for key in keys):
+            continue  # another module's test
         ms = info.get("time_ms")
         if ms is None and b.get("stats"):
             ms = b["stats"]["median"] * 1e3
         if ms is not None:
             rows.append(dict(info, time_ms=float(ms)))
     return rows
+
+
+def load(path: Path) -> tuple[list[dict], dict]:
+    """Rows (one per timed test) and machine info from a pytest-benchmark JSON file."""
+    data = json.loads(Path(path).read_text())
+    rows = [dict(info, label=info.get("label") or bench_harness.label(info["contender"], info["layout"]))
+            for info in _timed(data, "shape", "contender")]
+    return rows, data.get("machine_info", {})
+
+
+def load_models(path: Path) -> list[dict]:
+    """Rows of benchmarks/test_models.py from the same JSON."""
+    return _timed(json.loads(Path(path).read_text()), "model", "variant")
 
 
 def models_markdown(rows: list[dict]) -> str:
@@ -75,7 +77,8 @@ def models_markdown(rows: list[dict]) -> str:
     mib = lambda r: f"{r['peak_mem_bytes'] / 2**20:.0f}" if r and r.get("peak_mem_bytes") else "–"  # noqa: E731
     for (model, mode, precision), by in groups.items():
         b, c = by.get("built"), by.get("converted")
-        sp = f"{b['time_ms'] / c['time_ms']:.2f}x" if b and c else "–"
+        gain = bench_models.speedup({variant: r["time_ms"] for variant, r in by.items()})
+        sp = "–" if gain is None else f"{gain:.2f}x"
         batch = (b or c)["batch"]
         lines.append(f"| {model} | {mode} | {precision} | {batch} | {_fmt_ms(b['time_ms']) if b else '–'} | "
                      f"{_fmt_ms(c['time_ms']) if c else '–'} | {sp} | {mib(b)} | {mib(c)} |")
@@ -95,14 +98,9 @@ def speedups(rows: list[dict]) -> dict:
     any_fused = any(r["contender"] in FUSED for r in rows)
     out = {}
     for key, by_label in groups.items():
-        if any_fused:
-            base = [r["time_ms"] for r in by_label.values() if r["contender"] not in FUSED]
-        else:
-            base = [by_label["reference-nchw"]["time_ms"]] if "reference-nchw" in by_label else []
-        if not base:
-            continue
-        ref = min(base)
-        out[key] = {lab: ref / r["time_ms"] for lab, r in by_label.items()}
+        baseline, speedup = bench_harness.layer_speedups({lab: r["time_ms"] for lab, r in by_label.items()}, any_fused)
+        if baseline is not None:
+            out[key] = speedup
     return out
 
 
@@ -158,9 +156,10 @@ def markdown(rows: list[dict], machine: dict, source: str) -> str:
             cells += [_fmt_ms(by_label[lab]["time_ms"]) if lab in by_label else "–" for lab in labels]
             s = sp.get((shape, dtype, pass_), {})
             if any_fused:
-                fused = [by_label[lab] for lab in labels if lab in by_label and by_label[lab]["contender"] in FUSED]
-                if fused:
-                    best = min(fused, key=lambda r: r["time_ms"])
+                times = {lab: r["time_ms"] for lab, r in by_label.items()}
+                best = by_label.get(bench_harness.fastest(times, [lab for lab in labels
+                                                                  if bench_harness.contender_of(lab) in FUSED]))
+                if best is not None:
                     cells.append(best["label"])
                     cells.append(f"{s.get(best['label'], float('nan')):.2f}x")
                     gbs, frac = best.get("gbs"), best.get("frac_copy_bw")

@@ -7,57 +7,41 @@ Timing (documented choice):
   warm-up excluded, L2 flushed before every repetition, so L2-sized inputs need no rotation). pytest-benchmark's
   own statistics for GPU tests are wall-clock times of a synchronized call (launch + kernel + sync, 3 rounds): a
   sanity check only. ``benchmarks/report.py`` uses ``time_ms``.
-- CPU: pytest-benchmark's wall clock (``benchmark.pedantic``), small batch, reference contenders only; its median is
-  min copied to ``extra_info["time_ms"]`` (shared, noisy CPU). CPU timings say nothing about the GPU kernels.
+- CPU: the median of ``time.perf_counter`` around 3-20 calls (0.3 s), small batch, unfused contenders only. CPU
+  timings say nothing about the GPU kernels.
+
+Cases, timing (``bench_harness.Session.measure``), peak memory and speed-ups are ``bsconv_cuda.bench_harness``'s, the
+runners ``python -m bsconv_cuda.bench`` prints from: this module only chooses the jobs and records them.
 
 GPU tests also record: ``gbs`` (fused byte floor / time: x + y + weights, each moved once; see
 ``bsconv_cuda.shapes.Shape.byte_floor``), ``frac_copy_bw`` (that over the measured device-to-device copy bandwidth),
 ``speedup_vs_best_baseline`` (fused contenders: best non-fused contender of the same shape/dtype/pass, any layout,
-over this one), ``peak_mem_bytes`` / ``ref_peak_mem_bytes`` (fwdbwd: torch.cuda.max_memory_allocated above the live
-inputs, vs. the reference in the same layout), and ``rel_err`` (fused, fwd: against the reference in fp32).
+over this one), ``peak_mem_bytes`` / ``ref_peak_mem_bytes`` (torch.cuda.max_memory_allocated above the live inputs,
+vs. the reference in the same layout), and ``rel_err`` (fused, fwd: against the reference in fp32).
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from bsconv_cuda import bench
-from bsconv_cuda.shapes import QUICK_SHAPES, SHAPES, Shape
+from bsconv_cuda import bench_harness as harness
+from bsconv_cuda.shapes import Shape
 
-from _suite import bench_set, on_gpu
+from _suite import DTYPE_NAMES, bench_set, layer_shapes, on_gpu, parametrize, record
 
-DTYPE_NAMES = ("fp32", "bf16")
-CPU_ROUNDS = 5
-GPU_SANITY_ROUNDS = 3
 REL_ERR_LIMIT = 2e-2  # fused vs fp32 reference on the same (rounded) inputs; the real accuracy tests live in tests/
 
 
-def contenders(which: str, gpu: bool) -> list[tuple[str, str]]:
-    """(contender, layout) pairs of a set, baselines first."""
-    if not gpu:
-        return [("reference", "nchw"), ("reference", "cl"), ("composed", "nchw"), ("composed", "cl"),
-                ("triton", "cl"), ("cuda", "cl")]
-    if which == "full":
-        return [(c, lay) for c in bench.CONTENDERS for lay in bench.LAYOUTS]
-    return [("reference", "nchw"), ("reference", "cl"), ("composed", "cl"), ("compile", "cl"), ("triton", "cl"),
-            ("cuda", "cl")]
-
-
-def plan(which: str, gpu: bool) -> list[tuple[Shape, str, str, str, str]]:
-    """(shape, dtype, pass, contender, layout) in run order: for each shape/dtype/pass the baselines come first, so
-    the fused contenders find them measured."""
-    if not gpu:
-        shapes = [s.with_batch(1) for s in QUICK_SHAPES if not s.is_latency]
-    else:
-        shapes = list(QUICK_SHAPES if which == "quick" else SHAPES)
-    out = []
-    for shape in shapes:
-        for dtype in DTYPE_NAMES:
-            for pass_ in bench.PASSES:
-                for contender, layout in contenders(which, gpu):
-                    out.append((shape, dtype, pass_, contender, layout))
-    return out
+@functools.cache
+def plan(which: str, gpu: bool) -> list[harness.Job]:
+    """Every job of a set: the reference in both layouts, composed, compile and the fused backends in channels_last
+    (``full``: in both layouts)."""
+    layouts = harness.LAYOUTS if which == "full" else ("cl",)
+    contenders = harness.layer_contenders(layouts, composed=True, compile=True)
+    return harness.layer_jobs(layer_shapes(which, gpu), DTYPE_NAMES, harness.PASSES, contenders)
 
 
 def compile_skip_reason(which: str, shape: Shape, dtype: str) -> str | None:
@@ -68,114 +52,59 @@ def compile_skip_reason(which: str, shape: Shape, dtype: str) -> str | None:
     return "torch.compile is timed on the quick shapes in bf16 only (BSCONV_BENCH_SET=full for all)"
 
 
+def skip_reason(which: str, job: harness.Job, device: torch.device) -> str | None:
+    reason = harness.unavailable_reason(job.contender, device, job.shape)
+    if reason is None and job.contender == "compile":
+        reason = compile_skip_reason(which, job.shape, job.dtype)
+    return reason
+
+
 def pytest_generate_tests(metafunc):
-    if "shape" not in metafunc.fixturenames:
-        return
-    params = plan(bench_set(metafunc.config), on_gpu())
-    metafunc.parametrize(
-        "shape,dtype_name,pass_,contender,layout", params,
-        ids=[f"{s.name}-{d}-{p}-{c}-{lay}" for s, d, p, c, lay in params],
-    )
+    parametrize(metafunc, "job", plan, lambda job: f"{job.shape.name}-{job.dtype}-{job.pass_}-{job.label}")
 
 
-_CASES: dict = {}
-
-
-def get_case(shape: Shape, dtype_name: str, layout: str, device: torch.device) -> bench.Case:
-    """The inputs, cached for the few most recent keys (ImageNet batch-64 tensors are big)."""
-    key = (shape, dtype_name, layout, device.type)
-    if key not in _CASES:
-        while len(_CASES) >= 2:
-            _CASES.pop(next(iter(_CASES)))
-        _CASES[key] = bench.make_case(shape, bench.DTYPES[dtype_name], layout, device)
-    return _CASES[key]
-
-
-def measure(memo, device, shape, dtype_name, pass_, contender, layout) -> dict:
-    """GPU time of one contender, measured once per session."""
-    key = (shape, dtype_name, pass_, contender, layout)
-    if key not in memo.times:
-        case = get_case(shape, dtype_name, layout, device)
-        memo.times[key] = bench.time_ms(bench.make_runner(contender, case, pass_), device)
-    return memo.times[key]
-
-
-def peak(memo, device, shape, dtype_name, contender, layout) -> int | None:
-    key = (shape, dtype_name, contender, layout)
-    if key not in memo.peaks:
-        case = get_case(shape, dtype_name, layout, device)
-        runner = bench.make_runner(contender, case, "fwdbwd")
-        runner()  # warm (allocator caches, compile)
-        memo.peaks[key] = bench.peak_memory_bytes(runner, device)
-    return memo.peaks[key]
-
-
-def baselines_for(which: str, shape: Shape, dtype_name: str) -> list[tuple[str, str]]:
-    """The non-fused contenders that run for this shape/dtype in this set (GPU)."""
-    out = []
-    for contender, layout in contenders(which, True):
-        if contender not in bench.BASELINES:
-            continue
-        if contender == "composed" and not bench.composed_supported(shape):
-            continue
-        if contender == "compile" and compile_skip_reason(which, shape, dtype_name):
-            continue
-        out.append((contender, layout))
-    return out
-
-
-def test_bsconv_u(benchmark, request, device, memo, shape, dtype_name, pass_, contender, layout):
+@pytest.fixture(scope="module", autouse=True)
+def warmed_up(request, session):
+    """The command line's warm-up before the first measurement (``Session.warm_up``), on the selected tests' jobs."""
     which = bench_set(request.config)
-    benchmark.group = f"{shape.name} {dtype_name} {pass_}"
-    reason = bench.backend_unavailable_reason(contender, device, shape)
-    if reason is None and contender == "compile":
-        reason = compile_skip_reason(which, shape, dtype_name)
+    jobs = [item.callspec.params["job"] for item in request.session.items
+            if "job" in getattr(getattr(item, "callspec", None), "params", {})]
+    session.warm_up([job for job in jobs if skip_reason(which, job, session.device) is None], harness.GLOBAL_WARMUP_S)
+
+
+def test_bsconv_u(benchmark, request, device, session, job):
+    which = bench_set(request.config)
+    shape = job.shape
+    benchmark.group = f"{shape.name} {job.dtype} {job.pass_}"
+    reason = skip_reason(which, job, device)
     if reason is not None:
-        pytest.skip(f"{contender}: {reason}")
-    dtype = bench.DTYPES[dtype_name]
-    itemsize = torch.finfo(dtype).bits // 8
+        pytest.skip(f"{job.contender}: {reason}")
     info = benchmark.extra_info
     info.update(
-        shape=shape.name, describe=shape.describe(), family=shape.family, batch=shape.batch, dtype=dtype_name,
-        pass_=pass_, contender=contender, layout=layout, label=f"{contender}-{layout}",
-        fused=contender in bench.FUSED, activation=shape.activation, device=device.type,
-        byte_floor=shape.byte_floor(pass_, itemsize), flops=shape.flops(pass_),
+        shape=shape.name, describe=shape.describe(), family=shape.family, batch=shape.batch, dtype=job.dtype,
+        pass_=job.pass_, contender=job.contender, layout=job.layout, label=job.label,
+        fused=job.contender in harness.FUSED, activation=shape.activation, device=device.type,
+        byte_floor=shape.byte_floor(job.pass_, torch.finfo(harness.DTYPES[job.dtype]).bits // 8),
+        flops=shape.flops(job.pass_),
     )
-    case = get_case(shape, dtype_name, layout, device)
-    runner = bench.make_runner(contender, case, pass_)
-
-    if device.type != "cuda":
-        benchmark.pedantic(runner, rounds=CPU_ROUNDS, warmup_rounds=1, iterations=1)
-        # min, not median: this CPU is shared and a round often loses a scheduler slice
-        info["time_ms"] = benchmark.stats.stats.min * 1e3
-        info["timer"] = "wall-clock, CPU (pytest-benchmark), min of rounds"
-        return
-
-    if contender in bench.FUSED and pass_ == "fwd":
-        info["rel_err"] = bench.relative_error(contender, case)
-        assert info["rel_err"] <= REL_ERR_LIMIT, f"{contender} output differs from the reference: {info['rel_err']}"
-    t = measure(memo, device, shape, dtype_name, pass_, contender, layout)
-    info.update(time_ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], timer=t["timer"])
-    copy_bw = bench.copy_bandwidth_gbs(device.index or 0)
-    info["gbs"] = info["byte_floor"] / (t["ms"] * 1e-3) / 1e9
-    info["frac_copy_bw"] = info["gbs"] / copy_bw
-    info["copy_bandwidth_gbs"] = copy_bw
-    info["tflops"] = info["flops"] / (t["ms"] * 1e-3) / 1e12
-    if contender in bench.FUSED:
-        base = {f"{c}-{lay}": measure(memo, device, shape, dtype_name, pass_, c, lay)["ms"]
-                for c, lay in baselines_for(which, shape, dtype_name)}
-        best = min(base, key=base.get)
-        info["best_baseline"] = best
-        info["best_baseline_ms"] = base[best]
-        info["speedup_vs_best_baseline"] = base[best] / t["ms"]
-    if pass_ == "fwdbwd":
-        info["peak_mem_bytes"] = peak(memo, device, shape, dtype_name, contender, layout)
-        info["ref_peak_mem_bytes"] = peak(memo, device, shape, dtype_name, "reference", layout)
-        info["peak_mem_vs_ref"] = info["peak_mem_bytes"] / max(info["ref_peak_mem_bytes"], 1)
-
-    def synced():
-        runner()
-        torch.cuda.synchronize(device)
-
-    # pytest-benchmark's own (wall-clock) statistics: sanity only, see the module docstring.
-    benchmark.pedantic(synced, rounds=GPU_SANITY_ROUNDS, warmup_rounds=1, iterations=1)
+    if job.contender in harness.FUSED and job.pass_ == "fwd":
+        info["rel_err"] = session.relative_error(job)
+        assert info["rel_err"] <= REL_ERR_LIMIT, f"{job.contender} output differs from the reference: {info['rel_err']}"
+    # the baselines first (measured once per session, here when their own tests were deselected), this job last: the
+    # session keeps its runner for pytest-benchmark's rounds
+    times = {}
+    if job.contender in harness.FUSED:
+        times = {other.label: session.measure(other).ms for other in plan(which, on_gpu())
+                 if harness.same_group(job, other) and other.contender in harness.BASELINES
+                 and skip_reason(which, other, device) is None}
+    reference = session.measure(harness.Job(shape, job.dtype, job.pass_, "reference", job.layout))
+    measured = session.measure(job)
+    info.update(harness.throughput(shape, job.pass_, job.dtype, measured.ms, device))
+    if device.type == "cuda":
+        info["copy_bandwidth_gbs"] = harness.copy_bandwidth_gbs(device.index or 0)
+    if times:
+        best, speedup = harness.layer_speedups({**times, job.label: measured.ms}, over_baselines=True)
+        info.update(best_baseline=best, best_baseline_ms=times[best], speedup_vs_best_baseline=speedup[job.label])
+    if measured.peak_mem_bytes is not None:
+        info.update(ref_peak_mem_bytes=reference.peak_mem_bytes, peak_mem_vs_ref=measured.peak_memory_vs(reference))
+    record(benchmark, session.runner(job), device, measured)

@@ -8,9 +8,10 @@ built vs after ``bsconv_cuda.convert``, channels_last, with peak memory.
   fp32 and bf16 autocast. The models and the step are ``bsconv_cuda.bench_models``'s (also
   ``python -m bsconv_cuda.bench_models``). The quick set (``BSCONV_BENCH_SET=quick``) times the first two and the
   paper's MobileNetV3 only.
-- GPU: time from CUDA events (``bench.gpu_time_ms``: do_bench, warm-up excluded) in ``extra_info["time_ms"]``;
-  pytest-benchmark's own numbers are synchronized wall-clock (sanity only), as in test_bsconv_u.py. Peak memory:
-  ``torch.cuda.max_memory_allocated`` during one step above what was live before it.
+- Cases (``bench_models.model_runner``) and timing (``bench_harness.measure``, the runner of every front end) are
+  those of ``python -m bsconv_cuda.bench_models``. GPU: time from CUDA events (do_bench, warm-up excluded) in
+  ``extra_info["time_ms"]``; pytest-benchmark's own numbers are synchronized wall-clock (sanity only), as in
+  test_bsconv_u.py. Peak memory: ``torch.cuda.max_memory_allocated`` during one step above what was live before it.
 - CPU: batch 2, fp32, converted ones with the reference (the only backend on CPU): a smoke test, not a measurement.
 """
 
@@ -19,9 +20,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bsconv_cuda import bench, bench_models
+from bsconv_cuda import bench_harness, bench_models
 
-from _suite import bench_set, on_gpu
+from _suite import bench_set, on_gpu, record
 
 
 # BSCONV_BENCH_SET=quick (the GPU check's default): the inverted-residual models and the paper's MobileNetV3
@@ -49,13 +50,10 @@ def test_model(benchmark, device, model_name, mode, precision, variant):
     missing = bench_models.library_missing_reason(model_name)
     if missing is not None:
         pytest.skip(missing)
-    spec = bench_models.MODELS[model_name]
-    batch = spec.gpu_batch if device.type == "cuda" else bench_models.CPU_BATCH
     benchmark.group = f"model {model_name} {mode} {precision}"
-    model, fused_blocks = bench_models.build(model_name, variant, device)
+    run, batch, fused_blocks = bench_models.model_runner(model_name, mode, precision, variant, device)
     if variant == "converted":
         assert fused_blocks > 0, "convert() fused no block"
-    run = bench_models.step_fn(model, spec, mode, precision, batch, device)
 
     info = benchmark.extra_info
     info.update(model=model_name, mode=mode, precision=precision, variant=variant, batch=batch,
@@ -65,20 +63,6 @@ def test_model(benchmark, device, model_name, mode, precision, variant):
 
         probe = torch.empty(1, 1, 8, 8, device=device)
         info["auto_backend"] = select_backend("auto", probe, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    if device.type != "cuda":
-        benchmark.pedantic(run, rounds=2, warmup_rounds=1, iterations=1)
-        info["time_ms"] = benchmark.stats.stats.min * 1e3
-        info["timer"] = "wall-clock, CPU (pytest-benchmark), min of rounds"
-        return
-
-    run()  # warm-up (kernel compilation, cudnn autotuning, allocator, optimizer state)
-    info["peak_mem_bytes"] = bench.peak_memory_bytes(run, device)
-    t = bench.gpu_time_ms(run, warmup_ms=50, rep_ms=400)
-    info.update(time_ms=t["ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"], timer=t["timer"],
-                images_per_s=batch / (t["ms"] * 1e-3))
-
-    def synced():
-        run()
-        torch.cuda.synchronize(device)
-
-    benchmark.pedantic(synced, rounds=3, warmup_rounds=1, iterations=1)
+    measured = bench_harness.measure(run, device, **bench_models.GPU_TIMING)
+    info["images_per_s"] = bench_models.images_per_s(batch, measured.ms)
+    record(benchmark, run, device, measured)

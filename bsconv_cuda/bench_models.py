@@ -2,11 +2,11 @@
 :func:`bsconv_cuda.convert`, with peak memory.
 
 ``python -m bsconv_cuda.bench_models`` (``--models``, ``--modes``, ``--precisions``, ``--json``; ``--list`` shows the
-models). On GPU: channels_last, CUDA-event timing (``bench.gpu_time_ms``) and the peak memory of one step above what
-was allocated before it. On CPU every model runs at batch 2 through the reference (no fused kernel exists on CPU): a
-smoke test of the harness, not a measurement. The models come from torchvision, timm and bsconv, test dependencies
-of bsconv-cuda that this module imports only when a model of theirs is asked for; the same runner serves
-``benchmarks/test_models.py``.
+models). On GPU: channels_last, CUDA-event timing and the peak memory of one step above what was allocated before it
+(:func:`bsconv_cuda.bench_harness.measure`, the timed runner of every benchmark front end). On CPU every model runs
+at batch 2 through the reference (no fused kernel exists on CPU): a smoke test of the harness, not a measurement. The models come from torchvision, timm and bsconv, test dependencies
+of bsconv-cuda that this module imports only when a model of theirs is asked for; the same cases
+(:func:`model_runner`) serve ``benchmarks/test_models.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -22,13 +21,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import bench
+from . import bench_harness as harness
 from .convert import convert
 
 MODES = ("train", "infer")
 PRECISIONS = ("fp32", "bf16")
 VARIANTS = ("built", "converted")
 CPU_BATCH = 2
+GPU_TIMING = {"warmup_ms": 50, "rep_ms": 400}  # do_bench budgets: a step takes tens of milliseconds
 
 
 @dataclass(frozen=True)
@@ -147,21 +147,36 @@ class ModelResult:
 
     @property
     def images_per_s(self) -> float:
-        return self.batch / (self.ms * 1e-3)
+        return images_per_s(self.batch, self.ms)
+
+
+def images_per_s(batch: int, ms: float) -> float:
+    """Throughput of a step over ``batch`` images that took ``ms``."""
+    return batch / (ms * 1e-3)
+
+
+def model_runner(name: str, mode: str, precision: str, variant: str, device: torch.device,
+                 batch: int | None = None) -> tuple[Callable[[], object], int, int]:
+    """(one step of model ``name`` as :func:`step_fn` makes it, the batch: ``batch`` or the model's GPU batch, or
+    :data:`CPU_BATCH` on CPU, the number of blocks convert fused)."""
+    spec = MODELS[name]
+    batch = batch or (spec.gpu_batch if device.type == "cuda" else CPU_BATCH)
+    model, fused_blocks = build(name, variant, device)
+    return step_fn(model, spec, mode, precision, batch, device), batch, fused_blocks
 
 
 def measure(name: str, mode: str, precision: str, variant: str, device: torch.device,
             batch: int | None = None) -> ModelResult:
     """Time one step of model ``name``."""
-    spec = MODELS[name]
-    batch = batch or (spec.gpu_batch if device.type == "cuda" else CPU_BATCH)
-    model, fused_blocks = build(name, variant, device)
-    run = step_fn(model, spec, mode, precision, batch, device)
-    run()  # warm-up: kernel compilation, cuDNN autotuning, allocator, optimizer state
-    peak = bench.peak_memory_bytes(run, device)
-    timing = bench.gpu_time_ms(run, warmup_ms=50, rep_ms=400) if device.type == "cuda" else bench.cpu_time_ms(run)
-    return ModelResult(name, mode, precision, variant, batch, device.type, fused_blocks, timing["ms"],
-                       timing["p20_ms"], timing["p80_ms"], timing["timer"], peak)
+    run, batch, fused_blocks = model_runner(name, mode, precision, variant, device, batch)
+    m = harness.measure(run, device, **GPU_TIMING)
+    return ModelResult(name, mode, precision, variant, batch, device.type, fused_blocks, m.ms, m.p20_ms, m.p80_ms,
+                       m.timer, m.peak_mem_bytes)
+
+
+def speedup(times_ms: dict[str, float]) -> float | None:
+    """The converted model's speed-up over the model as built, from their times by variant."""
+    return harness.speedups(times_ms, ["built"])[1].get("converted")
 
 
 def format_table(results: list[ModelResult]) -> str:
@@ -177,10 +192,11 @@ def format_table(results: list[ModelResult]) -> str:
 
     for (model, mode, precision, batch), variants in rows.items():
         built, converted = variants.get("built"), variants.get("converted")
-        speedup = f"{built.ms / converted.ms:.2f}x" if built and converted else "-"
+        gain = speedup({variant: r.ms for variant, r in variants.items()})
+        gain = "-" if gain is None else f"{gain:.2f}x"
         lines.append(
             f"{model:42s} {mode:5s} {precision:4s} {batch:5d} {built.ms if built else float('nan'):9.2f} "
-            f"{converted.ms if converted else float('nan'):9.2f} {speedup:>8s} "
+            f"{converted.ms if converted else float('nan'):9.2f} {gain:>8s} "
             f"{converted.fused_blocks if converted else 0:5d} {mib(built):>9s} {mib(converted):>9s}"
         )
     if results and results[0].device != "cuda":
@@ -241,9 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(measure(name, mode, precision, variant, device, args.batch))
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([dict(asdict(r), images_per_s=r.images_per_s) for r in results], f, indent=1)
-        print(f"wrote {args.json}", file=sys.stderr)
+        harness.write_json(args.json, [dict(asdict(r), images_per_s=r.images_per_s) for r in results])
     return 0
 
 

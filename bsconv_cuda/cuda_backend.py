@@ -2,7 +2,7 @@
 
 Importing ``bsconv_cuda._C`` registers ``bsconv_cuda::cuda_forward`` / ``bsconv_cuda::cuda_backward`` (schema and
 CUDA kernels in C++, torch stable ABI); :mod:`bsconv_cuda.ops` adds their fake implementations. This module says
-which calls the kernels support (:func:`unsupported_reason` / :func:`supports`, mirroring ``supported_reason`` in
+which calls the kernels support (:func:`unsupported_reason`, mirroring ``supported_reason`` in
 ``csrc/bsconv_kernels.cu``) and what was built (:func:`build_summary`, for ``python -m bsconv_cuda.info``).
 
 What the kernels support: CUDA tensors in float32, float16 or bfloat16 on compute capability >= 8.0 (an
@@ -310,8 +310,3 @@ def unsupported_reason(
     if math.ceil(h / (256 // tw)) * math.ceil(w / tw) > MAX_GRID_YZ:
         return "image too large for the backward tile grid"
     return None
-
-
-def supports(x, pw_weight, dw_weight, stride, padding, dilation) -> str | None:
-    """Same as :func:`unsupported_reason`, from the op's arguments; None = supported."""
-    return unsupported_reason(x, tuple(dw_weight.shape[2:]), stride, padding, dilation)

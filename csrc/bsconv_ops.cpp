@@ -343,8 +343,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   const int cuda_v = bsconv::cuda_runtime_version_built();
   if (PyModule_AddStringConstant(m, "compiled_archs", BSCONV_ARCH_LIST) < 0 ||
       PyModule_AddStringConstant(m, "torch_version", BSCONV_TORCH_VERSION) < 0 ||
-      PyModule_AddIntConstant(m, "cuda_version", cuda_v) < 0 ||
-      PyModule_AddIntConstant(m, "max_kernel_size", 7) < 0) {
+      PyModule_AddIntConstant(m, "cuda_version", cuda_v) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

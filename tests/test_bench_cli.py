@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bsconv_cuda import bench
+from bsconv_cuda import bench, bench_harness
 from bsconv_cuda.shapes import get_shape, select
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,8 +48,8 @@ def test_every_timed_runner_is_warmed_up_before_the_first_measurement(monkeypatc
         fn()
         return {"ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "timer": "test"}
 
-    monkeypatch.setattr(bench, "make_runner", make_runner)
-    monkeypatch.setattr(bench, "time_ms", time_ms)
+    monkeypatch.setattr(bench_harness, "make_runner", make_runner)
+    monkeypatch.setattr(bench_harness, "time_ms", time_ms)
     args = bench.parse_args(["--shapes", f"{SMALL_SHAPE},cifar_resnet_32x32_16", "--passes", "fwd,bwd",
                              "--device", "cpu", "--warmup", "0", "--no-progress"])
     args.dtype = "fp32"
@@ -97,14 +97,15 @@ class _WrongBackward(torch.autograd.Function):
 
 def test_each_pass_reports_its_own_error(monkeypatch):
     def wrong_backward_block(x, pw_weight, *rest):  # a fused contender's arguments: pw_weight is (C_out, C_in)
-        return _WrongBackward.apply(bench.reference_block(x, pw_weight[:, :, None, None], *rest))
+        return _WrongBackward.apply(bench_harness.reference_block(x, pw_weight[:, :, None, None], *rest))
 
-    original = bench.block_fn
-    monkeypatch.setattr(bench, "block_fn", lambda c, case: wrong_backward_block if c == "triton" else original(c, case))
-    case = bench.make_case(get_shape(SMALL_SHAPE).with_batch(1), torch.float32, "nchw", "cpu")
-    assert bench.relative_error("triton", case, "fwd") < 1e-6
-    assert bench.relative_error("triton", case, "bwd") == pytest.approx(0.1, rel=1e-3)
-    assert bench.relative_error("triton", case, "fwdbwd") == pytest.approx(0.1, rel=1e-3)
+    original = bench_harness.block_fn
+    monkeypatch.setattr(bench_harness, "block_fn",
+                        lambda c, case: wrong_backward_block if c == "triton" else original(c, case))
+    case = bench_harness.make_case(get_shape(SMALL_SHAPE).with_batch(1), torch.float32, "nchw", "cpu")
+    assert bench_harness.relative_error("triton", case, "fwd") < 1e-6
+    assert bench_harness.relative_error("triton", case, "bwd") == pytest.approx(0.1, rel=1e-3)
+    assert bench_harness.relative_error("triton", case, "fwdbwd") == pytest.approx(0.1, rel=1e-3)
     tiny = bench.interpreter_crops([get_shape(SMALL_SHAPE)], 1)[0]
     rows = {p: bench._interpreter_check(tiny, p) for p in ("fwd", "bwd")}
     assert rows["fwd"].rel_err < 1e-6 and rows["bwd"].rel_err == pytest.approx(0.1, rel=1e-3)

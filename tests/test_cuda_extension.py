@@ -171,7 +171,7 @@ def _case_id(case):
 def test_gpu_matches_reference(ext, case):
     n, c_in, c_out, h, w, k, stride, padding, dilation, act, dtype, cl, pb, db = case
     x, pw, pwb, dw, dwb = _inputs(n, c_in, c_out, h, w, k, dtype, pb, db, cl)
-    assert cuda_backend.supports(x, pw, dw, stride, padding, dilation) is None
+    assert cuda_backend.unsupported_reason(x, dw.shape[2:], stride, padding, dilation) is None
     args = (stride, padding, dilation, act)
     with poisoned_outputs(x.device):
         y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args)
@@ -264,7 +264,7 @@ def test_gpu_noncontiguous_inputs_and_side_stream(ext):
 def test_gpu_unsupported_shape_is_reported_and_raises(ext):
     x, pw, pwb, dw, dwb = _inputs(1, 4, 8, 64, 64, (7, 7), torch.float16, False, False, False)
     args = ([1, 1], [12, 12, 12, 12], [4, 4], "none")  # footprint 25 x 25 > 384
-    reason = cuda_backend.supports(x, pw, dw, *args[:3])
+    reason = cuda_backend.unsupported_reason(x, dw.shape[2:], *args[:3])
     assert reason is not None and "footprint" in reason
     with pytest.raises(RuntimeError, match="footprint"):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args)
