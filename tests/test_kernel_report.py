@@ -163,7 +163,8 @@ def _grouped(problems: list[str]) -> str:
 
 
 # The oldest triton whose compiles of the Triton kernels are checked spill-free. Triton 3.3 (the oldest supported)
-# spilled 16-136 B of stack in 5 bf16 backward configs of the quick shapes on sm_80 / sm_90: slower, still correct.
+# spills 8-208 B of stack in 4 bf16 backward configs of the quick shapes (NCHW, sm_80; issue 13's kernels, the
+# fused backward's 32-channel chunk the most): slower, still correct.
 SPILL_FREE_TRITON = (3, 6)
 
 

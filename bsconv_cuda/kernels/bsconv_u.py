@@ -800,7 +800,7 @@ def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
         return None
     if len(chunks) != 4 or sum(chunks) < c_in:
         raise ValueError(f"CHUNKS must be four widths that cover C_in = {c_in}, got {chunks}")
-    if sum(chunks) <= 32:
+    if sum(chunks) <= 16:  # (at 32 channels, 64-pixel tiles spilled 64 B on sm_80 with triton 3.6)
         tp_max *= 2
     n_pix = n * hw
     acc_bytes = 8 if dtype_name == "fp64" else 4
@@ -835,9 +835,11 @@ def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
     # the tile that pads the pixels least (7 % counts as none), then gives more SMs a grad_pre program, then is
     # larger
     tps = (32, 16) if fma else (64, 32, 16)
-    tp = forced.pop("TP", min(tps, key=lambda t: (max(_padded(n_pix, t) / n_pix, 1.07),
-                                                  -min(triton.cdiv(c_out, bco) * triton.cdiv(n_pix, t),
-                                                       TARGET_SMS), -t)))
+    # the grad_pre kernel: 64-pixel tiles with BCO = 32 spilled 16-40 B on sm_90 with triton 3.6
+    gpre_tps = (32, 16) if bco == 32 else tps
+    tp = forced.pop("TP", min(gpre_tps, key=lambda t: (max(_padded(n_pix, t) / n_pix, 1.07),
+                                                       -min(triton.cdiv(c_out, bco) * triton.cdiv(n_pix, t),
+                                                            TARGET_SMS), -t)))
     n_tiles = triton.cdiv(n_pix, tp)
     # grad_pre programs: one per (tile, C_out block) as far as the channel partials allow; BCO = 16 where 32 would
     # leave SMs without one (and pads C_out no more)
@@ -864,7 +866,8 @@ def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
     # grad_pre kernel: 1 pipeline stage (3 and 2 left a value or two spilled at 72-128 registers on sm_90), and 2
     # warps for 16 x 16 tiles (4 warps spilled 8 B at 64-80 registers); the GEMMs: 4 warps, 2 stages (3 spilled 8 B
     # in an NCHW grad_pw GEMM), FMA dots 1
-    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_TP=gx_tp, GX_BCI=gx_bci, num_warps=2 if tp * bco <= 256 else 4,
+    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_TP=gx_tp, GX_BCI=gx_bci,
+               num_warps=2 if tp * bco <= 256 else 4,
                num_stages=1, GEMM_WARPS=4, GEMM_STAGES=1 if fma else 2)
     blk.update(forced)
     n_gx, gx_tiles = triton.cdiv(c_in, gx_bci), triton.cdiv(n_pix, gx_tp)
@@ -894,7 +897,7 @@ def _bwd_options(kind: str) -> dict:
     """Launch options of the fused backward kernel: 4 warps (two or more programs per SM); FMA dots: 1 pipeline stage
     (3 or 2 stages spilled 8-16 B on sm_90 at 80-255 registers); TF32: 2 stages (fp32 operands are twice the bytes
     of bf16, and 3 stages of them reached 255 registers on sm_80 and spilled)."""
-    return dict(num_warps=4, **({"num_stages": 1} if kind == "fma" else {"num_stages": 2} if kind == "tf32" else {}))
+    return dict(num_warps=4, num_stages=1 if kind == "fma" else 2)
 
 
 _REDUCE_BLOCK = 256
