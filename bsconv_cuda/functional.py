@@ -151,7 +151,8 @@ def _call_unsupported_reason(
     if backend not in OPS:
         return f"the {backend} operators are not registered"
     if max(kernel_size) > MAX_FUSED_KERNEL_SIZE:
-        return f"kernel size {tuple(kernel_size)} is larger than the fused kernels' {MAX_FUSED_KERNEL_SIZE}x7"
+        return (f"kernel size {tuple(kernel_size)} is larger than the fused kernels' "
+                f"{MAX_FUSED_KERNEL_SIZE}x{MAX_FUSED_KERNEL_SIZE}")
     # float64 runs natively only in Triton's interpreter (tests); on a GPU it goes to the reference.
     if x.dtype == torch.float64 and x.device.type == "cuda":
         return "the fused kernels do not support float64 on GPU"
