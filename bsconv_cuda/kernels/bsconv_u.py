@@ -944,8 +944,8 @@ def _dot_settings(dtype: torch.dtype, device: torch.device) -> tuple[str, bool, 
     return prec, dtype == torch.float64, dtype == torch.bfloat16 and device.type == "cpu"
 
 
-def _check(x, op: str, dtype_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
-    if x.dtype not in dtype_ok:
+def _check(x, op: str):
+    if x.dtype not in reference.SUPPORTED_DTYPES:
         raise TypeError(f"triton backend: unsupported dtype {x.dtype}")
     reference.check_input(x, op)
 
