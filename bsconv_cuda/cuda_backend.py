@@ -2,14 +2,16 @@
 
 Importing ``bsconv_cuda._C`` registers ``bsconv_cuda::cuda_forward`` / ``bsconv_cuda::cuda_backward`` (schema and
 CUDA kernels in C++, torch stable ABI); :mod:`bsconv_cuda.ops` adds their fake implementations. This module says
-which calls the kernels support (:func:`unsupported_reason`, mirroring ``supported_reason`` in
-``csrc/bsconv_kernels.cu``) and what was built (:func:`build_summary`, for ``python -m bsconv_cuda.info``).
+which calls the kernels support (:func:`unsupported_reason`, restating ``supported_reason`` of
+``csrc/bsconv_kernels.cu``, which ``_C.unsupported_reason`` exports), the work they launch (:func:`work_plan`, a model
+of their tile plan, which ``_C.tile_plan`` exports) and what was built (:func:`build_summary`, for
+``python -m bsconv_cuda.info``). The tests compare both restatements with the exports wherever ``_C`` loads.
 
 What the kernels support: CUDA tensors in float32, float16 or bfloat16 on compute capability >= 8.0 (an
 architecture the build includes, or PTX that the driver can JIT); depthwise kernels of any kh, kw in 1..7 (1x1, 3x3,
 5x5, 7x7 have compile-time specialised paths); any stride / padding / dilation whose dilated kernel footprint
-((kh-1)*dh+1) * ((kw-1)*dw+1) is at most 384 pixels (stride and dilation <= 64, padding <= 4096). Everything else
-goes to Triton / the reference. fp32 runs on TF32 tensor cores when torch allows TF32 for fp32 convolutions
+((kh-1)*dh+1) * ((kw-1)*dw+1) is at most MAX_TILE_PIXELS = 384 pixels (stride and dilation <= 64, padding <= 4096).
+Everything else goes to Triton / the reference. fp32 runs on TF32 tensor cores when torch allows TF32 for fp32 convolutions
 (:func:`bsconv_cuda.backends.fp32_uses_tf32`, passed by :mod:`bsconv_cuda.ops`), else in full fp32 FMA; fp16 / bf16
 use tensor cores; all with fp32 accumulation. NCHW inputs are copied to channels_last for the kernels and the
 result copied back.
@@ -24,12 +26,20 @@ from typing import Sequence
 
 import torch
 
-MAX_KERNEL_SIZE = 7
-MAX_HALO = 384  # pixels of (output tile + halo) one forward block keeps in shared memory (kMaxHalo in csrc)
+from . import reference
+
+# The limits of the CUDA kernels. Their home is csrc/bsconv_params.h; the compiled module exports them
+# (``_C.MAX_TILE_PIXELS``, ...) and tests/test_cuda_extension.py checks these copies against that export wherever it
+# loads. Python keeps copies because :func:`unsupported_reason` runs while torch.compile traces the call (dynamo cannot
+# trace into the compiled module, nor hand it symbolic sizes) and :func:`work_plan` runs where the module cannot load
+# (torch < 2.10, no CUDA). The kernel-size limit is functional.MAX_FUSED_KERNEL_SIZE, checked before this module is
+# asked (the same 7 as kMaxKernelSize, also checked by that test).
+MAX_TILE_PIXELS = 384  # input pixels (output tile + halo) one forward block keeps in shared memory (kMaxTilePixels)
 MAX_STRIDE_OR_DILATION = 64
 MAX_PADDING = 4096
-MAX_GRID_YZ = 65535
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z: batch, tiles per image, input-channel blocks
+MAX_SPATIAL_SIZE = 1 << 24  # H, W, H_out, W_out
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _module():
@@ -173,7 +183,7 @@ def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) -> tup
             th, tw = min(th0, h_out), min(tw0, w_out)
             ih = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
             iw = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
-            if ih * iw > MAX_HALO:
+            if ih * iw > MAX_TILE_PIXELS:
                 continue
             score = th * tw / _round_up(ih * iw, 16)
             if score > best + 1e-12:
@@ -258,55 +268,55 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
 
 
 def unsupported_reason(
-    x: torch.Tensor,
-    kernel_size: Sequence[int],
-    stride: Sequence[int] | None = None,
-    padding: Sequence[int] | None = None,
-    dilation: Sequence[int] | None = None,
+    x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int],
 ) -> str | None:
     """None when the CUDA kernels support this call, else why not (the caller then uses Triton / the reference).
 
-    ``stride`` = [sh, sw], ``padding`` = [top, bottom, left, right], ``dilation`` = [dh, dw] as in the ops; when
-    left out, the checks that need them are skipped (the C++ op still checks and raises a clear error).
+    ``x`` (N, C_in, H, W); ``kernel_size`` = (kh, kw) up to functional.MAX_FUSED_KERNEL_SIZE; ``stride`` = [sh, sw],
+    ``padding`` = [top, bottom, left, right], ``dilation`` = [dh, dw] as in the ops.
     """
     if x.device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors, got a {x.device.type} tensor"
-    if x.dtype not in _DTYPES:
-        return f"the CUDA kernels support float32, float16 and bfloat16, not {x.dtype}"
     if x.dim() != 4:
         return "x must be 4-D"
-    kh, kw = int(kernel_size[0]), int(kernel_size[-1])
-    if not (1 <= kh <= MAX_KERNEL_SIZE and 1 <= kw <= MAX_KERNEL_SIZE):
-        return f"kernel size {kh}x{kw} is outside 1..7"
-    n, c_in, h, w = x.shape
-    if n == 0 or c_in == 0 or h == 0 or w == 0:
-        return "the input is empty"
+    reason = shape_reason(*x.shape, kernel_size, stride, padding, dilation, x.dtype)
+    return reason if reason is not None else arch_reason(x.device)
+
+
+def shape_reason(
+    n: int, c_in: int, h: int, w: int, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], dtype: torch.dtype,
+) -> str | None:
+    """The shape and dtype part of :func:`unsupported_reason`: ``supported_reason`` of ``csrc/bsconv_kernels.cu``
+    restated (exported as ``_C.unsupported_reason``; tests/test_cuda_extension.py compares the two on a grid of
+    calls). Needs no GPU. C_out does not enter it: the ops accept any C_out >= 1, and C_out = 0 (an empty output)
+    never reaches the kernels."""
+    if dtype not in SUPPORTED_DTYPES:
+        return f"the CUDA kernels support float32, float16 and bfloat16, not {dtype}"
+    kh, kw = int(kernel_size[0]), int(kernel_size[1])
+    stride, padding, dilation = [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation]
+    h_out, w_out = reference.output_size(h, w, (kh, kw), stride, padding, dilation)
+    if min(n, c_in, h, w, h_out, w_out) < 1:
+        return "the input or the output is empty"
     if n > MAX_GRID_YZ:
         return f"batch size {n} > {MAX_GRID_YZ}"
-    if max(h, w) > (1 << 24):
+    if max(h, w, h_out, w_out) > MAX_SPATIAL_SIZE:
         return "spatial size > 2^24"
-    if (reason := arch_reason(x.device)) is not None:
-        return reason
-    stride = [1, 1] if stride is None else [int(v) for v in stride]
-    dil_known = dilation is not None
-    dilation = [1, 1] if dilation is None else [int(v) for v in dilation]
     if max(stride) > MAX_STRIDE_OR_DILATION or max(dilation) > MAX_STRIDE_OR_DILATION:
         return f"stride / dilation > {MAX_STRIDE_OR_DILATION}"
-    if padding is not None and max(int(p) for p in padding) > MAX_PADDING:
+    if max(padding) > MAX_PADDING:
         return f"padding > {MAX_PADDING}"
     footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
-    if dil_known and footprint > MAX_HALO:
-        return f"dilated kernel footprint {footprint} pixels > {MAX_HALO} (shared-memory tile)"
-    if padding is not None and dil_known:
-        pads = [int(p) for p in padding]
-        h_out = (h + pads[0] + pads[1] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        w_out = (w + pads[2] + pads[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-        if h_out < 1 or w_out < 1:
-            return "the output is empty"
-        tiles = _fwd_tile_count(h_out, w_out, kh, kw, stride, dilation)
-        if tiles is None or tiles > MAX_GRID_YZ:
-            return "too many output tiles per image"
-    tw = 32 if w > 16 else 16 if w > 8 else 8 if w > 4 else 4
-    if math.ceil(h / (256 // tw)) * math.ceil(w / tw) > MAX_GRID_YZ:
+    if footprint > MAX_TILE_PIXELS:
+        return (f"the dilated kernel covers {footprint} pixels, more than the {MAX_TILE_PIXELS} input pixels a "
+                f"forward block keeps in shared memory")
+    tiles = _fwd_tile_count(h_out, w_out, kh, kw, stride, dilation)
+    if tiles is None or tiles > MAX_GRID_YZ:
+        return "too many output tiles per image"
+    btw = _bwd_tile_width(w)
+    if math.ceil(h / (_BWD_PIX // btw)) * math.ceil(w / btw) > MAX_GRID_YZ:
         return "image too large for the backward tile grid"
+    if math.ceil(c_in / _GEMM_BLOCK) > MAX_GRID_YZ:
+        return "too many input channels for the grad_x GEMM's grid"
     return None

@@ -16,7 +16,6 @@ from .ops import OPS, BSConvUFunction
 if backends.triton_import_error() is None:
     from .kernels import bsconv_u as triton_kernels
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The fused kernels' per-tile halo and on-chip state are sized for kernels up to 7x7 (docs/DESIGN.md, section 5).
 MAX_FUSED_KERNEL_SIZE = 7
 
@@ -151,7 +150,8 @@ def _call_unsupported_reason(
     if backend not in OPS:
         return f"the {backend} operators are not registered"
     if max(kernel_size) > MAX_FUSED_KERNEL_SIZE:
-        return f"kernel size {tuple(kernel_size)} is larger than the fused kernels' {MAX_FUSED_KERNEL_SIZE}x7"
+        return (f"kernel size {tuple(kernel_size)} is larger than the fused kernels' "
+                f"{MAX_FUSED_KERNEL_SIZE}x{MAX_FUSED_KERNEL_SIZE}")
     # float64 runs natively only in Triton's interpreter (tests); on a GPU it goes to the reference.
     if x.dtype == torch.float64 and x.device.type == "cuda":
         return "the fused kernels do not support float64 on GPU"
@@ -186,8 +186,9 @@ def _check_tensors(x, pw_weight, dw_weight, dw_bias, pw_bias) -> None:
         bias = named[name]
         if bias is not None and tuple(bias.shape) != (c_out,):
             raise ValueError(f"{name} must have shape ({c_out},), got {tuple(bias.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x has unsupported dtype {x.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if x.dtype not in reference.SUPPORTED_DTYPES:
+        supported = ", ".join(map(str, reference.SUPPORTED_DTYPES))
+        raise TypeError(f"x has unsupported dtype {x.dtype}; supported: {supported}")
     for name, tensor in named.items():
         if tensor is None:
             continue

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
+# The dtypes the package computes in (bsconv_u refuses others; the Triton launchers check them too). The CUDA
+# kernels take a subset, cuda_backend.SUPPORTED_DTYPES, and on a GPU float64 goes to the reference.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def output_memory_format(x: Tensor) -> torch.memory_format:

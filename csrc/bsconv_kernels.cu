@@ -40,7 +40,6 @@ constexpr int kThreads = 256;  // every kernel uses 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int CB = 32;         // output channels per block in the fused kernels
 constexpr int LDM = CB + 4;    // leading dimension (floats) of the fp32 mid / pre tile in shared memory
-constexpr int kMaxHalo = 384;  // max (tile + halo) pixels per forward block; multiple of 16
 constexpr int kBwdPix = 256;   // mid pixels per backward tile block
 
 // ----------------------------------------------------------------------------------------------- type helpers
@@ -160,8 +159,8 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
   const int64_t C_in = s.C_in, C_out = s.C_out;
   const int64_t img_pix = (int64_t)n * s.H * s.W;
 
-  constexpr int kMaxFrag = kMaxHalo / 16 / (kWarps / 2);  // 6 M-tiles per warp (each warp: one N-tile)
-  constexpr int kMaxRows = kMaxHalo / kWarps;             // 48 pixel rows per warp (FMA path)
+  constexpr int kMaxFrag = kMaxTilePixels / 16 / (kWarps / 2);  // 6 M-tiles per warp (each warp: one N-tile)
+  constexpr int kMaxRows = kMaxTilePixels / kWarps;             // 48 pixel rows per warp (FMA path)
 
   // tensor-core accumulators: warp w owns N-tile (w & 1) and M-tiles (w >> 1) + 4 j
   wmma::fragment<wmma::accumulator, 16, 16, C::MMA_K, float> frag[C::kTC ? kMaxFrag : 1];
@@ -273,11 +272,11 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
   __syncthreads();
 }
 
-// Kernel-size template parameter K: 1, 3, 5, 7 = square K x K known at compile time; 0 = any kh, kw <= 7 read
-// from the shape at run time (loops bounded by 7 and guarded).
+// Kernel-size template parameter K: 1, 3, 5, 7 = square K x K known at compile time; 0 = any kh, kw <=
+// kMaxKernelSize read from the shape at run time (loops bounded by kMaxKernelSize and guarded).
 template <int K>
 struct KSize {
-  static constexpr int kMax = K > 0 ? K : 7;
+  static constexpr int kMax = K > 0 ? K : kMaxKernelSize;
 };
 
 // Loads dw_weight[c0 .. c0+CB) as fp32 [kh*kw][CB] and the (optional) biases as fp32 [CB] (0 beyond C_out).
@@ -368,7 +367,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
 }
 
 // Picks the output tile (TH x TW) with the best ratio of output pixels to computed (tile + halo) pixels, among
-// the tiles whose halo fits kMaxHalo. Returns false when not even a 1 x 1 tile fits.
+// the tiles whose halo fits kMaxTilePixels. Returns false when not even a 1 x 1 tile fits.
 bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   static const int ths[] = {16, 8, 4, 2, 1};
   static const int tws[] = {32, 16, 8, 4, 2, 1};
@@ -380,7 +379,7 @@ bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
       const int IH = (th - 1) * s.sh + (s.KH - 1) * s.dh + 1;
       const int IW = (tw - 1) * s.sw + (s.KW - 1) * s.dw + 1;
       const int64_t P = (int64_t)IH * IW;
-      if (P > kMaxHalo) continue;
+      if (P > kMaxTilePixels) continue;
       const int P_pad = round_up((int)P, 16);
       const double score = (double)(th * tw) / P_pad;
       if (score > best + 1e-12) {
@@ -444,8 +443,8 @@ int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
   if (!choose_fwd_tile(s, &t)) return -1;
   const bool vec = (s.C_in % Cfg<MT>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
   const int smem = fwd_smem_bytes<MT, K>(t.P_pad);
-  static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps P_pad <= kMaxHalo
-  int rc = limit.allow(fwd_kernel<MT, K>, smem, fwd_smem_bytes<MT, K>(kMaxHalo));
+  static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps P_pad <= kMaxTilePixels
+  int rc = limit.allow(fwd_kernel<MT, K>, smem, fwd_smem_bytes<MT, K>(kMaxTilePixels));
   if (rc != 0) return rc;
   dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)t.tiles, (unsigned)s.N);
   fwd_kernel<MT, K><<<grid, kThreads, smem, stream>>>(a, t, vec);
@@ -879,21 +878,24 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
 }  // namespace
 
 const char* supported_reason(const ConvShape& s) {
-  if (s.KH < 1 || s.KH > 7 || s.KW < 1 || s.KW > 7) return "kernel height and width must be in 1..7";
+  if (s.KH < 1 || s.KH > kMaxKernelSize || s.KW < 1 || s.KW > kMaxKernelSize)
+    return "kernel height and width must be in 1..7 (kMaxKernelSize)";
   if (s.N < 1 || s.C_in < 1 || s.C_out < 1 || s.H < 1 || s.W < 1 || s.H_out < 1 || s.W_out < 1)
     return "empty tensors are not handled by the CUDA kernels";
-  if (s.N > 65535) return "batch size > 65535";
-  if (s.H > (1 << 24) || s.W > (1 << 24) || s.H_out > (1 << 24) || s.W_out > (1 << 24))
+  if (s.N > kMaxGridYZ) return "batch size > 65535 (the CUDA grid's z limit)";
+  if (s.H > kMaxSpatialSize || s.W > kMaxSpatialSize || s.H_out > kMaxSpatialSize || s.W_out > kMaxSpatialSize)
     return "spatial size > 2^24";
-  if (s.sh > 64 || s.sw > 64 || s.dh > 64 || s.dw > 64 || s.pad_top > 4096 || s.pad_left > 4096)
+  if (s.sh > kMaxStrideOrDilation || s.sw > kMaxStrideOrDilation || s.dh > kMaxStrideOrDilation ||
+      s.dw > kMaxStrideOrDilation || s.pad_top > kMaxPadding || s.pad_left > kMaxPadding)
     return "stride / dilation > 64 or padding > 4096";
-  const int64_t halo = ((int64_t)(s.KH - 1) * s.dh + 1) * ((int64_t)(s.KW - 1) * s.dw + 1);
-  if (halo > kMaxHalo) return "dilated kernel footprint exceeds the shared-memory tile (kernel extent^2 > 384)";
+  const int64_t footprint = ((int64_t)(s.KH - 1) * s.dh + 1) * ((int64_t)(s.KW - 1) * s.dw + 1);
+  if (footprint > kMaxTilePixels)
+    return "the dilated kernel covers more than the 384 input pixels a forward block keeps in shared memory";
   FwdTile t;
   if (!choose_fwd_tile(s, &t)) return "no forward tile fits in shared memory";
-  if (t.tiles > 65535) return "too many output tiles per image (> 65535)";
-  if (choose_bwd_tile(s).tiles > 65535) return "too many tiles per image (> 65535)";
-  if (ceil_div64(s.C_in, GBN) > 65535) return "too many input channels";
+  if (t.tiles > kMaxGridYZ) return "too many output tiles per image (> 65535)";
+  if (choose_bwd_tile(s).tiles > kMaxGridYZ) return "too many backward tiles per image (> 65535)";
+  if (ceil_div64(s.C_in, GBN) > kMaxGridYZ) return "too many input channels for the grad_x GEMM's grid";
   return nullptr;
 }
 
@@ -919,6 +921,19 @@ BwdWorkspace bwd_workspace(const ConvShape& s) {
   w.part_gemm_elems = g.splits * s.C_out * s.C_in;
   w.part_col_elems = g.col_blocks * s.C_out;
   return w;
+}
+
+TilePlan tile_plan(const ConvShape& s) {
+  TilePlan p{};
+  FwdTile t;
+  p.fwd_fits = choose_fwd_tile(s, &t);
+  if (p.fwd_fits) {
+    p.fwd_TH = t.TH; p.fwd_TW = t.TW; p.fwd_IH = t.IH; p.fwd_IW = t.IW; p.fwd_tiles = t.tiles;
+  }
+  const BwdGeom g = bwd_geom(s);
+  p.bwd_TH = g.tile.TH; p.bwd_TW = g.tile.TW; p.bwd_tiles = g.tile.tiles;
+  p.splits = g.splits; p.kchunk = g.kchunk; p.col_blocks = g.col_blocks;
+  return p;
 }
 
 int take_pending_error() { return (int)cudaGetLastError(); }

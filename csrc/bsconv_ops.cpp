@@ -68,15 +68,23 @@ const char* dtype_name(ScalarType t) {
   }
 }
 
+// The dtypes the CUDA kernels support, one home (exported as bsconv_cuda._C.SUPPORTED_DTYPES).
+struct SupportedDType {
+  ScalarType scalar_type;
+  bsconv::DType dtype;
+  const char* name;  // torch's name without the "torch." prefix
+};
+constexpr SupportedDType kSupportedDTypes[] = {
+    {ScalarType::Float, bsconv::DType::Float32, "float32"},
+    {ScalarType::Half, bsconv::DType::Float16, "float16"},
+    {ScalarType::BFloat16, bsconv::DType::BFloat16, "bfloat16"},
+};
+constexpr const char* kSupportedDTypesText = "float32, float16 and bfloat16";
+
 bsconv::DType to_dtype(ScalarType t, const char* op) {
-  switch (t) {
-    case ScalarType::Float: return bsconv::DType::Float32;
-    case ScalarType::Half: return bsconv::DType::Float16;
-    case ScalarType::BFloat16: return bsconv::DType::BFloat16;
-    default:
-      STD_TORCH_CHECK(false, op, ": x has dtype ", dtype_name(t),
-                      "; the CUDA backend supports float32, float16 and bfloat16");
-  }
+  for (const SupportedDType& d : kSupportedDTypes)
+    if (d.scalar_type == t) return d.dtype;
+  STD_TORCH_CHECK(false, op, ": x has dtype ", dtype_name(t), "; the CUDA backend supports ", kSupportedDTypesText);
   return bsconv::DType::Float32;
 }
 
@@ -96,6 +104,38 @@ void check_same(const Tensor& t, const Tensor& x, const char* name, const char* 
                   t.get_device_index(), " but x is on cuda:", x.get_device_index());
   STD_TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", dtype_name(t.scalar_type()),
                   " but x has dtype ", dtype_name(x.scalar_type()));
+}
+
+// Why stride [sh, sw], padding [top, bottom, left, right] and dilation [dh, dw] cannot go to the kernels, or
+// nullptr. Also keeps them in the int range of ConvShape.
+const char* conv_params_reason(const int64_t* stride, const int64_t* padding, const int64_t* dilation) {
+  if (stride[0] < 1 || stride[1] < 1) return "stride must be >= 1";
+  if (dilation[0] < 1 || dilation[1] < 1) return "dilation must be >= 1";
+  for (int i = 0; i < 4; ++i)
+    if (padding[i] < 0) return "padding must be >= 0";
+  if (stride[0] > bsconv::kMaxStrideOrDilation || stride[1] > bsconv::kMaxStrideOrDilation ||
+      dilation[0] > bsconv::kMaxStrideOrDilation || dilation[1] > bsconv::kMaxStrideOrDilation)
+    return "stride and dilation must be <= 64 in the CUDA backend";
+  for (int i = 0; i < 4; ++i)
+    if (padding[i] > bsconv::kMaxPadding) return "padding must be <= 4096 in the CUDA backend";
+  return nullptr;
+}
+
+// Fills the kernel size, stride, padding, dilation and output size of `s` (N, C_in, H, W, C_out set), the
+// arguments having passed conv_params_reason. A kernel size beyond kMaxKernelSize is kept beyond it (and
+// refused by supported_reason) without overflowing the int.
+void set_geometry(bsconv::ConvShape* s, int64_t kh, int64_t kw, const int64_t* stride, const int64_t* padding,
+                  const int64_t* dilation) {
+  s->KH = (int)(kh <= bsconv::kMaxKernelSize ? kh : bsconv::kMaxKernelSize + 1);
+  s->KW = (int)(kw <= bsconv::kMaxKernelSize ? kw : bsconv::kMaxKernelSize + 1);
+  s->sh = (int)stride[0];
+  s->sw = (int)stride[1];
+  s->pad_top = (int)padding[0];
+  s->pad_left = (int)padding[2];
+  s->dh = (int)dilation[0];
+  s->dw = (int)dilation[1];
+  s->H_out = bsconv::conv_output_size(s->H, padding[0], padding[1], kh, stride[0], dilation[0]);
+  s->W_out = bsconv::conv_output_size(s->W, padding[2], padding[3], kw, stride[1], dilation[1]);
 }
 
 // Validates every argument and fills the shape struct. Weight/bias tensors are returned contiguous.
@@ -132,11 +172,10 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
   STD_TORCH_CHECK(dw_weight.dim() == 4 && dw_weight.size(0) == s.C_out && dw_weight.size(1) == 1, op,
                   ": dw_weight must have shape (C_out=", s.C_out, ", 1, kh, kw)");
   check_same(dw_weight, x, "dw_weight", op);
-  STD_TORCH_CHECK(dw_weight.size(2) >= 1 && dw_weight.size(2) <= 7 && dw_weight.size(3) >= 1 && dw_weight.size(3) <= 7,
-                  op, ": the CUDA backend supports depthwise kernels up to 7x7, got ", dw_weight.size(2), "x",
-                  dw_weight.size(3));
-  s.KH = (int)dw_weight.size(2);
-  s.KW = (int)dw_weight.size(3);
+  STD_TORCH_CHECK(dw_weight.size(2) >= 1 && dw_weight.size(2) <= bsconv::kMaxKernelSize && dw_weight.size(3) >= 1 &&
+                      dw_weight.size(3) <= bsconv::kMaxKernelSize,
+                  op, ": the CUDA backend supports depthwise kernels up to ", bsconv::kMaxKernelSize, "x",
+                  bsconv::kMaxKernelSize, ", got ", dw_weight.size(2), "x", dw_weight.size(3));
   if (pw_bias.has_value()) {
     check_same(*pw_bias, x, "pw_bias", op);
     STD_TORCH_CHECK(pw_bias->dim() == 1 && pw_bias->size(0) == s.C_out, op, ": pw_bias must have shape (C_out=",
@@ -150,23 +189,10 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
   STD_TORCH_CHECK(stride.size() == 2, op, ": stride must have 2 entries [sh, sw]");
   STD_TORCH_CHECK(padding.size() == 4, op, ": padding must have 4 entries [top, bottom, left, right]");
   STD_TORCH_CHECK(dilation.size() == 2, op, ": dilation must have 2 entries [dh, dw]");
-  STD_TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1");
-  STD_TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1");
-  for (int64_t p : padding) STD_TORCH_CHECK(p >= 0, op, ": padding must be >= 0");
-  STD_TORCH_CHECK(stride[0] <= 64 && stride[1] <= 64 && dilation[0] <= 64 && dilation[1] <= 64, op,
-                  ": stride and dilation must be <= 64 in the CUDA backend");
-  for (int64_t p : padding) STD_TORCH_CHECK(p <= 4096, op, ": padding must be <= 4096 in the CUDA backend");
-  s.sh = (int)stride[0];
-  s.sw = (int)stride[1];
-  s.pad_top = (int)padding[0];
-  s.pad_left = (int)padding[2];
-  s.dh = (int)dilation[0];
-  s.dw = (int)dilation[1];
-  s.H_out = (s.H + padding[0] + padding[1] - (int64_t)s.dh * (s.KH - 1) - 1) / s.sh + 1;
-  s.W_out = (s.W + padding[2] + padding[3] - (int64_t)s.dw * (s.KW - 1) - 1) / s.sw + 1;
-  STD_TORCH_CHECK(s.H + padding[0] + padding[1] - (int64_t)s.dh * (s.KH - 1) - 1 >= 0 &&
-                      s.W + padding[2] + padding[3] - (int64_t)s.dw * (s.KW - 1) - 1 >= 0,
-                  op, ": the (padded) input is smaller than the dilated kernel");
+  const char* why = conv_params_reason(stride.data(), padding.data(), dilation.data());
+  STD_TORCH_CHECK(why == nullptr, op, ": ", (why ? why : ""));
+  set_geometry(&s, dw_weight.size(2), dw_weight.size(3), stride.data(), padding.data(), dilation.data());
+  STD_TORCH_CHECK(s.H_out >= 1 && s.W_out >= 1, op, ": the (padded) input is smaller than the dilated kernel");
   s.act = to_act(activation, op);
   s.tf32 = allow_tf32 && s.dtype == bsconv::DType::Float32;
   c.pw_w = torch::stable::contiguous(pw_weight);
@@ -328,13 +354,106 @@ STABLE_TORCH_LIBRARY_IMPL(bsconv_cuda, CUDA, m) {
 }
 
 // ---------------------------------------------------------------------------------------------- Python module
+// bsconv_cuda.cuda_backend asks these (and reads the limits below) instead of keeping its own copy of them.
+namespace {
+
+// Parses (n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype name) into a shape.
+// Returns false with a Python exception set on malformed arguments; otherwise *why is nullptr, or why the kernels
+// cannot run the call (then `s` is complete only when the reason came from supported_reason).
+bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
+  long long n, c_in, c_out, h, w, kh, kw;
+  int64_t stride[2], padding[4], dilation[2];
+  long long st[2], pad[4], dil[2];
+  const char* dtype = nullptr;
+  if (!PyArg_ParseTuple(args, "LLLLLLL(LL)(LLLL)(LL)s", &n, &c_in, &c_out, &h, &w, &kh, &kw, &st[0], &st[1],
+                        &pad[0], &pad[1], &pad[2], &pad[3], &dil[0], &dil[1], &dtype))
+    return false;
+  for (int i = 0; i < 2; ++i) stride[i] = st[i], dilation[i] = dil[i];
+  for (int i = 0; i < 4; ++i) padding[i] = pad[i];
+  *s = bsconv::ConvShape{};
+  *why = "the CUDA kernels support float32, float16 and bfloat16 only";
+  for (const SupportedDType& d : kSupportedDTypes)
+    if (std::string(dtype) == d.name) s->dtype = d.dtype, *why = nullptr;
+  if (*why != nullptr) return true;
+  if ((*why = conv_params_reason(stride, padding, dilation)) != nullptr) return true;
+  s->N = n;
+  s->C_in = c_in;
+  s->C_out = c_out;
+  s->H = h;
+  s->W = w;
+  set_geometry(s, kh, kw, stride, padding, dilation);
+  *why = bsconv::supported_reason(*s);
+  return true;
+}
+
+PyObject* py_unsupported_reason(PyObject*, PyObject* args) {
+  bsconv::ConvShape s;
+  const char* why = nullptr;
+  if (!parse_shape(args, &s, &why)) return nullptr;
+  if (why == nullptr) Py_RETURN_NONE;
+  return PyUnicode_FromString(why);
+}
+
+PyObject* py_tile_plan(PyObject*, PyObject* args) {
+  bsconv::ConvShape s;
+  const char* why = nullptr;
+  if (!parse_shape(args, &s, &why)) return nullptr;
+  if (why != nullptr) {
+    PyErr_Format(PyExc_ValueError, "the CUDA kernels do not run this call: %s", why);
+    return nullptr;
+  }
+  const bsconv::TilePlan p = bsconv::tile_plan(s);
+  return Py_BuildValue("{s:(iiii),s:L,s:(ii),s:L,s:L,s:L,s:L}", "fwd_tile", p.fwd_TH, p.fwd_TW, p.fwd_IH, p.fwd_IW,
+                       "fwd_tiles", (long long)p.fwd_tiles, "bwd_tile", p.bwd_TH, p.bwd_TW, "bwd_tiles",
+                       (long long)p.bwd_tiles, "splits", (long long)p.splits, "kchunk", (long long)p.kchunk,
+                       "col_blocks", (long long)p.col_blocks);
+}
+
+PyMethodDef bsconv_methods[] = {
+    {"unsupported_reason", py_unsupported_reason, METH_VARARGS,
+     "unsupported_reason(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype)\n"
+     "None when the CUDA kernels run this call (dtype: 'float32', 'float16' or 'bfloat16'), else why not."},
+    {"tile_plan", py_tile_plan, METH_VARARGS,
+     "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype)\n"
+     "The tiles and GEMM splits the kernels launch for this call, as a dict: fwd_tile (TH, TW, IH, IW), fwd_tiles "
+     "(per image), bwd_tile (TH, TW), bwd_tiles (per image), splits, kchunk, col_blocks. ValueError for a call "
+     "unsupported_reason refuses."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+int add_limits(PyObject* m) {
+  PyObject* dtypes = PyTuple_New(sizeof(kSupportedDTypes) / sizeof(kSupportedDTypes[0]));
+  if (dtypes == nullptr) return -1;
+  for (Py_ssize_t i = 0; i < PyTuple_Size(dtypes); ++i) {
+    PyObject* name = PyUnicode_FromString(kSupportedDTypes[i].name);
+    if (name == nullptr || PyTuple_SetItem(dtypes, i, name) < 0) {
+      Py_DECREF(dtypes);
+      return -1;
+    }
+  }
+  const int rc = PyModule_AddObjectRef(m, "SUPPORTED_DTYPES", dtypes);
+  Py_DECREF(dtypes);
+  if (rc < 0 || PyModule_AddIntConstant(m, "MAX_KERNEL_SIZE", bsconv::kMaxKernelSize) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_TILE_PIXELS", bsconv::kMaxTilePixels) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_STRIDE_OR_DILATION", bsconv::kMaxStrideOrDilation) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_PADDING", bsconv::kMaxPadding) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_GRID_YZ", (long)bsconv::kMaxGridYZ) < 0 ||
+      PyModule_AddIntConstant(m, "MAX_SPATIAL_SIZE", (long)bsconv::kMaxSpatialSize) < 0)
+    return -1;
+  return 0;
+}
+
+}  // namespace
+
 static PyModuleDef bsconv_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "Compiled CUDA kernels of bsconv_cuda; importing this module registers bsconv_cuda::cuda_forward and "
-    "bsconv_cuda::cuda_backward with torch.",
+    "bsconv_cuda::cuda_backward with torch. It also exports the kernels' limits (MAX_KERNEL_SIZE, MAX_TILE_PIXELS, "
+    "MAX_STRIDE_OR_DILATION, MAX_PADDING, MAX_GRID_YZ, MAX_SPATIAL_SIZE, SUPPORTED_DTYPES), their feasibility check "
+    "(unsupported_reason) and their tile plan (tile_plan); these need no GPU.",
     -1,
-    nullptr,
+    bsconv_methods,
 };
 
 PyMODINIT_FUNC PyInit__C(void) {
@@ -343,7 +462,7 @@ PyMODINIT_FUNC PyInit__C(void) {
   const int cuda_v = bsconv::cuda_runtime_version_built();
   if (PyModule_AddStringConstant(m, "compiled_archs", BSCONV_ARCH_LIST) < 0 ||
       PyModule_AddStringConstant(m, "torch_version", BSCONV_TORCH_VERSION) < 0 ||
-      PyModule_AddIntConstant(m, "cuda_version", cuda_v) < 0) {
+      PyModule_AddIntConstant(m, "cuda_version", cuda_v) < 0 || add_limits(m) < 0) {
     Py_DECREF(m);
     return nullptr;
   }

@@ -7,6 +7,24 @@
 namespace bsconv {
 
 enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// The limits of the CUDA kernels, one home. bsconv_ops.cpp checks the op's arguments against them and exports them
+// to Python (bsconv_cuda._C.MAX_KERNEL_SIZE, ...; bsconv_cuda.cuda_backend reads them there).
+constexpr int kMaxKernelSize = 7;           // kh, kw in 1..7: per-tap state in registers / shared memory is sized for 7x7
+constexpr int kMaxTilePixels = 384;         // input pixels (output tile + halo) one forward block keeps in shared
+                                            // memory; a multiple of 16 (the MMA's M step)
+constexpr int kMaxStrideOrDilation = 64;    // stride and dilation per axis
+constexpr int kMaxPadding = 4096;           // padding per side
+constexpr int64_t kMaxGridYZ = 65535;       // CUDA's limit on gridDim.y and gridDim.z (batch, tiles per image, ...)
+constexpr int64_t kMaxSpatialSize = int64_t(1) << 24;  // H, W, H_out, W_out: pixel indices stay exact in 32-bit math
+
+// Output size along one axis, as torch's convolution gives it (bsconv_cuda.reference.output_size on the Python
+// side); 0 when the padded input is smaller than the dilated kernel.
+inline int64_t conv_output_size(int64_t in, int64_t pad_lo, int64_t pad_hi, int64_t kernel, int64_t stride,
+                                int64_t dilation) {
+  const int64_t span = in + pad_lo + pad_hi - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
 enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
 
 // Shapes and hyper-parameters of one BSConv-U call. All tensors handed to the kernels are channels_last
@@ -14,7 +32,7 @@ enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
 // pw_weight (C_out, C_in) contiguous, dw_weight (C_out, KH*KW) contiguous, biases (C_out,) or nullptr.
 struct ConvShape {
   int64_t N, C_in, H, W, C_out, H_out, W_out;
-  int KH, KW;             // depthwise kernel size, 1..7 each (1/3/5/7 square: compile-time fast paths)
+  int KH, KW;             // depthwise kernel size, 1..kMaxKernelSize each (1/3/5/7 square: compile-time fast paths)
   int sh, sw;             // stride
   int pad_top, pad_left;  // (pad_bottom / pad_right only enter H_out / W_out)
   int dh, dw;             // dilation
@@ -52,6 +70,18 @@ struct BwdArgs {
   float* part_col;   // (row_blocks, C_out) fp32 partials of grad_dw_b
 };
 
+// The tile plan of one call: what the launches of fwd_launch / bwd_launch use. Exported to Python as
+// bsconv_cuda._C.tile_plan, against which tests check the work-accounting model in bsconv_cuda.cuda_backend.
+struct TilePlan {
+  bool fwd_fits;                       // false when no forward tile fits kMaxTilePixels (the rest of fwd_* is 0)
+  int fwd_TH, fwd_TW, fwd_IH, fwd_IW;  // output tile and its input rows / columns (tile + halo)
+  int64_t fwd_tiles;                   // output tiles per image
+  int bwd_TH, bwd_TW;                  // mid pixels per backward tile block
+  int64_t bwd_tiles;                   // backward tiles per image
+  int64_t splits, kchunk;              // split-K count and pixels per split of the grad_pw_weight GEMM
+  int64_t col_blocks;                  // row blocks of the grad_dw_bias partials
+};
+
 struct BwdWorkspace {
   int64_t gpre_elems;       // elements of the input dtype
   int64_t part_tile_elems;  // floats
@@ -64,6 +94,7 @@ struct BwdWorkspace {
 int fwd_launch(const FwdArgs& a, void* stream);
 int bwd_launch(const BwdArgs& a, void* stream);
 BwdWorkspace bwd_workspace(const ConvShape& s);
+TilePlan tile_plan(const ConvShape& s);
 // nullptr when the kernels support the shape, else a static string saying why not.
 const char* supported_reason(const ConvShape& s);
 const char* error_string(int code);

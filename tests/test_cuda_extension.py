@@ -19,7 +19,7 @@ import torch
 
 import bsconv_cuda
 from bsconv_cuda import backends, cuda_backend, reference
-from bsconv_cuda.functional import select_backend
+from bsconv_cuda.functional import MAX_FUSED_KERNEL_SIZE, select_backend
 from fused_checks import assert_close, poisoned_outputs
 
 PKG_DIR = os.path.dirname(bsconv_cuda.__file__)
@@ -115,7 +115,7 @@ def test_fake_implementations(ext, channels_last):
 
 
 def test_unsupported_reason_on_cpu(ext):
-    reason = cuda_backend.unsupported_reason(torch.randn(1, 3, 8, 8), (3, 3))
+    reason = cuda_backend.unsupported_reason(torch.randn(1, 3, 8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     assert reason is not None and "CUDA" in reason
 
 
@@ -125,6 +125,90 @@ def test_fwd_tile_count_mirrors_kernel_limits():
     # dilation 4: 25x25 > 384, nothing fits
     assert cuda_backend._fwd_tile_count(10, 10, 7, 7, [1, 1], [4, 4]) is None
     assert cuda_backend._fwd_tile_count(56, 56, 3, 3, [1, 1], [1, 1]) == math.ceil(56 / 16) ** 2
+
+
+def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
+    """csrc/bsconv_params.h is the home of the kernels' limits; the Python copies (needed under torch.compile and
+    where _C cannot load) must say the same."""
+    assert ext.MAX_KERNEL_SIZE == MAX_FUSED_KERNEL_SIZE
+    assert ext.MAX_TILE_PIXELS == cuda_backend.MAX_TILE_PIXELS
+    assert ext.MAX_STRIDE_OR_DILATION == cuda_backend.MAX_STRIDE_OR_DILATION
+    assert ext.MAX_PADDING == cuda_backend.MAX_PADDING
+    assert ext.MAX_GRID_YZ == cuda_backend.MAX_GRID_YZ
+    assert ext.MAX_SPATIAL_SIZE == cuda_backend.MAX_SPATIAL_SIZE
+    assert ext.SUPPORTED_DTYPES == tuple(str(d).removeprefix("torch.") for d in cuda_backend.SUPPORTED_DTYPES)
+
+
+# (n, c_in, h, w, (kh, kw), stride, padding, dilation): inside every limit, on each limit and one past it
+_FEASIBILITY_CASES = [
+    (2, 16, 56, 56, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 3, 7, 9, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    (1, 4, 64, 64, (7, 7), (1, 1), (9, 9, 9, 9), (3, 3)),  # footprint 19 x 19 = 361 fits
+    (1, 4, 64, 64, (7, 7), (1, 1), (12, 12, 12, 12), (4, 4)),  # 25 x 25 does not
+    (1, 4, 64, 64, (5, 3), (2, 3), (1, 2, 0, 3), (4, 9)),  # 17 x 19 = 323
+    (1, 4, 64, 64, (5, 3), (2, 3), (1, 2, 0, 3), (5, 9)),  # 21 x 19 = 399
+    (1, 4, 640, 640, (1, 7), (1, 1), (0, 0, 3, 3), (1, 64)),  # 1 x 385
+    (1, 4, 640, 8, (3, 1), (1, 1), (0, 0, 0, 0), (64, 1)),  # 129 x 1, H_out = 512
+    (1, 4, 64, 64, (3, 3), (64, 64), (1, 1, 1, 1), (1, 1)),
+    (1, 4, 64, 64, (3, 3), (65, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 4, 64, 64, (3, 3), (1, 1), (1, 1, 1, 1), (65, 1)),
+    (1, 4, 8, 8, (3, 3), (1, 1), (4096, 0, 0, 4096), (1, 1)),
+    (1, 4, 8, 8, (3, 3), (1, 1), (0, 4097, 0, 0), (1, 1)),
+    (1, 4, 8, 8, (3, 3), (1, 1), (0, 0, 0, 4097), (1, 1)),
+    (1, 4, 5, 5, (7, 7), (1, 1), (0, 0, 0, 0), (1, 1)),  # output empty
+    (65535, 4, 8, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (65536, 4, 8, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 4, 1 << 24, 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),  # backward tiles: 2^24 / 64 > 65535
+    (1, 4, 1, 1 << 24, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    (1, 4, 1, (1 << 24) + 1, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    (1, 4, 4096, 4096, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 256 x 128 forward tiles
+    (1, 4, 1000, 1000, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, 64 * 65535, 2, 2, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),
+    (1, 64 * 65535 + 1, 2, 2, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1)),  # grad_x GEMM grid
+    (0, 4, 8, 8, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_python_feasibility_check_agrees_with_the_compiled_one(ext, dtype):
+    """cuda_backend.shape_reason restates supported_reason of csrc (Python must decide while torch.compile traces);
+    the compiled check, exported as _C.unsupported_reason, is the truth it is compared with."""
+    name = str(dtype).removeprefix("torch.")
+    for n, c_in, h, w, kernel_size, stride, padding, dilation in _FEASIBILITY_CASES:
+        compiled = ext.unsupported_reason(n, c_in, 8, h, w, *kernel_size, stride, padding, dilation, name)
+        python = cuda_backend.shape_reason(n, c_in, h, w, kernel_size, stride, padding, dilation, dtype)
+        case = (n, c_in, h, w, kernel_size, stride, padding, dilation, name)
+        assert (python is None) == (compiled is None), (case, python, compiled)
+    assert ext.unsupported_reason(1, 4, 8, 8, 8, 8, 8, (1, 1), (0, 0, 0, 0), (1, 1), "float16") is not None
+    with pytest.raises(TypeError):
+        ext.unsupported_reason(1, 4, 8, 8, 8, 3, 3, (1, 1), (1, 1), (1, 1), "float16")  # padding needs 4 entries
+
+
+def test_work_plan_model_matches_the_compiled_tile_plan(ext):
+    """cuda_backend.work_plan models the tile plan of csrc (kernel_report accounts work where _C cannot load);
+    _C.tile_plan is what the launches use."""
+    checked = 0
+    for n, c_in, h, w, kernel_size, stride, padding, dilation in _FEASIBILITY_CASES:
+        for c_out, dtype in ((8, torch.float16), (200, torch.float32), (1000, torch.bfloat16)):
+            name = str(dtype).removeprefix("torch.")
+            args = (n, c_in, c_out, h, w, *kernel_size, stride, padding, dilation, name)
+            if ext.unsupported_reason(*args) is not None or n * c_in * h * w > 1 << 26:
+                continue
+            plan = ext.tile_plan(*args)
+            h_out, w_out = reference.output_size(h, w, kernel_size, stride, padding, dilation)
+            fwd, bwd = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding,
+                                              dilation, dtype)
+            launches = {launch.kernel: launch for launch in fwd.launches + bwd.launches}
+            assert (fwd.blocks["TH"], fwd.blocks["TW"]) == plan["fwd_tile"][:2], args
+            assert launches["fwd_kernel"].grid[1] == plan["fwd_tiles"], args
+            assert (bwd.blocks["TH"], bwd.blocks["TW"]) == plan["bwd_tile"], args
+            assert launches["bwd_tile_kernel"].grid[1] == plan["bwd_tiles"], args
+            assert (bwd.params["splits"], bwd.params["kchunk"]) == (plan["splits"], plan["kchunk"]), args
+            assert launches["colsum_kernel"].grid[1] == plan["col_blocks"], args
+            checked += 1
+    assert checked >= 25  # the supported cases of the grid, in three dtypes and widths
+    with pytest.raises(ValueError, match="footprint|shared memory"):
+        ext.tile_plan(1, 4, 8, 64, 64, 7, 7, (1, 1), (12, 12, 12, 12), (4, 4), "float16")
 
 
 # ------------------------------------------------------------------------------------------------ GPU checks
@@ -265,8 +349,8 @@ def test_gpu_unsupported_shape_is_reported_and_raises(ext):
     x, pw, pwb, dw, dwb = _inputs(1, 4, 8, 64, 64, (7, 7), torch.float16, False, False, False)
     args = ([1, 1], [12, 12, 12, 12], [4, 4], "none")  # footprint 25 x 25 > 384
     reason = cuda_backend.unsupported_reason(x, dw.shape[2:], *args[:3])
-    assert reason is not None and "footprint" in reason
-    with pytest.raises(RuntimeError, match="footprint"):
+    assert reason is not None and "dilated kernel covers" in reason
+    with pytest.raises(RuntimeError, match="dilated kernel covers"):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args)
 
 

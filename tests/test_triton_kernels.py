@@ -197,7 +197,8 @@ def test_tile_heuristic_bounds(k, stride, dilation):
         blk = plan.blocks
         assert 1 <= blk["TH"] <= h_out and 1 <= blk["TW"] <= w_out
         clipped = min(blk["HH"], h) * min(blk["WW"], h)
-        assert clipped <= blk["P"] <= kernels.MAX_HALO and blk["TH"] * blk["TW"] <= blk["TP"] <= kernels.FWD_MAX_TP
+        assert clipped <= blk["P"] <= kernels.FWD_MAX_MID_ROWS
+        assert blk["TH"] * blk["TW"] <= blk["TP"] <= kernels.FWD_MAX_TP
 
 
 def _record_launches(monkeypatch):

@@ -623,8 +623,10 @@ CTA_SLOTS = 2 * TARGET_SMS  # two resident programs per SM
 PARTIALS_MAX_BYTES = L2_RESIDENT_BYTES  # fp32 weight-gradient partials of one backward
 FUSED_MAX_CIN = 128  # the fused backward keeps x and grad_x of all C_in on chip up to this many channels, ...
 FUSED_MAX_PROGRAMS = 2 * CTA_SLOTS  # ... in at most this many programs (more would only add partial slots)
-MAX_HALO = 256  # mid rows (tile + halo) the forward keeps on chip; see unsupported_reason
-FWD_MAX_P = 128  # ... per program, except for large dilated kernels: [P, BCO = 32] at 4 warps; P = 256 spilled
+FWD_MAX_P = 128  # mid rows P (tile + halo, padded to a power of two) per forward program: [P, BCO = 32] at 4 warps ...
+# ... (P = 256 spills); only a large dilated kernel gets more, up to this: the most mid rows a forward program keeps on
+# chip; a different bound from the CUDA forward's (cuda_backend.MAX_TILE_PIXELS; docs/DESIGN.md, section 5).
+FWD_MAX_MID_ROWS = 256
 FWD_MAX_TP = 128  # output pixels per forward program
 SHIFTED_SLOTS = 2 * CTA_SLOTS  # programs (each with one staging slot of mid) of the shifted depthwise stage
 FWD_MAX_DOT_RATIO = 3.0  # forward dot multiply-adds over the pointwise stage's, where a tile allows it
@@ -691,7 +693,7 @@ def _fwd_tile(n, c_in, bci, c_out, h, w, h_out, w_out, kh, kw, sh, sw, dh, dw, d
     c_in_pad = _padded(c_in, bci)
     pointwise = n * h * w * c_in * c_out
     best = None
-    for p_max in (FWD_MAX_P, MAX_HALO):
+    for p_max in (FWD_MAX_P, FWD_MAX_MID_ROWS):
         for bco in bco_choices:
             ctas_per_tile = n * triton.cdiv(c_out, bco)
             for th in range(1, min(h_out, 64) + 1):
@@ -710,7 +712,7 @@ def _fwd_tile(n, c_in, bci, c_out, h, w, h_out, w_out, kh, kw, sh, sw, dh, dw, d
                         best = (key, th, tw, bco)
         if best is not None:
             return best[1:]
-    raise ValueError(f"no output tile keeps the halo within {MAX_HALO} pixels (see unsupported_reason)")
+    raise ValueError(f"no output tile keeps tile plus halo within {FWD_MAX_MID_ROWS} mid rows (see unsupported_reason)")
 
 
 def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype=None,
@@ -911,8 +913,9 @@ def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
     kh, kw = kernel_size
     footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
-    if _pow2(footprint) > MAX_HALO:
-        return f"the dilated kernel covers {footprint} pixels; the Triton forward keeps at most {MAX_HALO} on chip"
+    if _pow2(footprint) > FWD_MAX_MID_ROWS:
+        return (f"the dilated kernel covers {footprint} pixels; the Triton forward keeps at most {FWD_MAX_MID_ROWS} "
+                f"on chip")
     if x.device.type == "cuda" and x.dtype == torch.bfloat16 and device_capability(x.device.index) < (8, 0):
         return "bfloat16 tensor-core dots need compute capability >= 8.0"
     return None
@@ -944,8 +947,8 @@ def _dot_settings(dtype: torch.dtype, device: torch.device) -> tuple[str, bool, 
     return prec, dtype == torch.float64, dtype == torch.bfloat16 and device.type == "cpu"
 
 
-def _check(x, op: str, dtype_ok=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
-    if x.dtype not in dtype_ok:
+def _check(x, op: str):
+    if x.dtype not in reference.SUPPORTED_DTYPES:
         raise TypeError(f"triton backend: unsupported dtype {x.dtype}")
     reference.check_input(x, op)
 
