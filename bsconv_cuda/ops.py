@@ -17,7 +17,7 @@ nothing in backward.
 - ``triton``: ``torch.library.triton_op`` over :mod:`bsconv_cuda.kernels.bsconv_u`, so that ``torch.compile`` sees
   the Triton kernels themselves (on GPU; under Triton's interpreter it can only run them eagerly).
 - ``cuda``: defined and implemented in C++ (``csrc/``, loaded as ``bsconv_cuda._C``), with one more argument,
-  ``bool allow_tf32=False``; here they get their fakes and ``custom_op`` wrappers
+  ``bool allow_tf32=False`` (and in C++ ``output_mask`` defaults to all five); here they get their fakes and ``custom_op`` wrappers
   (``bsconv_cuda::cuda_with_tf32_switch_forward/_backward``, the schema above) that pass torch's TF32 switch for
   fp32 convolutions (:func:`bsconv_cuda.backends.fp32_uses_tf32`), which the Triton launchers read themselves, so
   fp32 precision does not depend on which backend ``auto`` picked.
@@ -100,8 +100,8 @@ if backends.extension_load_error() is None:
     def _cuda_forward_fake(*args, allow_tf32=False):
         return _forward_fake(*args[:9])
 
-    def _cuda_backward_fake(*args, allow_tf32=False):
-        return _backward_fake(*args[:10], reference.ALL_GRADIENTS)
+    def _cuda_backward_fake(*args, output_mask=reference.ALL_GRADIENTS, allow_tf32=False):
+        return _backward_fake(*args[:10], args[10] if len(args) > 10 else output_mask)
 
     torch.library.register_fake("bsconv_cuda::cuda_forward")(_cuda_forward_fake)
     torch.library.register_fake("bsconv_cuda::cuda_backward")(_cuda_backward_fake)
@@ -110,10 +110,7 @@ if backends.extension_load_error() is None:
         return torch.ops.bsconv_cuda.cuda_forward.default(*args, backends.fp32_uses_tf32())
 
     def _cuda_backward(*args):
-        *args, output_mask = args
-        # the C++ operator computes all five gradients (it has no output mask yet): drop the unwanted ones
-        gradients = torch.ops.bsconv_cuda.cuda_backward.default(*args, backends.fp32_uses_tf32())
-        return tuple(g if needed else reference.skipped_gradient(args[1]) for g, needed in zip(gradients, output_mask))
+        return torch.ops.bsconv_cuda.cuda_backward.default(*args, backends.fp32_uses_tf32())
 
     # The C++ operators behind custom operators that read torch's TF32 switch when the call runs: read in traced
     # code, the flag lookups break torch.compile's graph.
