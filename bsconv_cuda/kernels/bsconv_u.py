@@ -31,7 +31,9 @@ work (recompute, grad_x, grad_pw) plus the padding of the blocks. Two paths, cho
   C_out block), compute ``grad_pre`` once and write it (input dtype, mid's size); grad_x = grad_pre . P is a GEMM
   over C_out, and grad_pw = grad_pre^T . x a GEMM over pixels split ``S`` ways, each split's partial written once.
 Both reduce partials in a fixed order, so weight gradients are bitwise reproducible; their partials stay within
-``PARTIALS_MAX_BYTES`` (24 MiB, under half the 50 MB L2 of an H100 / H200).
+``PARTIALS_MAX_BYTES`` (24 MiB, under half the 50 MB L2 of an H100 / H200). Gradients nobody asked for
+(``output_mask``) are skipped: constexpr flags (:func:`_gradient_flags`) drop their dots, stores and partials, and
+the plan drops their launches (a frozen-weight backward runs 2 of the 3 pointwise stages, a biases-only one 1).
 
 The choice, by the numbers (plan models, bf16; traffic beyond the byte floor that goes through L2 or DRAM):
 - the fused path keeps C_in x (2 B of x + 4 B of grad_x) per tile pixel on chip: with two programs of 4 warps per
