@@ -354,21 +354,30 @@ class _BatchNormBSConvU(torch.autograd.Function):
         centered = _centered(x, mean)  # bit for bit the forward's: same ops on the same tensors
         kernel_input = _kernel_input(centered, x.dtype)
         w = pw_weight.to(mean.dtype)
+        needs = ctx.needs_input_grad
+        # (dβ, dγ) = (gb', inv ⊙ rowsum(W ⊙ gW')) enter every gradient of x, W, γ and β (x and W through t and k):
+        # the fused pointwise gradients are wanted when any of those is, even with W frozen
+        need_sums = needs[0] or needs[1] or needs[4] or needs[5]
         _, backward_op = OPS[ctx.backend]
         grad_x_fused, grad_w_fused, grad_b_fused, grad_dw, grad_dw_bias = backward_op(
-            grad_y, kernel_input, *_fused_weights(w, scale, bn_bias, x.dtype), dw_weight, dw_bias, *ctx.conv
+            grad_y, kernel_input, *_fused_weights(w, scale, bn_bias, x.dtype), dw_weight, dw_bias, *ctx.conv,
+            [needs[0], need_sums, need_sums, needs[2], needs[3]],
         )
         del kernel_input  # not needed below: free it before the correction allocates its own x-sized tensor
-        grad_w_fused = grad_w_fused.to(w.dtype)
-        local_sums = torch.stack([grad_b_fused.to(w.dtype), (w * grad_w_fused).sum(1) * inv_std])  # dβ, dγ
-        sums = local_sums
-        if ctx.process_group is not None:
-            sums = local_sums.clone()
-            torch.distributed.all_reduce(sums, group=ctx.process_group)
-        t = scale * sums[0] / count
-        k = scale * sums[1] * inv_std / count
-        needs = ctx.needs_input_grad
-        grad_x = grad_w = None
+        grad_x = grad_w = grad_gamma = grad_beta = None
+        if need_sums:
+            grad_w_fused = grad_w_fused.to(w.dtype)
+            local_sums = torch.stack([grad_b_fused.to(w.dtype), (w * grad_w_fused).sum(1) * inv_std])  # dβ, dγ
+            sums = local_sums
+            if ctx.process_group is not None:
+                sums = local_sums.clone()
+                torch.distributed.all_reduce(sums, group=ctx.process_group)
+            t = scale * sums[0] / count
+            k = scale * sums[1] * inv_std / count
+            if bn_weight is not None:
+                grad_gamma = local_sums[1].to(bn_weight.dtype)
+            if bn_bias is not None:
+                grad_beta = local_sums[0].to(bn_bias.dtype)
         if needs[0]:
             # the fused gradient reaches every pixel of x, the statistics' corrections only the image's
             image_grad = _interior(grad_x_fused, ctx.input_padding)
@@ -380,10 +389,8 @@ class _BatchNormBSConvU(torch.autograd.Function):
             grad_w = (scale[:, None] * grad_w_fused - t[:, None] * local_centered_sum - kw @ local_scatter
                       + (scale * local_sums[0] - ctx.local_count * t - kw @ local_centered_sum)[:, None] * mean)
             grad_w = grad_w.to(pw_weight.dtype)
-        grad_gamma = None if bn_weight is None else local_sums[1].to(bn_weight.dtype)
-        grad_beta = None if bn_bias is None else local_sums[0].to(bn_bias.dtype)
-        return (grad_x, grad_w, grad_dw, grad_dw_bias if dw_bias is not None else None, grad_gamma, grad_beta,
-                None, None, None, None, None, None, None, None)
+        return (grad_x, grad_w, grad_dw if needs[2] else None, grad_dw_bias if needs[3] else None, grad_gamma,
+                grad_beta, None, None, None, None, None, None, None, None)
 
 
 def _no_autocast(x: Tensor):

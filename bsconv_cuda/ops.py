@@ -4,13 +4,20 @@ One forward and one backward operator per backend, all with one schema::
 
     bsconv_cuda::{backend}_forward(Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, Tensor? dw_bias,
                                    int[] stride, int[] padding, int[] dilation, str activation) -> Tensor
-    bsconv_cuda::{backend}_backward(Tensor grad_y, <the same arguments>) -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+    bsconv_cuda::{backend}_backward(Tensor grad_y, <the same arguments>, bool[] output_mask)
+        -> (Tensor, Tensor, Tensor, Tensor, Tensor)
+
+The backward returns the gradients of x, pw_weight, pw_bias, dw_weight, dw_bias (:data:`reference.GRADIENTS`);
+``output_mask`` holds five bools in that order, and a gradient it does not ask for is neither computed nor
+launched: it comes back as an empty tensor (:func:`reference.skipped_gradient`). :class:`BSConvUFunction` asks for
+what ``ctx.needs_input_grad`` says, so frozen weights, an input that needs no gradient and absent biases cost
+nothing in backward.
 
 - ``reference``: ``torch.library.custom_op`` over :mod:`bsconv_cuda.reference`.
 - ``triton``: ``torch.library.triton_op`` over :mod:`bsconv_cuda.kernels.bsconv_u`, so that ``torch.compile`` sees
   the Triton kernels themselves (on GPU; under Triton's interpreter it can only run them eagerly).
 - ``cuda``: defined and implemented in C++ (``csrc/``, loaded as ``bsconv_cuda._C``), with one more argument,
-  ``bool allow_tf32=False``; here they get their fakes and ``custom_op`` wrappers
+  ``bool allow_tf32=False`` (and in C++ ``output_mask`` defaults to all five); here they get their fakes and ``custom_op`` wrappers
   (``bsconv_cuda::cuda_with_tf32_switch_forward/_backward``, the schema above) that pass torch's TF32 switch for
   fp32 convolutions (:func:`bsconv_cuda.backends.fp32_uses_tf32`), which the Triton launchers read themselves, so
   fp32 precision does not depend on which backend ``auto`` picked.
@@ -39,15 +46,18 @@ def _forward_fake(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, di
     )
 
 
-def _backward_fake(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
+def _backward_fake(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation,
+                   output_mask):
     c_out = dw_weight.shape[0]
-    return (
-        torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=reference.output_memory_format(x)),
-        torch.empty_like(pw_weight, memory_format=torch.contiguous_format),
-        x.new_empty((c_out,)),
-        torch.empty_like(dw_weight, memory_format=torch.contiguous_format),
-        x.new_empty((c_out,)),
+    gradients = (
+        lambda: torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=reference.output_memory_format(x)),
+        lambda: torch.empty_like(pw_weight, memory_format=torch.contiguous_format),
+        lambda: x.new_empty((c_out,)),
+        lambda: torch.empty_like(dw_weight, memory_format=torch.contiguous_format),
+        lambda: x.new_empty((c_out,)),
     )
+    return tuple(gradient() if needed else reference.skipped_gradient(x)
+                 for gradient, needed in zip(gradients, output_mask))
 
 
 def _define(name: str, define, forward: Launcher, backward: Launcher):
@@ -62,8 +72,10 @@ def _define(name: str, define, forward: Launcher, backward: Launcher):
     def backward_op(
         grad_y: Tensor, x: Tensor, pw_weight: Tensor, pw_bias: Optional[Tensor], dw_weight: Tensor,
         dw_bias: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int], activation: str,
+        output_mask: list[bool],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation)
+        return backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation,
+                        output_mask)
 
     forward_op = define(f"bsconv_cuda::{name}_forward", forward_op, mutates_args=())
     backward_op = define(f"bsconv_cuda::{name}_backward", backward_op, mutates_args=())
@@ -88,8 +100,8 @@ if backends.extension_load_error() is None:
     def _cuda_forward_fake(*args, allow_tf32=False):
         return _forward_fake(*args[:9])
 
-    def _cuda_backward_fake(*args, allow_tf32=False):
-        return _backward_fake(*args[:10])
+    def _cuda_backward_fake(*args, output_mask=reference.ALL_GRADIENTS, allow_tf32=False):
+        return _backward_fake(*args[:10], args[10] if len(args) > 10 else output_mask)
 
     torch.library.register_fake("bsconv_cuda::cuda_forward")(_cuda_forward_fake)
     torch.library.register_fake("bsconv_cuda::cuda_backward")(_cuda_backward_fake)
@@ -129,14 +141,7 @@ class BSConvUFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, pw_weight, pw_bias, dw_weight, dw_bias = ctx.saved_tensors
         _, backward_op = OPS[ctx.backend]
-        grad_x, grad_pw_weight, grad_pw_bias, grad_dw_weight, grad_dw_bias = backward_op(
-            grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, *ctx.conv_args
-        )
-        return (
-            grad_x,
-            grad_pw_weight,
-            grad_pw_bias if pw_bias is not None else None,
-            grad_dw_weight,
-            grad_dw_bias if dw_bias is not None else None,
-            None, None, None, None, None,
-        )
+        # an absent bias never needs a gradient (needs_input_grad is False for None)
+        output_mask = list(ctx.needs_input_grad[:5])
+        gradients = backward_op(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, *ctx.conv_args, output_mask)
+        return (*(g if needed else None for g, needed in zip(gradients, output_mask)), None, None, None, None, None)

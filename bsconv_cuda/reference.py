@@ -9,7 +9,9 @@ Every backend implements ``forward`` and ``backward`` with these exact signature
 
 ``mid = act(x · pw_weightᵀ + pw_bias)`` per pixel; ``mid`` is zero-padded (the padding belongs to ``mid``, not to
 ``x``); ``y = depthwise_conv(mid, dw_weight, stride, dilation) + dw_bias``. ``backward`` recomputes ``mid`` from ``x``
-and always returns five gradients, the bias gradients included (the autograd layer drops those of absent biases).
+and returns five gradients, in the order of :data:`GRADIENTS`, the bias gradients included (the autograd layer drops
+those of absent biases); ``output_mask`` (five bools in that order) says which are wanted, and an unwanted one is not
+computed: it comes back as :func:`skipped_gradient` (an empty tensor).
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
 # The dtypes the package computes in (bsconv_u refuses others; the Triton launchers check them too). The CUDA
 # kernels take a subset, cuda_backend.SUPPORTED_DTYPES, and on a GPU float64 goes to the reference.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+GRADIENTS = ("x", "pw_weight", "pw_bias", "dw_weight", "dw_bias")  # backward's outputs and output_mask's order
+ALL_GRADIENTS = (True,) * len(GRADIENTS)
+
+
+def skipped_gradient(x: Tensor) -> Tensor:
+    """What ``backward`` returns for a gradient that ``output_mask`` does not ask for: a new empty tensor of x's
+    dtype and device (operators can return neither None in place of a Tensor nor one tensor twice)."""
+    return x.new_empty((0,))
 
 
 def output_memory_format(x: Tensor) -> torch.memory_format:
@@ -114,25 +124,33 @@ def forward(
 def backward(
     grad_y: Tensor, x: Tensor, pw_weight: Tensor, pw_bias: Tensor | None, dw_weight: Tensor, dw_bias: Tensor | None,
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], activation: str,
+    output_mask: Sequence[bool] = ALL_GRADIENTS,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_input(x, "bsconv_cuda::reference_backward")
+    need_x, need_pw, need_pb, need_dw, need_db = output_mask
     c_out = dw_weight.shape[0]
-    pre, mid = _padded_mid(x, pw_weight, pw_bias, padding, activation)
-    grad_mid, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(
-        grad_y, mid, dw_weight, [c_out], list(stride), [0, 0], list(dilation), False, [0, 0], c_out,
-        [True, True, True],
-    )
-    top, _, left, _ = padding
-    grad_mid = grad_mid[:, :, top : top + x.shape[2], left : left + x.shape[3]]
-    grad_pre = activation_backward(grad_mid, pre, activation)
-    grad_x, grad_pw_weight, grad_pw_bias = torch.ops.aten.convolution_backward(
-        grad_pre, x, pw_weight[:, :, None, None], [c_out], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-        [True, True, True],
-    )
+    need_pre = need_x or need_pw or need_pb  # the pointwise stage's gradients all start from grad_pre
+    grad_x = grad_pw_weight = grad_pw_bias = grad_dw_weight = grad_dw_bias = None
+    if need_pre or need_dw:
+        pre, mid = _padded_mid(x, pw_weight, pw_bias, padding, activation)
+        grad_mid, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(
+            grad_y, mid, dw_weight, [c_out], list(stride), [0, 0], list(dilation), False, [0, 0], c_out,
+            [need_pre, need_dw, need_db],
+        )
+    elif need_db:
+        grad_dw_bias = grad_y.sum((0, 2, 3))  # the only gradient asked for: no need of mid
+    if need_pre:
+        top, _, left, _ = padding
+        grad_mid = grad_mid[:, :, top : top + x.shape[2], left : left + x.shape[3]]
+        grad_pre = activation_backward(grad_mid, pre, activation)
+        grad_x, grad_pw_weight, grad_pw_bias = torch.ops.aten.convolution_backward(
+            grad_pre, x, pw_weight[:, :, None, None], [c_out], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [need_x, need_pw, need_pb],
+        )
     return (
-        grad_x.contiguous(memory_format=output_memory_format(x)),
-        grad_pw_weight.reshape(pw_weight.shape).contiguous(),
-        grad_pw_bias,
-        grad_dw_weight.contiguous(),
-        grad_dw_bias,
+        grad_x.contiguous(memory_format=output_memory_format(x)) if need_x else skipped_gradient(x),
+        grad_pw_weight.reshape(pw_weight.shape).contiguous() if need_pw else skipped_gradient(x),
+        grad_pw_bias if need_pb else skipped_gradient(x),
+        grad_dw_weight.contiguous() if need_dw else skipped_gradient(x),
+        grad_dw_bias if need_db else skipped_gradient(x),
     )

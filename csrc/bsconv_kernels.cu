@@ -739,7 +739,8 @@ __global__ void __launch_bounds__(kThreads)
   out[l] = from_f<T>(sum);
 }
 
-// part_tile[s][c][q], q < KK -> grad_dw[c][q]; q == KK -> grad_pb[c].
+// part_tile[s][c][q], q < KK -> grad_dw[c][q]; q == KK -> grad_pb[c] (each written only where its pointer is
+// non-null: a gradient nobody asked for).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     reduce_tile_kernel(const float* __restrict__ part, int64_t S, int64_t C_out, int KK, T* __restrict__ gdw,
@@ -751,10 +752,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t s = 0; s < S; ++s) sum += part[s * L + l];
   const int64_t c = l / (KK + 1);
   const int q = (int)(l - c * (KK + 1));
-  if (q < KK)
-    gdw[c * KK + q] = from_f<T>(sum);
-  else
+  if (q < KK) {
+    if (gdw) gdw[c * KK + q] = from_f<T>(sum);
+  } else if (gpb) {
     gpb[c] = from_f<T>(sum);
+  }
 }
 
 // workspace geometry (shared by bwd_workspace and bwd_launch so the two always agree)
@@ -802,8 +804,11 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   const int KK = s.KH * s.KW;
   const bool vec = (s.C_in % Cfg<MT>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
   int rc;
+  // a.grad_* is null for a gradient nobody asked for: its launches are skipped. grad_x, grad_pw_weight and
+  // grad_pw_bias all start from gpre; grad_dw_weight needs the tile kernel's partials; grad_dw_bias only grad_y.
+  const bool need_gpre = a.grad_x || a.grad_pw_w || a.grad_pw_b;
   // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
-  {
+  if (need_gpre || a.grad_dw_w) {
     const int smem = bwd_smem_bytes<MT, K>();
     static SmemLimit limit;  // one per kernel instantiation; its shared memory does not depend on the shape
     rc = limit.allow(bwd_tile_kernel<MT, K>, smem, smem);
@@ -817,36 +822,40 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* pw = static_cast<const T*>(a.pw_w);
   // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in]
-  {
+  if (a.grad_x) {
     dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(s.C_in, GBN), 1);
     gemm_kernel<MT, false><<<grid, kThreads, 0, stream>>>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out,
                                                          s.C_out, a.grad_x);
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
   // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
-  {
+  if (a.grad_pw_w) {
     dim3 grid((unsigned)ceil_div64(s.C_out, GBM), (unsigned)ceil_div64(s.C_in, GBN), (unsigned)g.splits);
     gemm_kernel<MT, true><<<grid, kThreads, 0, stream>>>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M,
                                                         g.kchunk, a.part_gemm);
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
   // 3. partials of grad_dw_bias
-  {
+  if (a.grad_dw_b) {
     dim3 grid((unsigned)ceil_div64(s.C_out, 32), (unsigned)g.col_blocks, 1);
     colsum_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a.grad_y), s.N * s.H_out * s.W_out,
                                                     s.C_out, g.col_rows, a.part_col);
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
   // 4. fixed-order reductions
-  {
+  if (a.grad_dw_w || a.grad_pw_b) {
     const int64_t L = s.C_out * (KK + 1);
     reduce_tile_kernel<T><<<(unsigned)ceil_div64(L, kThreads), kThreads, 0, stream>>>(
         a.part_tile, g.num_tiles, s.C_out, KK, static_cast<T*>(a.grad_dw_w), static_cast<T*>(a.grad_pw_b));
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  }
+  if (a.grad_pw_w) {
     const int64_t Lw = s.C_out * s.C_in;
     reduce_kernel<T><<<(unsigned)ceil_div64(Lw, kThreads), kThreads, 0, stream>>>(a.part_gemm, g.splits, Lw,
                                                                                   static_cast<T*>(a.grad_pw_w));
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  }
+  if (a.grad_dw_b) {
     reduce_kernel<T><<<(unsigned)ceil_div64(s.C_out, kThreads), kThreads, 0, stream>>>(
         a.part_col, g.col_blocks, s.C_out, static_cast<T*>(a.grad_dw_b));
     if ((rc = (int)cudaGetLastError()) != 0) return rc;

@@ -274,8 +274,10 @@ Tensor cuda_forward(Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
     Tensor grad_y, Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, Tensor dw_weight,
     std::optional<Tensor> dw_bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
-    std::vector<int64_t> dilation, std::string activation, bool allow_tf32) {
+    std::vector<int64_t> dilation, std::string activation, std::vector<bool> output_mask, bool allow_tf32) {
   const char* op = "bsconv_cuda::cuda_backward";
+  STD_TORCH_CHECK(output_mask.size() == 5, op, ": output_mask must hold 5 bools (grad_x, grad_pw_weight, "
+                  "grad_pw_bias, grad_dw_weight, grad_dw_bias), got ", output_mask.size());
   Checked c = check_args(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation,
                          allow_tf32, op);
   const bsconv::ConvShape& s = c.s;
@@ -286,29 +288,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const MemoryFormat fmt = output_format(x);
 
-  Tensor grad_x = empty_cl(x, s.N, s.C_in, s.H, s.W);
-  Tensor grad_pw_w = torch::stable::empty({s.C_out, s.C_in}, x.scalar_type(), std::nullopt, x.device());
-  Tensor grad_pw_b = torch::stable::empty({s.C_out}, x.scalar_type(), std::nullopt, x.device());
-  Tensor grad_dw_w = torch::stable::empty({s.C_out, 1, (int64_t)s.KH, (int64_t)s.KW}, x.scalar_type(),
-                                          std::nullopt, x.device());
-  Tensor grad_dw_b = torch::stable::empty({s.C_out}, x.scalar_type(), std::nullopt, x.device());
+  // a gradient nobody asked for comes back empty (an operator cannot return None for a Tensor)
+  const bool need_gx = output_mask[0], need_pw_w = output_mask[1], need_pw_b = output_mask[2],
+             need_dw_w = output_mask[3], need_dw_b = output_mask[4];
+  auto gradient = [&](bool needed, std::vector<int64_t> shape) {
+    return torch::stable::empty(needed ? shape : std::vector<int64_t>{0}, x.scalar_type(), std::nullopt,
+                                x.device());
+  };
+  Tensor grad_x = need_gx ? empty_cl(x, s.N, s.C_in, s.H, s.W) : gradient(false, {});
+  Tensor grad_pw_w = gradient(need_pw_w, {s.C_out, s.C_in});
+  Tensor grad_pw_b = gradient(need_pw_b, {s.C_out});
+  Tensor grad_dw_w = gradient(need_dw_w, {s.C_out, 1, (int64_t)s.KH, (int64_t)s.KW});
+  Tensor grad_dw_b = gradient(need_dw_b, {s.C_out});
   if (is_empty_problem(s)) {
     torch::stable::zero_(grad_x);
     torch::stable::zero_(grad_pw_w);
     torch::stable::zero_(grad_pw_b);
     torch::stable::zero_(grad_dw_w);
     torch::stable::zero_(grad_dw_b);
-    return std::make_tuple(to_format(grad_x, fmt), grad_pw_w, grad_pw_b, grad_dw_w, grad_dw_b);
+    return std::make_tuple(need_gx ? to_format(grad_x, fmt) : grad_x, grad_pw_w, grad_pw_b, grad_dw_w, grad_dw_b);
   }
   check_supported(s, op);
   Tensor x_cl = torch::stable::contiguous(x, MemoryFormat::ChannelsLast);
   Tensor gy_cl = torch::stable::contiguous(grad_y, MemoryFormat::ChannelsLast);
 
   const bsconv::BwdWorkspace ws = bsconv::bwd_workspace(s);
-  Tensor gpre = empty_1d(x, ws.gpre_elems, x.scalar_type());
-  Tensor part_tile = empty_1d(x, ws.part_tile_elems, ScalarType::Float);
-  Tensor part_gemm = empty_1d(x, ws.part_gemm_elems, ScalarType::Float);
-  Tensor part_col = empty_1d(x, ws.part_col_elems, ScalarType::Float);
+  // scratch of the launches that run (bwd_launch skips the others; see there)
+  const bool tile_kernel = need_gx || need_pw_w || need_pw_b || need_dw_w;
+  Tensor gpre = empty_1d(x, tile_kernel ? ws.gpre_elems : 0, x.scalar_type());
+  Tensor part_tile = empty_1d(x, tile_kernel ? ws.part_tile_elems : 0, ScalarType::Float);
+  Tensor part_gemm = empty_1d(x, need_pw_w ? ws.part_gemm_elems : 0, ScalarType::Float);
+  Tensor part_col = empty_1d(x, need_dw_b ? ws.part_col_elems : 0, ScalarType::Float);
 
   bsconv::BwdArgs a;
   a.s = s;
@@ -317,11 +327,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
   a.pw_w = c.pw_w.const_data_ptr();
   a.pw_b = ptr_or_null(c.pw_b);
   a.dw_w = c.dw_w.const_data_ptr();
-  a.grad_x = grad_x.mutable_data_ptr();
-  a.grad_pw_w = grad_pw_w.mutable_data_ptr();
-  a.grad_pw_b = grad_pw_b.mutable_data_ptr();
-  a.grad_dw_w = grad_dw_w.mutable_data_ptr();
-  a.grad_dw_b = grad_dw_b.mutable_data_ptr();
+  a.grad_x = need_gx ? grad_x.mutable_data_ptr() : nullptr;
+  a.grad_pw_w = need_pw_w ? grad_pw_w.mutable_data_ptr() : nullptr;
+  a.grad_pw_b = need_pw_b ? grad_pw_b.mutable_data_ptr() : nullptr;
+  a.grad_dw_w = need_dw_w ? grad_dw_w.mutable_data_ptr() : nullptr;
+  a.grad_dw_b = need_dw_b ? grad_dw_b.mutable_data_ptr() : nullptr;
   a.gpre = gpre.mutable_data_ptr();
   a.part_tile = static_cast<float*>(part_tile.mutable_data_ptr());
   a.part_gemm = static_cast<float*>(part_gemm.mutable_data_ptr());
@@ -329,7 +339,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
   check_no_pending_error(op);
   const int rc = bsconv::bwd_launch(a, current_stream(x));
   STD_TORCH_CHECK(rc == 0, op, ": kernel launch failed: ", bsconv::error_string(rc));
-  return std::make_tuple(to_format(grad_x, fmt), grad_pw_w, grad_pw_b, grad_dw_w, grad_dw_b);
+  return std::make_tuple(need_gx ? to_format(grad_x, fmt) : grad_x, grad_pw_w, grad_pw_b, grad_dw_w, grad_dw_b);
 }
 
 }  // namespace
@@ -344,7 +354,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(bsconv_cuda, m) {
       "int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) -> Tensor");
   m.def(
       "cuda_backward(Tensor grad_y, Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, "
-      "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) "
+      "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, "
+      "bool[] output_mask=[True, True, True, True, True], bool allow_tf32=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -58,6 +58,7 @@ struct BwdArgs {
   const void* pw_w;
   const void* pw_b;  // may be null
   const void* dw_w;
+  // the gradients, each null when nobody asked for it (its launches are then skipped)
   void* grad_x;      // (N, H, W, C_in), input dtype
   void* grad_pw_w;   // (C_out, C_in), input dtype
   void* grad_pw_b;   // (C_out,), input dtype

@@ -34,7 +34,8 @@ FORWARD_SCHEMA = (
 )
 BACKWARD_SCHEMA = (
     "bsconv_cuda::cuda_backward(Tensor grad_y, Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, "
-    "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) "
+    "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, "
+    "bool[] output_mask=[True, True, True, True, True], bool allow_tf32=False) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -292,7 +293,8 @@ def test_gpu_fp32_follows_the_tf32_switch(ext):
 
     def run(allow_tf32):
         y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args, allow_tf32)
-        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.float().cuda(), x, pw, pwb, dw, dwb, *args, allow_tf32)
+        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.float().cuda(), x, pw, pwb, dw, dwb, *args,
+                                                    allow_tf32=allow_tf32)
         return [y, *grads[:2]]
 
     def rel_errors(outs):

@@ -6,6 +6,7 @@ import torch
 import bsconv_cuda
 from bsconv_cuda import backends, info
 from bsconv_cuda.ops import OPS
+from bsconv_cuda.reference import ALL_GRADIENTS
 
 
 def _sample_inputs(dtype=torch.float32, device="cpu"):
@@ -32,7 +33,7 @@ def test_reference_opcheck():
     for args in _sample_inputs():
         torch.library.opcheck(forward_op, args)
         grad_y = torch.randn_like(forward_op(*args))
-        torch.library.opcheck(backward_op, (grad_y, *args))
+        torch.library.opcheck(backward_op, (grad_y, *args, list(ALL_GRADIENTS)))
 
 
 def test_triton_opcheck_under_interpreter():
@@ -45,7 +46,7 @@ def test_triton_opcheck_under_interpreter():
     for args in _sample_inputs()[:2]:
         torch.library.opcheck(forward_op, args, test_utils=utils)
         grad_y = torch.randn_like(forward_op(*args))
-        torch.library.opcheck(backward_op, (grad_y, *args), test_utils=utils)
+        torch.library.opcheck(backward_op, (grad_y, *args, list(ALL_GRADIENTS)), test_utils=utils)
 
 
 @pytest.mark.cuda
@@ -57,7 +58,7 @@ def test_fused_opcheck_on_gpu(backend):
     for args in _sample_inputs(device="cuda"):
         torch.library.opcheck(forward_op, args)
         grad_y = torch.randn_like(forward_op(*args))
-        torch.library.opcheck(backward_op, (grad_y, *args))
+        torch.library.opcheck(backward_op, (grad_y, *args, list(ALL_GRADIENTS)))
 
 
 def _compile_check(model, x):

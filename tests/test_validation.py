@@ -102,7 +102,7 @@ def test_operators_reject_an_empty_spatial_size_like_conv2d(spatial, backend):
         forward_op(x, pw, pb, dw, db, *conv)
     grad_y = torch.randn(1, 4, *(s + 2 for s in spatial))
     with pytest.raises(RuntimeError, match=rf"bsconv_cuda::{backend}_backward: x: input of spatial size"):
-        backward_op(grad_y, x, pw, pb, dw, db, *conv)
+        backward_op(grad_y, x, pw, pb, dw, db, *conv, [True] * 5)
 
 
 def test_sizes_may_be_any_integer_type():

@@ -31,7 +31,9 @@ work (recompute, grad_x, grad_pw) plus the padding of the blocks. Two paths, cho
   C_out block), compute ``grad_pre`` once and write it (input dtype, mid's size); grad_x = grad_pre . P is a GEMM
   over C_out, and grad_pw = grad_pre^T . x a GEMM over pixels split ``S`` ways, each split's partial written once.
 Both reduce partials in a fixed order, so weight gradients are bitwise reproducible; their partials stay within
-``PARTIALS_MAX_BYTES`` (24 MiB, under half the 50 MB L2 of an H100 / H200).
+``PARTIALS_MAX_BYTES`` (24 MiB, under half the 50 MB L2 of an H100 / H200). Gradients nobody asked for
+(``output_mask``) are skipped: constexpr flags (:func:`_gradient_flags`) drop their dots, stores and partials, and
+the plan drops their launches (a frozen-weight backward runs 2 of the 3 pointwise stages, a biases-only one 1).
 
 The choice, by the numbers (plan models, bf16; traffic beyond the byte floor that goes through L2 or DRAM):
 - the fused path keeps C_in x (2 B of x + 4 B of grad_x) per tile pixel on chip: with two programs of 4 warps per
@@ -320,10 +322,12 @@ def _grad_pre(
     gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out, W_out, PT, PL, again,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     TP: tl.constexpr, BCO: tl.constexpr, ACT: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
+    NEED_GPRE: tl.constexpr, NEED_PB: tl.constexpr, NEED_DW: tl.constexpr,
 ):
     """grad_pre[TP, BCO] of mid pixels (n, h, w) and channels co, from pre (the recomputed pre-activation), grad_y
     and the depthwise weights; adds this tile's grad_dw_weight and grad_pw_bias terms into the program's channel
-    partials ``cpart_g`` [C_out, KH*KW + 2] (initialized instead when ``again`` is False)."""
+    partials ``cpart_g`` [C_out, KH*KW + 2] (initialized instead when ``again`` is False). The NEED_ flags (see
+    :func:`_gradient_flags`) drop what no requested gradient uses; without NEED_GPRE the result is meaningless."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     T: tl.constexpr = KH * KW
     mid = _act(pre, ACT)
@@ -342,15 +346,18 @@ def _grad_pre(
         g_row = n * sgn + oh * sgh + ow * sgw
         gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
                       other=0.0).to(acc_dt)
-        wd = tl.load(dw_ptr + co * T + tap, mask=co_ok, other=0.0).to(acc_dt)
-        gmid += gyt * wd[None, :]
-        d_ptr = cpart_g + co * (T + 2) + tap
-        prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
-        tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
+        if NEED_GPRE:
+            wd = tl.load(dw_ptr + co * T + tap, mask=co_ok, other=0.0).to(acc_dt)
+            gmid += gyt * wd[None, :]
+        if NEED_DW:
+            d_ptr = cpart_g + co * (T + 2) + tap
+            prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
+            tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
     gpre = _act_grad(gmid, pre, ACT)
-    b_ptr = cpart_g + co * (T + 2) + T
-    prev = tl.load(b_ptr, mask=co_ok & again, other=0.0)
-    tl.store(b_ptr, prev + tl.sum(gpre, axis=0), mask=co_ok)
+    if NEED_PB:
+        b_ptr = cpart_g + co * (T + 2) + T
+        prev = tl.load(b_ptr, mask=co_ok & again, other=0.0)
+        tl.store(b_ptr, prev + tl.sum(gpre, axis=0), mask=co_ok)
     return gpre
 
 
@@ -397,17 +404,14 @@ def _pre_chunk(pre, xt, pw_ptr, co, co_ok, c0, C_in, CW: tl.constexpr, PREC: tl.
 
 
 @triton.jit
-def _grad_chunk(gx, gpre_in, xt, wt, wpart_g, co, co_ok, c0, C_in, again, CW: tl.constexpr, PREC: tl.constexpr,
-                ACC64: tl.constexpr):
-    """The two gradient dots of one channel chunk: grad_x chunk += grad_pre . P[co, chunk] (returned) and this
-    tile's grad_pw[co, chunk] term grad_pre^T . x added into the program's weight partials ``wpart_g``."""
-    gx = _dot(gpre_in, wt, gx, PREC, ACC64)
+def _wpart_chunk(gpre_in, xt, wpart_g, co, co_ok, c0, C_in, again, CW: tl.constexpr, PREC: tl.constexpr,
+                 ACC64: tl.constexpr):
+    """This tile's grad_pw[co, chunk] term grad_pre^T . x added into the program's weight partials ``wpart_g``."""
     ci = c0 + tl.arange(0, CW)
     w_ptr = wpart_g + (co[:, None] * C_in + ci[None, :])
     w_ok = co_ok[:, None] & (ci < C_in)[None, :]
     prev = tl.load(w_ptr, mask=w_ok & again, other=0.0)  # the slot's sum so far (acc dtype), zeros on the first tile
     tl.store(w_ptr, _dot(tl.trans(gpre_in), xt, prev, PREC, ACC64), mask=w_ok)
-    return gx
 
 
 @triton.jit
@@ -429,6 +433,8 @@ def _bwd_fused_kernel(
     TP: tl.constexpr, BCO: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
     ACT: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
     UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
+    NEED_GX: tl.constexpr, NEED_PW: tl.constexpr, NEED_PB: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr, NEED_GPRE: tl.constexpr, NEED_MID: tl.constexpr,
 ):
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     T: tl.constexpr = KH * KW
@@ -441,60 +447,77 @@ def _bwd_fused_kernel(
     O1: tl.constexpr = C0
     O2: tl.constexpr = C0 + C1
     O3: tl.constexpr = C0 + C1 + C2
-    for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
-        # The partial slots are read back and rewritten every tile, possibly by other threads than wrote them:
-        # order the previous tile's stores before this tile's loads.
-        tl.debug_barrier()
-        again = tile != pid_g  # later tiles accumulate into the slots, the first one initializes them
-        p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
-        # the x tile stays on chip for all C_out blocks, and so does the grad_x accumulator
-        x0 = _x_chunk(x_ptr, x_row, p_ok, 0, C_in, sxc, C0, IDX64, UPCAST_DOT, X_VEC)
-        gx0 = tl.zeros((TP, C0), dtype=acc_dt)
-        if C1 > 0:
-            x1 = _x_chunk(x_ptr, x_row, p_ok, O1, C_in, sxc, C1, IDX64, UPCAST_DOT, X_VEC)
-            gx1 = tl.zeros((TP, C1), dtype=acc_dt)
-        if C2 > 0:
-            x2 = _x_chunk(x_ptr, x_row, p_ok, O2, C_in, sxc, C2, IDX64, UPCAST_DOT, X_VEC)
-            gx2 = tl.zeros((TP, C2), dtype=acc_dt)
-        if C3 > 0:
-            x3 = _x_chunk(x_ptr, x_row, p_ok, O3, C_in, sxc, C3, IDX64, UPCAST_DOT, X_VEC)
-            gx3 = tl.zeros((TP, C3), dtype=acc_dt)
+    if NEED_MID:  # without it only grad_dw_bias is wanted: a sum of grad_y alone
+        for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
+            # The partial slots are read back and rewritten every tile, possibly by other threads than wrote them:
+            # order the previous tile's stores before this tile's loads.
+            tl.debug_barrier()
+            again = tile != pid_g  # later tiles accumulate into the slots, the first one initializes them
+            p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
+            # the x tile stays on chip for all C_out blocks, and so does the grad_x accumulator
+            x0 = _x_chunk(x_ptr, x_row, p_ok, 0, C_in, sxc, C0, IDX64, UPCAST_DOT, X_VEC)
+            if NEED_GX:
+                gx0 = tl.zeros((TP, C0), dtype=acc_dt)
+            if C1 > 0:
+                x1 = _x_chunk(x_ptr, x_row, p_ok, O1, C_in, sxc, C1, IDX64, UPCAST_DOT, X_VEC)
+                if NEED_GX:
+                    gx1 = tl.zeros((TP, C1), dtype=acc_dt)
+            if C2 > 0:
+                x2 = _x_chunk(x_ptr, x_row, p_ok, O2, C_in, sxc, C2, IDX64, UPCAST_DOT, X_VEC)
+                if NEED_GX:
+                    gx2 = tl.zeros((TP, C2), dtype=acc_dt)
+            if C3 > 0:
+                x3 = _x_chunk(x_ptr, x_row, p_ok, O3, C_in, sxc, C3, IDX64, UPCAST_DOT, X_VEC)
+                if NEED_GX:
+                    gx3 = tl.zeros((TP, C3), dtype=acc_dt)
+            for co0 in range(0, C_out, BCO):
+                co = co0 + tl.arange(0, BCO)
+                co_ok = co < C_out
+                # pre computed once per (tile, C_out block), consumed in place by both gradient dots
+                pre = tl.zeros((TP, BCO), dtype=acc_dt)
+                pre, w0 = _pre_chunk(pre, x0, pw_ptr, co, co_ok, 0, C_in, C0, PREC, ACC64, UPCAST_DOT)
+                if C1 > 0:
+                    pre, w1 = _pre_chunk(pre, x1, pw_ptr, co, co_ok, O1, C_in, C1, PREC, ACC64, UPCAST_DOT)
+                if C2 > 0:
+                    pre, w2 = _pre_chunk(pre, x2, pw_ptr, co, co_ok, O2, C_in, C2, PREC, ACC64, UPCAST_DOT)
+                if C3 > 0:
+                    pre, w3 = _pre_chunk(pre, x3, pw_ptr, co, co_ok, O3, C_in, C3, PREC, ACC64, UPCAST_DOT)
+                if HAS_PB:
+                    pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
+                gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out,
+                                 W_out, PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64, NEED_GPRE,
+                                 NEED_PB, NEED_DW)
+                gpre_in = gpre.to(x0.dtype)
+                if NEED_GX:  # grad_x chunk += grad_pre . P[co, chunk]
+                    gx0 = _dot(gpre_in, w0, gx0, PREC, ACC64)
+                    if C1 > 0:
+                        gx1 = _dot(gpre_in, w1, gx1, PREC, ACC64)
+                    if C2 > 0:
+                        gx2 = _dot(gpre_in, w2, gx2, PREC, ACC64)
+                    if C3 > 0:
+                        gx3 = _dot(gpre_in, w3, gx3, PREC, ACC64)
+                if NEED_PW:
+                    _wpart_chunk(gpre_in, x0, wpart_g, co, co_ok, 0, C_in, again, C0, PREC, ACC64)
+                    if C1 > 0:
+                        _wpart_chunk(gpre_in, x1, wpart_g, co, co_ok, O1, C_in, again, C1, PREC, ACC64)
+                    if C2 > 0:
+                        _wpart_chunk(gpre_in, x2, wpart_g, co, co_ok, O2, C_in, again, C2, PREC, ACC64)
+                    if C3 > 0:
+                        _wpart_chunk(gpre_in, x3, wpart_g, co, co_ok, O3, C_in, again, C3, PREC, ACC64)
+            if NEED_GX:
+                gx_row = n * sxgn + h * sxgh + w * sxgw
+                _store_gx_chunk(gx_ptr, gx_row, p_ok, gx0, 0, C_in, sxgc, C0, IDX64, X_VEC)
+                if C1 > 0:
+                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx1, O1, C_in, sxgc, C1, IDX64, X_VEC)
+                if C2 > 0:
+                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx2, O2, C_in, sxgc, C2, IDX64, X_VEC)
+                if C3 > 0:
+                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx3, O3, C_in, sxgc, C3, IDX64, X_VEC)
+    if NEED_DB:
         for co0 in range(0, C_out, BCO):
             co = co0 + tl.arange(0, BCO)
-            co_ok = co < C_out
-            # pre computed once per (tile, C_out block), consumed in place by both gradient dots
-            pre = tl.zeros((TP, BCO), dtype=acc_dt)
-            pre, w0 = _pre_chunk(pre, x0, pw_ptr, co, co_ok, 0, C_in, C0, PREC, ACC64, UPCAST_DOT)
-            if C1 > 0:
-                pre, w1 = _pre_chunk(pre, x1, pw_ptr, co, co_ok, O1, C_in, C1, PREC, ACC64, UPCAST_DOT)
-            if C2 > 0:
-                pre, w2 = _pre_chunk(pre, x2, pw_ptr, co, co_ok, O2, C_in, C2, PREC, ACC64, UPCAST_DOT)
-            if C3 > 0:
-                pre, w3 = _pre_chunk(pre, x3, pw_ptr, co, co_ok, O3, C_in, C3, PREC, ACC64, UPCAST_DOT)
-            if HAS_PB:
-                pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
-            gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out,
-                             W_out, PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64)
-            gpre_in = gpre.to(x0.dtype)
-            gx0 = _grad_chunk(gx0, gpre_in, x0, w0, wpart_g, co, co_ok, 0, C_in, again, C0, PREC, ACC64)
-            if C1 > 0:
-                gx1 = _grad_chunk(gx1, gpre_in, x1, w1, wpart_g, co, co_ok, O1, C_in, again, C1, PREC, ACC64)
-            if C2 > 0:
-                gx2 = _grad_chunk(gx2, gpre_in, x2, w2, wpart_g, co, co_ok, O2, C_in, again, C2, PREC, ACC64)
-            if C3 > 0:
-                gx3 = _grad_chunk(gx3, gpre_in, x3, w3, wpart_g, co, co_ok, O3, C_in, again, C3, PREC, ACC64)
-        gx_row = n * sxgn + h * sxgh + w * sxgw
-        _store_gx_chunk(gx_ptr, gx_row, p_ok, gx0, 0, C_in, sxgc, C0, IDX64, X_VEC)
-        if C1 > 0:
-            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx1, O1, C_in, sxgc, C1, IDX64, X_VEC)
-        if C2 > 0:
-            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx2, O2, C_in, sxgc, C2, IDX64, X_VEC)
-        if C3 > 0:
-            _store_gx_chunk(gx_ptr, gx_row, p_ok, gx3, O3, C_in, sxgc, C3, IDX64, X_VEC)
-    for co0 in range(0, C_out, BCO):
-        co = co0 + tl.arange(0, BCO)
-        _grad_y_sum(gy_ptr, cpart_g, co, co < C_out, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO,
-                    ACC64, IDX64)
+            _grad_y_sum(gy_ptr, cpart_g, co, co < C_out, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO,
+                        ACC64, IDX64)
 
 
 @triton.jit
@@ -506,7 +529,11 @@ def _bwd_gpre_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
     PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
+    NEED_PB: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_GPRE: tl.constexpr,
+    NEED_MID: tl.constexpr, STORE_GPRE: tl.constexpr,
 ):
+    """grad_pre of a C_out block over tiles pid_g, pid_g + G, ..., stored for the GEMMs when STORE_GPRE (a GEMM
+    will consume it), and the program's channel partials."""
     T: tl.constexpr = KH * KW
     cb = tl.program_id(0)  # C_out blocks of one tile group are neighbours in launch order: they share x in L2
     pid_g = tl.program_id(1)
@@ -516,17 +543,22 @@ def _bwd_gpre_kernel(
     co = cb * BCO + tl.arange(0, BCO)
     co_ok = co < C_out
     co_g = co.to(tl.int64) if IDX64 else co
-    for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
-        tl.debug_barrier()  # see _bwd_fused_kernel
-        again = tile != pid_g
-        p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
-        pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, TP, BCO, BCI, HAS_PB, PREC,
-                         ACC64, IDX64, UPCAST_DOT, X_VEC)
-        gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out, W_out,
-                         PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64)
-        tl.store(gpre_ptr + (p[:, None] * C_out + co_g[None, :]), gpre.to(gpre_ptr.dtype.element_ty),
-                 mask=p_ok[:, None] & co_ok[None, :])
-    _grad_y_sum(gy_ptr, cpart_g, co, co_ok, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO, ACC64, IDX64)
+    if NEED_MID:
+        for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
+            tl.debug_barrier()  # see _bwd_fused_kernel
+            again = tile != pid_g
+            p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
+            pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, TP, BCO, BCI, HAS_PB, PREC,
+                             ACC64, IDX64, UPCAST_DOT, X_VEC)
+            gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out,
+                             W_out, PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64, NEED_GPRE,
+                             NEED_PB, NEED_DW)
+            if STORE_GPRE:
+                tl.store(gpre_ptr + (p[:, None] * C_out + co_g[None, :]), gpre.to(gpre_ptr.dtype.element_ty),
+                         mask=p_ok[:, None] & co_ok[None, :])
+    if NEED_DB:
+        _grad_y_sum(gy_ptr, cpart_g, co, co_ok, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO, ACC64,
+                    IDX64)
 
 
 @triton.jit
@@ -591,13 +623,15 @@ def _bwd_gw_kernel(
 
 @triton.jit
 def _reduce_kernel(wpart_ptr, cpart_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, GW, GC, C_out, C_in,
-                   T: tl.constexpr, BLOCK: tl.constexpr, ACC64: tl.constexpr):
+                   T: tl.constexpr, BLOCK: tl.constexpr, ACC64: tl.constexpr, FIRST_PART: tl.constexpr,
+                   NEED_PB: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr):
     """Sums the partial slots in fixed order (bitwise reproducible) and writes the weight/bias gradients in their
-    dtype: axis 1 = 0: the GW grad_pw slots [C_out, C_in]; = 1: the GC channel slots [C_out, T + 2]."""
+    dtype: part (axis 1 + FIRST_PART) 0: the GW grad_pw slots [C_out, C_in]; 1: the GC channel slots [C_out, T + 2],
+    of which it writes the gradients the NEED_ flags ask for (the other columns were never written)."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.zeros((BLOCK,), dtype=acc_dt)
-    if tl.program_id(1) == 0:
+    if tl.program_id(1) + FIRST_PART == 0:
         M = C_out * C_in
         ok = m < M
         for g in range(0, GW):
@@ -610,9 +644,12 @@ def _reduce_kernel(wpart_ptr, cpart_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, GW,
             s += tl.load(cpart_ptr + g * M + m, mask=ok, other=0.0)
         co = m // (T + 2)
         k = m % (T + 2)
-        tl.store(gdw_ptr + co * T + k, s.to(gdw_ptr.dtype.element_ty), mask=ok & (k < T))
-        tl.store(gpb_ptr + co, s.to(gpb_ptr.dtype.element_ty), mask=ok & (k == T))
-        tl.store(gdb_ptr + co, s.to(gdb_ptr.dtype.element_ty), mask=ok & (k == T + 1))
+        if NEED_DW:
+            tl.store(gdw_ptr + co * T + k, s.to(gdw_ptr.dtype.element_ty), mask=ok & (k < T))
+        if NEED_PB:
+            tl.store(gpb_ptr + co, s.to(gpb_ptr.dtype.element_ty), mask=ok & (k == T))
+        if NEED_DB:
+            tl.store(gdb_ptr + co, s.to(gdb_ptr.dtype.element_ty), mask=ok & (k == T + 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -760,15 +797,32 @@ def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, paddin
                 scratch_bytes=programs * blk["P"] * blk["BCO"] * acc_bytes if shifted else 0)
 
 
+def _gradient_flags(output_mask) -> dict:
+    """The backward kernels' constexpr flags for ``output_mask`` (five bools, in the order of
+    :data:`reference.GRADIENTS`): each gradient's own, plus NEED_GPRE (grad_pre, which grad_x, grad_pw_weight and
+    grad_pw_bias start from) and NEED_MID (the pointwise stage recomputed: for grad_pre or grad_dw_weight; grad_dw_bias
+    alone is a sum of grad_y)."""
+    need_gx, need_pw, need_pb, need_dw, need_db = (bool(b) for b in output_mask)
+    need_gpre = need_gx or need_pw or need_pb
+    return dict(NEED_GX=need_gx, NEED_PW=need_pw, NEED_PB=need_pb, NEED_DW=need_dw, NEED_DB=need_db,
+                NEED_GPRE=need_gpre, NEED_MID=need_gpre or need_dw)
+
+
 def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, prec=None,
-                  channels_last: bool = True) -> Plan:
+                  channels_last: bool = True, output_mask=reference.ALL_GRADIENTS) -> Plan:
     """Path, blocks, grids and work of :func:`backward` (dtype and prec as in :func:`_fma_dots`; channels_last:
-    x's channel stride is 1). The fused path where C_in allows it, unless the split path moves fewer bytes, or
-    runs more programs where the fused one would leave SMs idle (see the module docstring)."""
+    x's channel stride is 1; output_mask: the gradients wanted, as in :func:`backward`). The fused path where C_in
+    allows it, unless the split path moves fewer bytes, or runs more programs where the fused one would leave SMs
+    idle (see the module docstring). The path and blocks are those of all five gradients whatever the mask, so
+    that a gradient comes out bit for bit the same whichever others are asked for; the mask drops launches, dots
+    and partials (``params["flags"]``: the kernels' flags, :func:`_gradient_flags`)."""
+    flags = _gradient_flags(output_mask)
+    path = None if all(output_mask) else backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype,
+                                                       prec, channels_last).path
     forced = {k: v for k, v in (_FORCED["backward"] or {}).items() if k != "IDX64"}
-    path = forced.pop("PATH", None)
+    path = forced.pop("PATH", path)
     args = (n, c_in, c_out, h * w, kernel_size[0] * kernel_size[1], _dot_kind(dtype, prec), _dtype_name(dtype),
-            channels_last)
+            channels_last, flags)
     # each path takes the forced blocks it has (the fused kernel has no BCI and no pixel splits, the split ones no
     # channel chunks)
     fused_forced = {k: v for k, v in forced.items()
@@ -785,7 +839,7 @@ def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, p
     return fused if fills and fused.extra_traffic_bytes <= split.extra_traffic_bytes else split
 
 
-def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last) -> Plan | None:
+def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last, flags) -> Plan | None:
     """The fused backward (None when C_in is too wide for it). Blocks from compiling every shape of the table
     for sm_80 / sm_90 (benchmarks/kernel_report.py): x and grad_x of all channels stay on chip, so the tile
     shrinks as C_in grows, and 4 warps keep two or more programs per SM. NCHW x loads are single-element gathers
@@ -814,18 +868,22 @@ def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
     g = max(1, min(n_tiles, forced.pop("G", min(PARTIALS_MAX_BYTES // slot, FUSED_MAX_PROGRAMS))))
     blk = dict(TP=tp, BCO=bco, **{f"C{i}": c for i, c in enumerate(chunks)}, **_bwd_options(kind))
     blk.update(forced)
+    slot = acc_bytes * c_out * (c_in * flags["NEED_PW"] + (taps + 2) * _channel_partials(flags))  # the slots used
     partial = g * slot
-    macs = 3 * n_tiles * triton.cdiv(c_out, bco) * tp * bco * sum(chunks)
+    # per (tile, C_out block): the pointwise dot, then grad_x's and grad_pw's
+    dots = flags["NEED_MID"] + flags["NEED_GX"] + flags["NEED_PW"]
+    macs = dots * n_tiles * triton.cdiv(c_out, bco) * tp * bco * sum(chunks)
+    runs = flags["NEED_MID"] or flags["NEED_DB"]
+    launches = (Launch("bwd_fused_kernel", (g,), macs, finest=triton.cdiv(n_pix, 16)),) if runs else ()
     return Plan(path="fused", blocks=blk,
-                launches=(Launch("bwd_fused_kernel", (g,), macs, finest=triton.cdiv(n_pix, 16)),
-                          _reduce_launch(c_out, c_in, taps)),
-                params=dict(G=g, GW=g),
+                launches=launches + _reduce_launch(c_out, c_in, taps, flags),
+                params=dict(G=g, GW=g, flags=flags),
                 # every tile reads and writes its program's slot; the reduction reads the slots once
                 extra_traffic_bytes=2 * n_tiles * slot + partial, extra_hbm_bytes=dram_bytes(partial, 2),
                 partial_bytes=partial)
 
 
-def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last) -> Plan:
+def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last, flags) -> Plan:
     """The split backward: grad_pre kernel, grad_x and grad_pw GEMMs."""
     n_pix = n * hw
     itemsize = {"fp64": 8, "fp32": 4}.get(dtype_name, 2)
@@ -873,25 +931,32 @@ def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
                num_stages=1, GEMM_WARPS=4, GEMM_STAGES=1 if fma else 2)
     blk.update(forced)
     n_gx, gx_tiles = triton.cdiv(c_in, gx_bci), triton.cdiv(n_pix, gx_tp)
-    scratch = n_pix * c_out * itemsize
-    x_bytes = n_pix * c_in * itemsize
+    # the mask drops the GEMMs not wanted, grad_pre's buffer when neither runs, and the partials not written
+    gemms = flags["NEED_GX"] + flags["NEED_PW"]
+    scratch = n_pix * c_out * itemsize if gemms else 0
+    x_bytes = n_pix * c_in * itemsize * flags["NEED_PW"]
+    c_slot *= _channel_partials(flags)
+    w_slot *= flags["NEED_PW"]
     partial = g * c_slot + s * w_slot
     finest = triton.cdiv(n_pix, 16)
+    launches = (
+        Launch("bwd_gpre_kernel", (n_co, g), n_tiles * n_co * tp * bco * _padded(c_in, bci) * flags["NEED_MID"],
+               finest=finest * triton.cdiv(c_out, 16)),
+        Launch("bwd_gx_kernel", (n_gx, gx_tiles), gx_tiles * n_gx * gx_tp * gx_bci * _padded(c_out, bco),
+               finest=finest * triton.cdiv(c_in, 16)),
+        # its channel blocks stay GEMM-sized: it splits along the pixels only
+        Launch("bwd_gw_kernel", (n_co, n_ci, s), n_co * n_ci * bco * bci * n_tiles * tp,
+               finest=n_co * n_ci * n_tiles),
+    )
+    wanted = (flags["NEED_MID"] or flags["NEED_DB"], flags["NEED_GX"], flags["NEED_PW"])
     return Plan(path="split", blocks=blk,
-                launches=(Launch("bwd_gpre_kernel", (n_co, g), n_tiles * n_co * tp * bco * _padded(c_in, bci),
-                                 finest=finest * triton.cdiv(c_out, 16)),
-                          Launch("bwd_gx_kernel", (n_gx, gx_tiles),
-                                 gx_tiles * n_gx * gx_tp * gx_bci * _padded(c_out, bco),
-                                 finest=finest * triton.cdiv(c_in, 16)),
-                          # its channel blocks stay GEMM-sized: it splits along the pixels only
-                          Launch("bwd_gw_kernel", (n_co, n_ci, s), n_co * n_ci * bco * bci * n_tiles * tp,
-                                 finest=n_co * n_ci * n_tiles),
-                          _reduce_launch(c_out, c_in, taps)),
-                params=dict(G=g, GW=s, pix_per_split=pix_per_split),
-                # grad_pre: written, read by both GEMMs; x: read again by the grad_pw GEMM; channel partials:
+                launches=tuple(launch for launch, run in zip(launches, wanted) if run)
+                + _reduce_launch(c_out, c_in, taps, flags),
+                params=dict(G=g, GW=s, pix_per_split=pix_per_split, flags=flags),
+                # grad_pre: written, read by each GEMM; x: read again by the grad_pw GEMM; channel partials:
                 # read-modified-written per tile; grad_pw partials: written once; all read by the reduction
-                extra_traffic_bytes=3 * scratch + x_bytes + 2 * n_tiles * c_slot + 2 * s * w_slot,
-                extra_hbm_bytes=dram_bytes(scratch, 3) + dram_bytes(x_bytes, 1) + dram_bytes(partial, 2),
+                extra_traffic_bytes=(1 + gemms) * scratch + x_bytes + 2 * n_tiles * c_slot + 2 * s * w_slot,
+                extra_hbm_bytes=dram_bytes(scratch, 1 + gemms) + dram_bytes(x_bytes, 1) + dram_bytes(partial, 2),
                 partial_bytes=partial, scratch_bytes=scratch)
 
 
@@ -905,8 +970,23 @@ def _bwd_options(kind: str) -> dict:
 _REDUCE_BLOCK = 256
 
 
-def _reduce_launch(c_out, c_in, taps) -> Launch:
-    return Launch("reduce_kernel", (triton.cdiv(c_out * max(c_in, taps + 2), _REDUCE_BLOCK), 2), 0)
+def _channel_partials(flags: dict) -> bool:
+    """Whether the channel partials (grad_dw_weight | grad_pw_bias | grad_dw_bias) are written."""
+    return flags["NEED_PB"] or flags["NEED_DW"] or flags["NEED_DB"]
+
+
+def _reduce_parts(flags: dict) -> tuple[int, ...]:
+    """The parts of :func:`_reduce_kernel` to run: 0, the grad_pw partials; 1, the channel partials."""
+    return tuple(part for part, run in enumerate((flags["NEED_PW"], _channel_partials(flags))) if run)
+
+
+def _reduce_launch(c_out, c_in, taps, flags: dict) -> tuple[Launch, ...]:
+    """The reduction's launch, or none when no weight gradient is wanted."""
+    parts = _reduce_parts(flags)
+    if not parts:
+        return ()
+    width = max(c_in if 0 in parts else 0, taps + 2 if 1 in parts else 0)
+    return (Launch("reduce_kernel", (triton.cdiv(c_out * width, _REDUCE_BLOCK), len(parts)), 0),)
 
 
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
@@ -1028,7 +1108,10 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
     return y
 
 
-def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation):
+def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation,
+             output_mask=reference.ALL_GRADIENTS):
+    """The gradients of :func:`reference.backward`, those that ``output_mask`` asks for (the others: empty tensors);
+    :func:`backward_plan` says what runs."""
     _check(x, "bsconv_cuda::triton_backward")
     pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
     n, c_in, h, w = x.shape
@@ -1036,62 +1119,74 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
     h_out, w_out = grad_y.shape[2:]
     taps = kh * kw
     dev, dt = x.device, x.dtype
-    grad_x = torch.empty(x.shape, dtype=dt, device=dev, memory_format=reference.output_memory_format(x))
-    grad_pw = torch.empty((c_out, c_in), dtype=dt, device=dev)
-    grad_dw = torch.empty((c_out, 1, kh, kw), dtype=dt, device=dev)
-    grad_pb = torch.empty((c_out,), dtype=dt, device=dev)
-    grad_db = torch.empty((c_out,), dtype=dt, device=dev)
+    need_gx, need_pw, need_pb, need_dw, need_db = output_mask
+    grad_x = (torch.empty(x.shape, dtype=dt, device=dev, memory_format=reference.output_memory_format(x))
+              if need_gx else reference.skipped_gradient(x))
+    grad_pw = torch.empty((c_out, c_in), dtype=dt, device=dev) if need_pw else reference.skipped_gradient(x)
+    grad_pb = torch.empty((c_out,), dtype=dt, device=dev) if need_pb else reference.skipped_gradient(x)
+    grad_dw = torch.empty((c_out, 1, kh, kw), dtype=dt, device=dev) if need_dw else reference.skipped_gradient(x)
+    grad_db = torch.empty((c_out,), dtype=dt, device=dev) if need_db else reference.skipped_gradient(x)
     if x.numel() == 0 or grad_y.numel() == 0:
-        return (grad_x.zero_(), grad_pw.zero_(), grad_pb.zero_(), grad_dw.zero_(),
-                grad_db.copy_(grad_y.sum((0, 2, 3))))
+        if need_db:
+            grad_db.copy_(grad_y.sum((0, 2, 3)))
+        return (grad_x.zero_(), grad_pw.zero_(), grad_pb.zero_(), grad_dw.zero_(), grad_db)
 
     prec, acc64, upcast = _dot_settings(dt, dev)
-    plan = backward_plan(n, c_in, c_out, h, w, h_out, w_out, (kh, kw), dt, prec, channels_last=x.stride(1) == 1)
+    plan = backward_plan(n, c_in, c_out, h, w, h_out, w_out, (kh, kw), dt, prec, channels_last=x.stride(1) == 1,
+                         output_mask=output_mask)
     blk, prm = plan.blocks, plan.params
+    flags = prm["flags"]
+    launches = {launch.kernel: launch for launch in plan.launches}
     acc_dt = torch.float64 if acc64 else torch.float32
     # G programs (or pixel splits) each own one slot of partials; their count depends on the shape only (never on
-    # the device), so the fixed-order reduction reproduces results bit for bit
-    wpart = torch.empty((prm["GW"], c_out, c_in), dtype=acc_dt, device=dev)
-    cpart = torch.empty((prm["G"], c_out, taps + 2), dtype=acc_dt, device=dev)
-    gpre = torch.empty((n * h * w, c_out), dtype=dt, device=dev) if plan.path == "split" else None
+    # the device), so the fixed-order reduction reproduces results bit for bit. Buffers nothing writes are not
+    # allocated: the kernels get a placeholder (pw) for them, which they never touch (their flags drop the accesses).
+    wpart = torch.empty((prm["GW"], c_out, c_in), dtype=acc_dt, device=dev) if need_pw else pw
+    cpart = torch.empty((prm["G"], c_out, taps + 2), dtype=acc_dt, device=dev) if _channel_partials(flags) else pw
+    gpre = torch.empty((n * h * w, c_out), dtype=dt, device=dev) if plan.scratch_bytes else None
     idx64 = (_FORCED["backward"] or {}).get(
         "IDX64", _needs_int64(x, grad_y, grad_x) or (gpre is not None and _needs_int64(gpre)))
     pb = pw_bias if pw_bias is not None else pw
+    gx = grad_x if need_gx else x
     conv = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1])
     dots = dict(PREC=prec, ACC64=acc64, IDX64=idx64, UPCAST_DOT=upcast, X_VEC=min(_vector_width(x),
-                                                                               _vector_width(grad_x)))
+                                                                               _vector_width(gx)))
     with _launch_device(x):
-        if plan.path == "fused":
-            fused, _ = plan.launches
-            _launchable(_bwd_fused_kernel)[fused.grid](
-                grad_y, x, pw, pb, dw, grad_x, wpart, cpart,
+        if "bwd_fused_kernel" in launches:
+            _launchable(_bwd_fused_kernel)[launches["bwd_fused_kernel"].grid](
+                grad_y, x, pw, pb, dw, gx, wpart, cpart,
                 n, c_in, c_out, h, w, h_out, w_out,
-                *x.stride(), *grad_y.stride(), *grad_x.stride(),
+                *x.stride(), *grad_y.stride(), *gx.stride(),
                 padding[0], padding[2], prm["G"],
-                **conv, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, **dots,
+                **conv, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, **dots, **flags,
             )
-        else:
-            pre_launch, gx_launch, gw_launch, _ = plan.launches
-            gemm = dict(TP=blk["TP"], BCO=blk["BCO"], BCI=blk["BCI"])
-            _launchable(_bwd_gpre_kernel)[pre_launch.grid](
-                grad_y, x, pw, pb, dw, gpre, cpart,
+        gemm = dict(TP=blk["TP"], BCO=blk["BCO"], BCI=blk.get("BCI"))  # the split path's (the fused one has no BCI)
+        if "bwd_gpre_kernel" in launches:
+            _launchable(_bwd_gpre_kernel)[launches["bwd_gpre_kernel"].grid](
+                grad_y, x, pw, pb, dw, gpre if gpre is not None else pw, cpart,
                 n, c_in, c_out, h, w, h_out, w_out,
                 *x.stride(), *grad_y.stride(),
                 padding[0], padding[2], prm["G"],
                 **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_ACT_CODES[activation],
-                HAS_PB=pw_bias is not None, **dots,
+                HAS_PB=pw_bias is not None, **dots, STORE_GPRE=gpre is not None,
+                **{k: v for k, v in flags.items() if k not in ("NEED_GX", "NEED_PW")},
             )
-            _launchable(_bwd_gx_kernel)[gx_launch.grid](
+        if "bwd_gx_kernel" in launches:
+            _launchable(_bwd_gx_kernel)[launches["bwd_gx_kernel"].grid](
                 gpre, pw, grad_x, n, c_in, c_out, h, w, *grad_x.stride(),
                 **dict(gemm, TP=blk["GX_TP"], BCI=blk["GX_BCI"]),
                 num_warps=blk["GEMM_WARPS"], num_stages=blk["GEMM_STAGES"], **dots,
             )
-            _launchable(_bwd_gw_kernel)[gw_launch.grid](
+        if "bwd_gw_kernel" in launches:
+            _launchable(_bwd_gw_kernel)[launches["bwd_gw_kernel"].grid](
                 gpre, x, wpart, n, c_in, c_out, h, w, *x.stride(), prm["pix_per_split"], **gemm,
                 num_warps=blk["GEMM_WARPS"], num_stages=blk["GEMM_STAGES"], **dots,
             )
-        _launchable(_reduce_kernel)[plan.launches[-1].grid](
-            wpart, cpart, grad_pw, grad_dw, grad_pb, grad_db, prm["GW"], prm["G"], c_out, c_in,
-            T=taps, BLOCK=_REDUCE_BLOCK, ACC64=acc64,
-        )
+        if "reduce_kernel" in launches:
+            _launchable(_reduce_kernel)[launches["reduce_kernel"].grid](
+                wpart, cpart, grad_pw if need_pw else pw, grad_dw if need_dw else dw, grad_pb if need_pb else pw,
+                grad_db if need_db else pw, prm["GW"], prm["G"], c_out, c_in,
+                T=taps, BLOCK=_REDUCE_BLOCK, ACC64=acc64, FIRST_PART=_reduce_parts(flags)[0], NEED_PB=need_pb,
+                NEED_DW=need_dw, NEED_DB=need_db,
+            )
     return grad_x, grad_pw, grad_pb, grad_dw, grad_db
