@@ -228,7 +228,7 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     tiles = math.ceil(h_out / th) * math.ceil(w_out / tw)
     halo = halo_read_factor(h, w, h_out, w_out, (th, tw), stride, (padding[0], padding[2]), (ih, iw))
     halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
-    fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, P_pad=_round_up(ih * iw, 16), CB=_CB, KC=kc),
+    fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, region_rows=_round_up(ih * iw, 16), CB=_CB, KC=kc),
                launches=(Launch("fwd_kernel", (n_cb, tiles, n),
                                 n * tiles * n_cb * _round_up(ih * iw, 16) * _CB * _round_up(c_in, kc),
                                 finest=n * h_out * w_out * n_cb),),  # 1 x 1 output tiles

@@ -6,9 +6,9 @@
 //
 // Forward (fwd_kernel): one block = (32 output channels, one TH x TW output tile, one image). It computes
 // pre = x . W^T for the (tile + halo) input pixels with tensor cores (WMMA: fp16/bf16, and fp32 as TF32 when
-// ConvShape::tf32 says torch allows it) or fp32 FMA, in chunks of input channels staged in shared memory; then mid = act(pre + pw_bias), zero outside the image (padding
-// applies to mid), kept in shared memory as fp32; then the depthwise KxK stage reads mid from shared memory and
-// writes y. mid never touches global memory.
+// ConvShape::tf32 says torch allows it) or fp32 FMA, in chunks of input channels staged in shared memory; then
+// mid = act(pre + pw_bias), zero outside the image (padding applies to mid), kept in shared memory as fp32; then
+// the depthwise KxK stage reads mid from shared memory and writes y. mid never touches global memory.
 //
 // Backward:
 //   1. bwd_tile_kernel: one block = (32 channels, 256 mid pixels, one image): recomputes pre for its pixels,
@@ -131,28 +131,30 @@ __host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { r
 
 // ------------------------------------------------------------------------------------ pointwise stage (GEMM)
 // Shared-memory layout while the GEMM runs (region 0, reused afterwards for the fp32 result):
-//   xs  [P_pad][LDX] T : x of the region's pixels, KC input channels
+//   xs  [region_rows][LDX] T : x of the region's pixels, KC input channels
 //   ws  [CB][LDW]    T : W rows c0..c0+CB, KC input channels (== B = W^T in column-major order)
 // After the GEMM (and a __syncthreads), region 0 holds
-//   acc [P_pad][LDM] float : pre-activation without bias, for pixel p (row) and channel c0 + c (column).
+//   acc [region_rows][LDM] float : pre-activation without bias, for pixel p (row) and channel c0 + c (column).
 template <typename M>
-__host__ __device__ __forceinline__ int region0_bytes(int P_pad) {
-  const int gemm = (P_pad * Cfg<M>::LDX + CB * Cfg<M>::LDW) * (int)sizeof(Elem<M>);
-  const int acc = P_pad * LDM * (int)sizeof(float);
+__host__ __device__ __forceinline__ int region0_bytes(int region_rows) {
+  const int gemm = (region_rows * Cfg<M>::LDX + CB * Cfg<M>::LDW) * (int)sizeof(Elem<M>);
+  const int acc = region_rows * LDM * (int)sizeof(float);
   return round_up(gemm > acc ? gemm : acc, 128);
 }
 
-// Region: pixels p in [0, P) are (r_h0 + p / RW, r_w0 + p % RW) of image n; rows P..P_pad-1 and pixels outside
-// the image read as zeros. `vec`: C_in % VEC == 0 and x is 16-byte aligned, so 16-byte loads are legal.
+// Region: pixels p in [0, region_pixels) are (r_h0 + p / RW, r_w0 + p % RW) of image n; rows
+// region_pixels..region_rows-1 (padding to the MMA's 16-row step) and pixels outside the image read as zeros.
+// `vec`: C_in % VEC == 0 and x is 16-byte aligned, so 16-byte loads are legal.
 template <typename M>
 __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, const Elem<M>* __restrict__ pw,
-                                               const ConvShape& s, int n, int c0, int r_h0, int r_w0, int RW, int P,
-                                               int P_pad, bool vec, unsigned char* region0) {
+                                               const ConvShape& s, int n, int c0, int r_h0, int r_w0, int RW,
+                                               int region_pixels, int region_rows, bool vec,
+                                               unsigned char* region0) {
   using C = Cfg<M>;
   using T = Elem<M>;
   constexpr int KC = C::KC, LDX = C::LDX, LDW = C::LDW, VEC = C::VEC;
   T* xs = reinterpret_cast<T*>(region0);
-  T* ws = xs + P_pad * LDX;
+  T* ws = xs + region_rows * LDX;
   float* acc_s = reinterpret_cast<float*>(region0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int H = (int)s.H, W = (int)s.W;
@@ -173,17 +175,17 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
 #pragma unroll
     for (int t = 0; t < kMaxRows; ++t) facc[t] = 0.f;
   }
-  const int m_tiles = P_pad / 16;
+  const int m_tiles = region_rows / 16;
 
   for (int64_t k0 = 0; k0 < C_in; k0 += KC) {
     // ---- stage x chunk
     if (vec) {
       constexpr int NV = KC / VEC;
-      for (int v = tid; v < P_pad * NV; v += kThreads) {
+      for (int v = tid; v < region_rows * NV; v += kThreads) {
         const int p = v / NV, kv = v - p * NV;
         const int64_t k = k0 + kv * VEC;
         uint4 val = make_uint4(0u, 0u, 0u, 0u);
-        if (p < P && k < C_in) {
+        if (p < region_pixels && k < C_in) {
           const int ih = r_h0 + p / RW, iw = r_w0 + p % RW;
           if (ih >= 0 && ih < H && iw >= 0 && iw < W)
             val = __ldg(reinterpret_cast<const uint4*>(x + ((img_pix + (int64_t)ih * W + iw) * C_in + k)));
@@ -191,11 +193,11 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
         *reinterpret_cast<uint4*>(xs + p * LDX + kv * VEC) = val;
       }
     } else {
-      for (int e = tid; e < P_pad * KC; e += kThreads) {
+      for (int e = tid; e < region_rows * KC; e += kThreads) {
         const int p = e / KC, kk = e - p * KC;
         const int64_t k = k0 + kk;
         T val = zero_val<T>();
-        if (p < P && k < C_in) {
+        if (p < region_pixels && k < C_in) {
           const int ih = r_h0 + p / RW, iw = r_w0 + p % RW;
           if (ih >= 0 && ih < H && iw >= 0 && iw < W) val = x[(img_pix + (int64_t)ih * W + iw) * C_in + k];
         }
@@ -237,7 +239,7 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
 #pragma unroll
       for (int t = 0; t < kMaxRows; ++t) {
         const int p = warp + kWarps * t;
-        if (p < P_pad) {
+        if (p < region_rows) {
           float a = facc[t];
 #pragma unroll
           for (int kk = 0; kk < KC; kk += 4) {
@@ -266,7 +268,7 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
 #pragma unroll
     for (int t = 0; t < kMaxRows; ++t) {
       const int p = warp + kWarps * t;
-      if (p < P_pad) acc_s[p * LDM + lane] = facc[t];
+      if (p < region_rows) acc_s[p * LDM + lane] = facc[t];
     }
   }
   __syncthreads();
@@ -281,12 +283,12 @@ struct KSize {
 
 // Loads dw_weight[c0 .. c0+CB) as fp32 [kh*kw][CB] and the (optional) biases as fp32 [CB] (0 beyond C_out).
 template <typename T>
-__device__ __forceinline__ void load_channel_params(const T* __restrict__ dw, int KK, const T* __restrict__ b1,
+__device__ __forceinline__ void load_channel_params(const T* __restrict__ dw_weight, int KK, const T* __restrict__ b1,
                                                     const T* __restrict__ b2, int64_t C_out, int c0, float* dws,
                                                     float* b1s, float* b2s) {
   for (int e = threadIdx.x; e < KK * CB; e += kThreads) {
     const int tap = e / CB, c = e - tap * CB;
-    dws[e] = (c0 + c < C_out) ? to_f(dw[(int64_t)(c0 + c) * KK + tap]) : 0.f;
+    dws[e] = (c0 + c < C_out) ? to_f(dw_weight[(int64_t)(c0 + c) * KK + tap]) : 0.f;
   }
   for (int c = threadIdx.x; c < CB; c += kThreads) {
     const bool ok = c0 + c < C_out;
@@ -297,13 +299,13 @@ __device__ __forceinline__ void load_channel_params(const T* __restrict__ dw, in
 
 // ------------------------------------------------------------------------------------------------- forward
 struct FwdTile {
-  int TH, TW, IH, IW, P, P_pad, tiles_w;
+  int TH, TW, IH, IW, region_pixels, region_rows, tiles_w;
   int64_t tiles;
 };
 
 template <typename MT, int K>
-__host__ __device__ __forceinline__ int fwd_smem_bytes(int P_pad) {
-  return region0_bytes<MT>(P_pad) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CB * (int)sizeof(float);
+__host__ __device__ __forceinline__ int fwd_smem_bytes(int region_rows) {
+  return region0_bytes<MT>(region_rows) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CB * (int)sizeof(float);
 }
 
 template <typename MT, int K>
@@ -318,25 +320,26 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   const int n = blockIdx.z;
   const int tile = blockIdx.y;
   const int oh0 = (tile / t.tiles_w) * t.TH, ow0 = (tile % t.tiles_w) * t.TW;
-  const int h0 = oh0 * s.sh - s.pad_top, w0 = ow0 * s.sw - s.pad_left;
+  const int h0 = oh0 * s.stride_h - s.pad_top, w0 = ow0 * s.stride_w - s.pad_left;
   const int H = (int)s.H, W = (int)s.W;
   constexpr int KM = KSize<K>::kMax;
   const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
 
   float* acc_s = reinterpret_cast<float*>(smem);
-  float* dws = reinterpret_cast<float*>(smem + region0_bytes<MT>(t.P_pad));
+  float* dws = reinterpret_cast<float*>(smem + region0_bytes<MT>(t.region_rows));
   float* pbs = dws + KM * KM * CB;
   float* dbs = pbs + CB;
   load_channel_params<T>(static_cast<const T*>(a.dw_w), KH * KW, static_cast<const T*>(a.pw_b),
                             static_cast<const T*>(a.dw_b), s.C_out, c0, dws, pbs, dbs);
 
-  pointwise_gemm<MT>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.P, t.P_pad, vec, smem);
+  pointwise_gemm<MT>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.region_pixels, t.region_rows, vec,
+                     smem);
 
   // mid = act(pre + b) inside the image, 0 in the padding (and in the unused rows)
-  for (int e = tid; e < t.P_pad * CB; e += kThreads) {
+  for (int e = tid; e < t.region_rows * CB; e += kThreads) {
     const int p = e / CB, c = e - p * CB;
     const int ih = h0 + p / t.IW, iw = w0 + p % t.IW;
-    const bool ok = p < t.P && ih >= 0 && ih < H && iw >= 0 && iw < W;
+    const bool ok = p < t.region_pixels && ih >= 0 && ih < H && iw >= 0 && iw < W;
     float* slot = acc_s + p * LDM + c;
     *slot = ok ? act_fwd(*slot + pbs[c], (int)s.act) : 0.f;
   }
@@ -351,14 +354,14 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
     const int oh = oh0 + toh, ow = ow0 + tow;
     if (oh < s.H_out && ow < s.W_out && c0 + c < C_out) {
       float sum = dbs[c];
-      const float* mrow = acc_s + ((toh * s.sh) * t.IW + tow * s.sw) * LDM + c;
+      const float* mrow = acc_s + ((toh * s.stride_h) * t.IW + tow * s.stride_w) * LDM + c;
 #pragma unroll
       for (int i = 0; i < KM; ++i) {
         if (K == 0 && i >= KH) break;
 #pragma unroll
         for (int j = 0; j < KM; ++j) {
           if (K == 0 && j >= KW) break;
-          sum = fmaf(mrow[(i * s.dh * t.IW + j * s.dw) * LDM], dws[(i * KW + j) * CB + c], sum);
+          sum = fmaf(mrow[(i * s.dilation_h * t.IW + j * s.dilation_w) * LDM], dws[(i * KW + j) * CB + c], sum);
         }
       }
       y[(((int64_t)n * s.H_out + oh) * s.W_out + ow) * C_out + c0 + c] = from_f<T>(sum);
@@ -376,16 +379,17 @@ bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   for (int th0 : ths) {
     for (int tw0 : tws) {
       const int th = (int)(th0 < s.H_out ? th0 : s.H_out), tw = (int)(tw0 < s.W_out ? tw0 : s.W_out);
-      const int IH = (th - 1) * s.sh + (s.KH - 1) * s.dh + 1;
-      const int IW = (tw - 1) * s.sw + (s.KW - 1) * s.dw + 1;
-      const int64_t P = (int64_t)IH * IW;
-      if (P > kMaxTilePixels) continue;
-      const int P_pad = round_up((int)P, 16);
-      const double score = (double)(th * tw) / P_pad;
+      const int IH = (th - 1) * s.stride_h + (s.KH - 1) * s.dilation_h + 1;
+      const int IW = (tw - 1) * s.stride_w + (s.KW - 1) * s.dilation_w + 1;
+      const int64_t region_pixels = (int64_t)IH * IW;
+      if (region_pixels > kMaxTilePixels) continue;
+      const int region_rows = round_up((int)region_pixels, 16);
+      const double score = (double)(th * tw) / region_rows;
       if (score > best + 1e-12) {
         best = score;
         found = true;
-        out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW; out->P = (int)P; out->P_pad = P_pad;
+        out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW;
+        out->region_pixels = (int)region_pixels; out->region_rows = region_rows;
       }
     }
   }
@@ -442,8 +446,8 @@ int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
   FwdTile t;
   if (!choose_fwd_tile(s, &t)) return -1;
   const bool vec = (s.C_in % Cfg<MT>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
-  const int smem = fwd_smem_bytes<MT, K>(t.P_pad);
-  static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps P_pad <= kMaxTilePixels
+  const int smem = fwd_smem_bytes<MT, K>(t.region_rows);
+  static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps region_rows <= kMaxTilePixels
   int rc = limit.allow(fwd_kernel<MT, K>, smem, fwd_smem_bytes<MT, K>(kMaxTilePixels));
   if (rc != 0) return rc;
   dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)t.tiles, (unsigned)s.N);
@@ -515,22 +519,23 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
     const float pre = acc_s[p * LDM + c] + pbs[c];
     const float m = act_fwd(pre, (int)s.act);
     float gm = 0.f;
-    // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff oh*sh + i*dh - pad_top == h (same for w).
+    // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff
+    // oh*stride_h + i*dilation_h - pad_top == h (same for w).
     // owj[j]: the output column that tap column j reaches, -1 when none. Computed once per pixel and reused by every
     // tap row (recomputing it per (i, j), with the 64-bit address, pushed the 7x7 variants past 128 registers).
     int owj[KM];
 #pragma unroll
     for (int j = 0; j < KM; ++j) {
-      const int own = w + s.pad_left - j * s.dw;
-      const int ow = own / s.sw;
-      owj[j] = (own >= 0 && ow * s.sw == own && ow < s.W_out && (K > 0 || j < KW)) ? ow : -1;
+      const int own = w + s.pad_left - j * s.dilation_w;
+      const int ow = own / s.stride_w;
+      owj[j] = (own >= 0 && ow * s.stride_w == own && ow < s.W_out && (K > 0 || j < KW)) ? ow : -1;
     }
 #pragma unroll
     for (int i = 0; i < KM; ++i) {
       if (K == 0 && i >= KH) break;
-      const int ohn = h + s.pad_top - i * s.dh;
-      const int oh = ohn / s.sh;
-      if (ohn < 0 || oh * s.sh != ohn || oh >= s.H_out) continue;
+      const int ohn = h + s.pad_top - i * s.dilation_h;
+      const int oh = ohn / s.stride_h;
+      if (ohn < 0 || oh * s.stride_h != ohn || oh >= s.H_out) continue;
       const T* __restrict__ grow = gy + ((gy_img + oh) * s.W_out) * C_out + c0 + c;
 #pragma unroll
       for (int j = 0; j < KM; ++j) {
@@ -894,10 +899,10 @@ const char* supported_reason(const ConvShape& s) {
   if (s.N > kMaxGridYZ) return "batch size > 65535 (the CUDA grid's z limit)";
   if (s.H > kMaxSpatialSize || s.W > kMaxSpatialSize || s.H_out > kMaxSpatialSize || s.W_out > kMaxSpatialSize)
     return "spatial size > 2^24";
-  if (s.sh > kMaxStrideOrDilation || s.sw > kMaxStrideOrDilation || s.dh > kMaxStrideOrDilation ||
-      s.dw > kMaxStrideOrDilation || s.pad_top > kMaxPadding || s.pad_left > kMaxPadding)
+  if (s.stride_h > kMaxStrideOrDilation || s.stride_w > kMaxStrideOrDilation || s.dilation_h > kMaxStrideOrDilation ||
+      s.dilation_w > kMaxStrideOrDilation || s.pad_top > kMaxPadding || s.pad_left > kMaxPadding)
     return "stride / dilation > 64 or padding > 4096";
-  const int64_t footprint = ((int64_t)(s.KH - 1) * s.dh + 1) * ((int64_t)(s.KW - 1) * s.dw + 1);
+  const int64_t footprint = ((int64_t)(s.KH - 1) * s.dilation_h + 1) * ((int64_t)(s.KW - 1) * s.dilation_w + 1);
   if (footprint > kMaxTilePixels)
     return "the dilated kernel covers more than the 384 input pixels a forward block keeps in shared memory";
   FwdTile t;

@@ -128,12 +128,12 @@ void set_geometry(bsconv::ConvShape* s, int64_t kh, int64_t kw, const int64_t* s
                   const int64_t* dilation) {
   s->KH = (int)(kh <= bsconv::kMaxKernelSize ? kh : bsconv::kMaxKernelSize + 1);
   s->KW = (int)(kw <= bsconv::kMaxKernelSize ? kw : bsconv::kMaxKernelSize + 1);
-  s->sh = (int)stride[0];
-  s->sw = (int)stride[1];
+  s->stride_h = (int)stride[0];
+  s->stride_w = (int)stride[1];
   s->pad_top = (int)padding[0];
   s->pad_left = (int)padding[2];
-  s->dh = (int)dilation[0];
-  s->dw = (int)dilation[1];
+  s->dilation_h = (int)dilation[0];
+  s->dilation_w = (int)dilation[1];
   s->H_out = bsconv::conv_output_size(s->H, padding[0], padding[1], kh, stride[0], dilation[0]);
   s->W_out = bsconv::conv_output_size(s->W, padding[2], padding[3], kw, stride[1], dilation[1]);
 }

@@ -10,7 +10,8 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // The limits of the CUDA kernels, one home. bsconv_ops.cpp checks the op's arguments against them and exports them
 // to Python (bsconv_cuda._C.MAX_KERNEL_SIZE, ...; bsconv_cuda.cuda_backend reads them there).
-constexpr int kMaxKernelSize = 7;           // kh, kw in 1..7: per-tap state in registers / shared memory is sized for 7x7
+// kh, kw in 1..7: per-tap state in registers / shared memory is sized for 7x7
+constexpr int kMaxKernelSize = 7;
 constexpr int kMaxTilePixels = 384;         // input pixels (output tile + halo) one forward block keeps in shared
                                             // memory; a multiple of 16 (the MMA's M step)
 constexpr int kMaxStrideOrDilation = 64;    // stride and dilation per axis
@@ -33,9 +34,9 @@ enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
 struct ConvShape {
   int64_t N, C_in, H, W, C_out, H_out, W_out;
   int KH, KW;             // depthwise kernel size, 1..kMaxKernelSize each (1/3/5/7 square: compile-time fast paths)
-  int sh, sw;             // stride
-  int pad_top, pad_left;  // (pad_bottom / pad_right only enter H_out / W_out)
-  int dh, dw;             // dilation
+  int stride_h, stride_w;
+  int pad_top, pad_left;      // (pad_bottom / pad_right only enter H_out / W_out)
+  int dilation_h, dilation_w;
   Act act;
   DType dtype;
   bool tf32;  // Float32 only: the matrix stages on TF32 tensor cores (torch allows TF32 for fp32 convolutions)
