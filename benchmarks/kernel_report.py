@@ -596,7 +596,7 @@ def call_plans(shape, backend: str, dtype: str = "bf16", layout: str = "cl", tf3
     if backend == "cuda":
         from bsconv_cuda import cuda_backend
 
-        return cuda_backend.work_plan(*args, k, stride, padding, dilation, tdt)
+        return cuda_backend.work_plan(*args, k, stride, padding, dilation, tdt, tf32=dtype == "fp32" and tf32)
     from bsconv_cuda.kernels import bsconv_u as K
 
     prec = "tf32" if dtype == "fp32" and tf32 else ("ieee" if dtype == "fp32" else None)

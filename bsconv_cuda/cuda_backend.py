@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from . import reference
+from .plan import BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, TARGET_SMS
 
 # The limits of the CUDA kernels. Their home is csrc/bsconv_params.h; the compiled module exports them
 # (``_C.MAX_TILE_PIXELS``, ...) and tests/test_cuda_extension.py checks these copies against that export wherever it
@@ -174,34 +175,51 @@ def arch_reason(device: torch.device | str | int | None = None) -> str | None:
     return f"bsconv_cuda._C was compiled for {';'.join(archs)}, which has no code for sm_{major}{minor}"
 
 
-def _fwd_tile(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) -> tuple[int, int, int, int] | None:
-    """(TH, TW, IH, IW) of the forward kernel's output tile and its halo (choose_fwd_tile in csrc), or None if no
-    tile fits."""
-    best, choice = -1.0, None
-    for th0 in (16, 8, 4, 2, 1):
-        for tw0 in (32, 16, 8, 4, 2, 1):
-            th, tw = min(th0, h_out), min(tw0, w_out)
-            ih = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+def _fwd_tiles(h_out: int, w_out: int, kh: int, kw: int, stride, dilation):
+    """The forward's candidate output tiles (TH, TW, IH, IW, tiles per image): halo within MAX_TILE_PIXELS, tile
+    count within the grid; TH ascending, then TW."""
+    for th in range(1, h_out + 1):
+        ih = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+        if ih > MAX_TILE_PIXELS:
+            break
+        for tw in range(1, w_out + 1):
             iw = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
             if ih * iw > MAX_TILE_PIXELS:
-                continue
-            score = th * tw / _round_up(ih * iw, 16)
-            if score > best + 1e-12:
-                best, choice = score, (th, tw, ih, iw)
-    return choice
+                break
+            tiles = math.ceil(h_out / th) * math.ceil(w_out / tw)
+            if tiles <= MAX_GRID_YZ:
+                yield th, tw, ih, iw, tiles
 
 
-def _fwd_tile_count(h_out: int, w_out: int, kh: int, kw: int, stride, dilation) -> int | None:
-    """Output tiles per image of the forward kernel, or None if no tile fits."""
-    tile = _fwd_tile(h_out, w_out, kh, kw, stride, dilation)
-    return None if tile is None else math.ceil(h_out / tile[0]) * math.ceil(w_out / tile[1])
+def _fwd_tile(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32=False):
+    """(TH, TW, IH, IW, tiles per image) of the forward kernel: choose_fwd_tile of csrc restated (its comment
+    gives the model; the constants are :mod:`bsconv_cuda.plan`'s), or None when no tile fits. The sums run in
+    floats in the kernel's order, so that ties break alike."""
+    fp32 = dtype == torch.float32
+    k_chunk = 16 if fp32 else 32
+    c_in_padded = float(_round_up(c_in, k_chunk))
+    depthwise_cost = float(DEPTHWISE_COST["tc" if not fp32 else "tf32" if tf32 else "fma"])
+    pointwise = float(n) * h * w * c_in * c_out
+    blocks_per_tile = float(n) * math.ceil(c_out / _CB)
+    block_slots = float(TARGET_SMS * BLOCKS_PER_SM)
+    best = None
+    for th, tw, ih, iw, tiles in _fwd_tiles(h_out, w_out, kh, kw, stride, dilation):
+        blocks = blocks_per_tile * tiles
+        block_macs = float(_round_up(ih * iw, 16)) * _CB * c_in_padded
+        macs = blocks * block_macs
+        ratio = max(macs / pointwise, FWD_MAX_DOT_RATIO)
+        time = (block_macs + depthwise_cost * th * tw * kh * kw * _CB) * max(blocks / block_slots, 1.0)
+        key = (ratio, time, macs, -tw)
+        if best is None or key < best[0]:
+            best = key, (th, tw, ih, iw, tiles)
+    return None if best is None else best[1]
 
 
 def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-# The kernels' constants (csrc/bsconv_kernels.cu): output channels per fused block (CB), mid pixels per backward
+# The kernels' constants (csrc/bsconv_kernels.cu): output channels per fused block (CB), most mid pixels per backward
 # tile block (kBwdPix), the GEMM block (GBM = GBN), input channels per shared-memory chunk (KC) and the GEMM's K
 # step (BK): 32 for fp16 / bf16 (tensor cores), 16 for fp32 (FMA).
 _CB = 32
@@ -209,23 +227,26 @@ _BWD_PIX = 256
 _GEMM_BLOCK = 64
 
 
-def _bwd_tile_width(w: int) -> int:
-    """TW of the backward tile block (choose_bwd_tile in csrc; TH = 256 / TW)."""
-    return 32 if w > 16 else 16 if w > 8 else 8 if w > 4 else 4
+def _bwd_tile(h: int, w: int) -> tuple[int, int, int]:
+    """(TH, TW, tiles per image) of the backward tile block (choose_bwd_tile in csrc): W cut into equal parts of at
+    most 32 columns, H into equal parts of at most 256 / TW rows."""
+    tw = math.ceil(w / math.ceil(w / 32))
+    th = math.ceil(h / math.ceil(h / (_BWD_PIX // tw)))
+    return th, tw, math.ceil(h / th) * math.ceil(w / tw)
 
 
-def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype):
+def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype, tf32=False):
     """The forward and backward :class:`bsconv_cuda.plan.Plan` of the CUDA kernels for one call (grids and the
     multiply-adds of their MMA / FMA loops, from the tile plan of ``csrc/bsconv_kernels.cu``). padding: (top,
-    bottom, left, right); dtype: a torch dtype. Pure arithmetic: needs neither the extension nor a GPU."""
+    bottom, left, right); dtype: a torch dtype; tf32: float32 on TF32 tensor cores. Pure arithmetic: needs neither
+    the extension nor a GPU."""
     from .plan import Launch, Plan, dram_bytes, halo_read_factor
 
     kh, kw = kernel_size
     itemsize = torch.empty((), dtype=dtype).element_size()
     kc = 16 if dtype == torch.float32 else 32  # KC and the GEMM's BK
-    th, tw, ih, iw = _fwd_tile(h_out, w_out, kh, kw, stride, dilation)
+    th, tw, ih, iw, tiles = _fwd_tile(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32)
     n_cb = math.ceil(c_out / _CB)
-    tiles = math.ceil(h_out / th) * math.ceil(w_out / tw)
     halo = halo_read_factor(h, w, h_out, w_out, (th, tw), stride, (padding[0], padding[2]), (ih, iw))
     halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
     fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, region_rows=_round_up(ih * iw, 16), CB=_CB, KC=kc),
@@ -235,8 +256,7 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
                params={}, extra_traffic_bytes=halo_bytes, extra_hbm_bytes=halo_bytes)
 
     # bwd_geom in csrc
-    btw = _bwd_tile_width(w)
-    b_tiles = math.ceil(h / (_BWD_PIX // btw)) * math.ceil(w / btw)
+    bth, btw, b_tiles = _bwd_tile(h, w)
     m = n * h * w
     mn_tiles = math.ceil(c_out / _GEMM_BLOCK) * math.ceil(c_in / _GEMM_BLOCK)
     splits = max(1, min(math.ceil(512 / mn_tiles), math.ceil(m / 256)))
@@ -249,9 +269,9 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     gemm_mn = math.ceil(m / _GEMM_BLOCK), math.ceil(c_in / _GEMM_BLOCK)
     gpre = m * c_out * itemsize
     partial = 4 * (n * b_tiles * c_out * (kh * kw + 1) + splits * c_out * c_in + col_blocks * c_out)
-    bwd = Plan(path="cuda", blocks=dict(TW=btw, TH=_BWD_PIX // btw, CB=_CB, KC=kc),
+    bwd = Plan(path="cuda", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc),
                launches=(Launch("bwd_tile_kernel", (n_cb, b_tiles, n),
-                                n * b_tiles * n_cb * _BWD_PIX * _CB * _round_up(c_in, kc)),
+                                n * b_tiles * n_cb * _round_up(bth * btw, 16) * _CB * _round_up(c_in, kc)),
                          Launch("gemm_kernel<grad_x>", gemm_mn,
                                 gemm_mn[0] * gemm_mn[1] * _GEMM_BLOCK ** 2 * _round_up(c_out, kc)),
                          Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK), gemm_mn[1], splits),
@@ -311,11 +331,9 @@ def shape_reason(
     if footprint > MAX_TILE_PIXELS:
         return (f"the dilated kernel covers {footprint} pixels, more than the {MAX_TILE_PIXELS} input pixels a "
                 f"forward block keeps in shared memory")
-    tiles = _fwd_tile_count(h_out, w_out, kh, kw, stride, dilation)
-    if tiles is None or tiles > MAX_GRID_YZ:
-        return "too many output tiles per image"
-    btw = _bwd_tile_width(w)
-    if math.ceil(h / (_BWD_PIX // btw)) * math.ceil(w / btw) > MAX_GRID_YZ:
+    if next(_fwd_tiles(h_out, w_out, kh, kw, stride, dilation), None) is None:
+        return f"no forward tile fits in shared memory with at most {MAX_GRID_YZ} tiles per image"
+    if _bwd_tile(h, w)[2] > MAX_GRID_YZ:
         return "image too large for the backward tile grid"
     if math.ceil(c_in / _GEMM_BLOCK) > MAX_GRID_YZ:
         return "too many input channels for the grad_x GEMM's grid"

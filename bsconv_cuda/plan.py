@@ -11,6 +11,16 @@ import dataclasses
 import math
 
 
+# The GPU the plans are sized for and the forward tile choice's cost model, for both backends (the CUDA kernels
+# keep the same constants in csrc/bsconv_params.h, exported by _C; tests/test_cuda_extension.py compares them).
+# Constants, never read from the device: a call's plan is the same on every GPU.
+TARGET_SMS = 132  # H100 / H200 SXM
+BLOCKS_PER_SM = 2  # resident forward programs per SM that the model assumes
+FWD_MAX_DOT_RATIO = 3.0  # forward dot multiply-adds over the pointwise stage's, where a tile allows it
+# Tensor-core multiply-adds per depthwise FMA in the forward tile cost (H100 peak rates: bf16 / fp16 dense
+# 495 T MAC/s, TF32 247 T, fp32 FMA 33.5 T; an FMA dot: 1), by dot kind. Model weights, not measurements.
+DEPTHWISE_COST = {"tc": 16, "tf32": 8, "fma": 1}
+
 # A transient buffer up to half of the 50 MB L2 of an H100 / H200 is modeled to stay in L2 (the other half holds
 # the tensors streaming through); the Triton backward bounds its weight-gradient partials by it.
 L2_RESIDENT_BYTES = 24 << 20

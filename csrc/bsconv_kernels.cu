@@ -369,34 +369,53 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   }
 }
 
-// Picks the output tile (TH x TW) with the best ratio of output pixels to computed (tile + halo) pixels, among
-// the tiles whose halo fits kMaxTilePixels. Returns false when not even a 1 x 1 tile fits.
+// The forward's output tile (TH x TW): among the tiles whose halo fits kMaxTilePixels and whose count fits the grid,
+// those within kFwdMaxMmaRatio pointwise stages of MMA work (or the least MMA work where none is), then the least
+// modeled time: per block, its MMA rows x CB x C_in (padded to KC) plus kDepthwiseCost* x its depthwise FMAs, times
+// the waves over kTargetSms x kBlocksPerSm blocks, counted fractionally. A full GPU thus gets the least work per
+// image, and a batch too small to fill the GPU gets smaller tiles. bsconv_cuda.cuda_backend._fwd_tile restates it.
+// Returns false when no tile fits.
 bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
-  static const int ths[] = {16, 8, 4, 2, 1};
-  static const int tws[] = {32, 16, 8, 4, 2, 1};
+  const bool fp32 = s.dtype == DType::Float32;
+  const int64_t k_chunk = fp32 ? Cfg<float>::KC : Cfg<__half>::KC;
+  const double c_in_padded = (double)(ceil_div64(s.C_in, k_chunk) * k_chunk);
+  const double depthwise_cost = !fp32 ? kDepthwiseCostHalf : (s.tf32 ? kDepthwiseCostTf32 : kDepthwiseCostFma);
+  const double pointwise = (double)s.N * s.H * s.W * s.C_in * s.C_out;
+  const double blocks_per_tile = (double)s.N * ceil_div64(s.C_out, CB);
+  const double block_slots = (double)kTargetSms * kBlocksPerSm;
   bool found = false;
-  double best = -1.0;
-  for (int th0 : ths) {
-    for (int tw0 : tws) {
-      const int th = (int)(th0 < s.H_out ? th0 : s.H_out), tw = (int)(tw0 < s.W_out ? tw0 : s.W_out);
-      const int IH = (th - 1) * s.stride_h + (s.KH - 1) * s.dilation_h + 1;
+  double best_ratio = 0, best_time = 0, best_macs = 0;
+  for (int th = 1; th <= s.H_out; ++th) {
+    const int IH = (th - 1) * s.stride_h + (s.KH - 1) * s.dilation_h + 1;
+    if (IH > kMaxTilePixels) break;
+    for (int tw = 1; tw <= s.W_out; ++tw) {
       const int IW = (tw - 1) * s.stride_w + (s.KW - 1) * s.dilation_w + 1;
-      const int64_t region_pixels = (int64_t)IH * IW;
-      if (region_pixels > kMaxTilePixels) continue;
-      const int region_rows = round_up((int)region_pixels, 16);
-      const double score = (double)(th * tw) / region_rows;
-      if (score > best + 1e-12) {
-        best = score;
+      if ((int64_t)IH * IW > kMaxTilePixels) break;
+      const int64_t tiles = ceil_div64(s.H_out, th) * ceil_div64(s.W_out, tw);
+      if (tiles > kMaxGridYZ) continue;
+      const int region_rows = round_up(IH * IW, 16);
+      const double blocks = blocks_per_tile * tiles;
+      const double block_macs = (double)region_rows * CB * c_in_padded;
+      const double macs = blocks * block_macs;
+      const double ratio = macs / pointwise > kFwdMaxMmaRatio ? macs / pointwise : kFwdMaxMmaRatio;
+      const double time = (block_macs + depthwise_cost * th * tw * s.KH * s.KW * CB) *
+                          (blocks > block_slots ? blocks / block_slots : 1.0);
+      // compared as (ratio, time, macs, -TW): on a tie, the wider tile (longer coalesced rows)
+      const bool better =
+          !found || ratio < best_ratio ||
+          (ratio == best_ratio &&
+           (time < best_time || (time == best_time && (macs < best_macs || (macs == best_macs && tw > out->TW)))));
+      if (better) {
         found = true;
+        best_ratio = ratio; best_time = time; best_macs = macs;
         out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW;
-        out->region_pixels = (int)region_pixels; out->region_rows = region_rows;
+        out->region_pixels = IH * IW; out->region_rows = region_rows;
+        out->tiles_w = (int)ceil_div64(s.W_out, tw);
+        out->tiles = tiles;
       }
     }
   }
-  if (!found) return false;
-  out->tiles_w = (int)ceil_div64(s.W_out, out->TW);
-  out->tiles = ceil_div64(s.H_out, out->TH) * out->tiles_w;
-  return true;
+  return found;
 }
 
 // A failed runtime call is reported through our return code: clear it from the thread's last error too, so that the
@@ -457,14 +476,20 @@ int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
 
 // ------------------------------------------------------------------------------------------------ backward
 struct BwdTile {
-  int TH, TW, tiles_w;  // TH * TW == kBwdPix
+  int TH, TW, tiles_w;
+  int pixels, rows;  // TH * TW <= kBwdPix, and that rounded up to the MMA's 16-row step
   int64_t tiles;
 };
 
+// The backward's tile block: W cut into equal parts of at most 32 columns, H into equal parts of at most
+// kBwdPix / TW rows, so that a small map is not padded to a kBwdPix-pixel block (the recompute's MMA work follows
+// the tile's rows). bsconv_cuda.cuda_backend._bwd_tile restates it.
 BwdTile choose_bwd_tile(const ConvShape& s) {
   BwdTile t;
-  t.TW = s.W > 16 ? 32 : (s.W > 8 ? 16 : (s.W > 4 ? 8 : 4));
-  t.TH = kBwdPix / t.TW;
+  t.TW = (int)ceil_div64(s.W, ceil_div64(s.W, 32));
+  t.TH = (int)ceil_div64(s.H, ceil_div64(s.H, kBwdPix / t.TW));
+  t.pixels = t.TH * t.TW;
+  t.rows = round_up(t.pixels, 16);
   t.tiles_w = (int)ceil_div64(s.W, t.TW);
   t.tiles = ceil_div64(s.H, t.TH) * t.tiles_w;
   return t;
@@ -500,8 +525,8 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
   load_channel_params<T>(static_cast<const T*>(a.dw_w), KK, static_cast<const T*>(a.pw_b), nullptr, C_out, c0, dws,
                          pbs, nullptr);
 
-  pointwise_gemm<MT>(static_cast<const T*>(a.x), static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.TW, kBwdPix,
-                    kBwdPix, vec, smem);
+  pointwise_gemm<MT>(static_cast<const T*>(a.x), static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.TW, t.pixels,
+                    t.rows, vec, smem);
 
   const T* __restrict__ gy = static_cast<const T*>(a.grad_y);
   T* __restrict__ gpre = static_cast<T*>(a.gpre);
@@ -513,7 +538,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
   float gpb = 0.f;
   const int64_t gy_img = (int64_t)n * s.H_out;
 
-  for (int p = warp; p < kBwdPix; p += kWarps) {
+  for (int p = warp; p < t.pixels; p += kWarps) {
     const int h = h0 + p / t.TW, w = w0 + p % t.TW;
     if (!cok || h >= H || w >= W) continue;
     const float pre = acc_s[p * LDM + c] + pbs[c];
@@ -522,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
     // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff
     // oh*stride_h + i*dilation_h - pad_top == h (same for w).
     // owj[j]: the output column that tap column j reaches, -1 when none. Computed once per pixel and reused by every
-    // tap row (recomputing it per (i, j), with the 64-bit address, pushed the 7x7 variants past 128 registers).
+    // tap row (recomputing it per (i, j), with the 64-bit address, pushed the 7x7 variants past the register cap).
     int owj[KM];
 #pragma unroll
     for (int j = 0; j < KM; ++j) {
@@ -593,7 +618,8 @@ struct GemmCfg {
 };
 
 // Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (17 KB static shared memory per block). Without the
-// min-blocks hint ptxas picked a register target by itself (64 for fp16 on sm_90, 48 for bf16 on sm_80) and spilled.
+// min-blocks hint ptxas picked a register target by itself and spilled (registers and spills of every compiled
+// kernel: benchmarks/kernel_report.py).
 template <typename MT, bool PARTIAL>
 __global__ void __launch_bounds__(kThreads, 4)
     gemm_kernel(const Elem<MT>* __restrict__ A, int64_t sAm, int64_t sAk, const Elem<MT>* __restrict__ B, int64_t sBk,
@@ -906,8 +932,7 @@ const char* supported_reason(const ConvShape& s) {
   if (footprint > kMaxTilePixels)
     return "the dilated kernel covers more than the 384 input pixels a forward block keeps in shared memory";
   FwdTile t;
-  if (!choose_fwd_tile(s, &t)) return "no forward tile fits in shared memory";
-  if (t.tiles > kMaxGridYZ) return "too many output tiles per image (> 65535)";
+  if (!choose_fwd_tile(s, &t)) return "no forward tile fits in shared memory with at most 65535 tiles per image";
   if (choose_bwd_tile(s).tiles > kMaxGridYZ) return "too many backward tiles per image (> 65535)";
   if (ceil_div64(s.C_in, GBN) > kMaxGridYZ) return "too many input channels for the grad_x GEMM's grid";
   return nullptr;

@@ -368,7 +368,8 @@ STABLE_TORCH_LIBRARY_IMPL(bsconv_cuda, CUDA, m) {
 // bsconv_cuda.cuda_backend asks these (and reads the limits below) instead of keeping its own copy of them.
 namespace {
 
-// Parses (n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype name) into a shape.
+// Parses (n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype name[, tf32]) into a
+// shape (tf32: float32 on TF32 tensor cores, which the forward's tile choice weighs).
 // Returns false with a Python exception set on malformed arguments; otherwise *why is nullptr, or why the kernels
 // cannot run the call (then `s` is complete only when the reason came from supported_reason).
 bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
@@ -376,8 +377,9 @@ bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
   int64_t stride[2], padding[4], dilation[2];
   long long st[2], pad[4], dil[2];
   const char* dtype = nullptr;
-  if (!PyArg_ParseTuple(args, "LLLLLLL(LL)(LLLL)(LL)s", &n, &c_in, &c_out, &h, &w, &kh, &kw, &st[0], &st[1],
-                        &pad[0], &pad[1], &pad[2], &pad[3], &dil[0], &dil[1], &dtype))
+  int tf32 = 0;
+  if (!PyArg_ParseTuple(args, "LLLLLLL(LL)(LLLL)(LL)s|p", &n, &c_in, &c_out, &h, &w, &kh, &kw, &st[0], &st[1],
+                        &pad[0], &pad[1], &pad[2], &pad[3], &dil[0], &dil[1], &dtype, &tf32))
     return false;
   for (int i = 0; i < 2; ++i) stride[i] = st[i], dilation[i] = dil[i];
   for (int i = 0; i < 4; ++i) padding[i] = pad[i];
@@ -386,6 +388,7 @@ bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
   for (const SupportedDType& d : kSupportedDTypes)
     if (std::string(dtype) == d.name) s->dtype = d.dtype, *why = nullptr;
   if (*why != nullptr) return true;
+  s->tf32 = tf32 && s->dtype == bsconv::DType::Float32;
   if ((*why = conv_params_reason(stride, padding, dilation)) != nullptr) return true;
   s->N = n;
   s->C_in = c_in;
@@ -425,12 +428,20 @@ PyMethodDef bsconv_methods[] = {
      "unsupported_reason(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype)\n"
      "None when the CUDA kernels run this call (dtype: 'float32', 'float16' or 'bfloat16'), else why not."},
     {"tile_plan", py_tile_plan, METH_VARARGS,
-     "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype)\n"
+     "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype, tf32=False)\n"
      "The tiles and GEMM splits the kernels launch for this call, as a dict: fwd_tile (TH, TW, IH, IW), fwd_tiles "
      "(per image), bwd_tile (TH, TW), bwd_tiles (per image), splits, kchunk, col_blocks. ValueError for a call "
      "unsupported_reason refuses."},
     {nullptr, nullptr, 0, nullptr},
 };
+
+int add_float(PyObject* m, const char* name, double value) {
+  PyObject* v = PyFloat_FromDouble(value);
+  if (v == nullptr) return -1;
+  const int rc = PyModule_AddObjectRef(m, name, v);
+  Py_DECREF(v);
+  return rc;
+}
 
 int add_limits(PyObject* m) {
   PyObject* dtypes = PyTuple_New(sizeof(kSupportedDTypes) / sizeof(kSupportedDTypes[0]));
@@ -449,7 +460,13 @@ int add_limits(PyObject* m) {
       PyModule_AddIntConstant(m, "MAX_STRIDE_OR_DILATION", bsconv::kMaxStrideOrDilation) < 0 ||
       PyModule_AddIntConstant(m, "MAX_PADDING", bsconv::kMaxPadding) < 0 ||
       PyModule_AddIntConstant(m, "MAX_GRID_YZ", (long)bsconv::kMaxGridYZ) < 0 ||
-      PyModule_AddIntConstant(m, "MAX_SPATIAL_SIZE", (long)bsconv::kMaxSpatialSize) < 0)
+      PyModule_AddIntConstant(m, "MAX_SPATIAL_SIZE", (long)bsconv::kMaxSpatialSize) < 0 ||
+      PyModule_AddIntConstant(m, "TARGET_SMS", bsconv::kTargetSms) < 0 ||
+      PyModule_AddIntConstant(m, "BLOCKS_PER_SM", bsconv::kBlocksPerSm) < 0 ||
+      add_float(m, "FWD_MAX_MMA_RATIO", bsconv::kFwdMaxMmaRatio) < 0 ||
+      PyModule_AddIntConstant(m, "DEPTHWISE_COST_HALF", bsconv::kDepthwiseCostHalf) < 0 ||
+      PyModule_AddIntConstant(m, "DEPTHWISE_COST_TF32", bsconv::kDepthwiseCostTf32) < 0 ||
+      PyModule_AddIntConstant(m, "DEPTHWISE_COST_FMA", bsconv::kDepthwiseCostFma) < 0)
     return -1;
   return 0;
 }
@@ -461,7 +478,8 @@ static PyModuleDef bsconv_module = {
     "_C",
     "Compiled CUDA kernels of bsconv_cuda; importing this module registers bsconv_cuda::cuda_forward and "
     "bsconv_cuda::cuda_backward with torch. It also exports the kernels' limits (MAX_KERNEL_SIZE, MAX_TILE_PIXELS, "
-    "MAX_STRIDE_OR_DILATION, MAX_PADDING, MAX_GRID_YZ, MAX_SPATIAL_SIZE, SUPPORTED_DTYPES), their feasibility check "
+    "MAX_STRIDE_OR_DILATION, MAX_PADDING, MAX_GRID_YZ, MAX_SPATIAL_SIZE, SUPPORTED_DTYPES), the forward tile choice's "
+    "cost model (TARGET_SMS, BLOCKS_PER_SM, FWD_MAX_MMA_RATIO, DEPTHWISE_COST_*), their feasibility check "
     "(unsupported_reason) and their tile plan (tile_plan); these need no GPU.",
     -1,
     bsconv_methods,

@@ -19,6 +19,16 @@ constexpr int kMaxPadding = 4096;           // padding per side
 constexpr int64_t kMaxGridYZ = 65535;       // CUDA's limit on gridDim.y and gridDim.z (batch, tiles per image, ...)
 constexpr int64_t kMaxSpatialSize = int64_t(1) << 24;  // H, W, H_out, W_out: pixel indices stay exact in 32-bit math
 
+// The GPU the tile plans are sized for, and the cost model of the forward's tile choice (choose_fwd_tile): constants,
+// never read from the device, so that a call's plan is the same on every GPU and in tile_plan. bsconv_cuda.plan
+// holds the same model for the Triton backend; _C exports these and tests compare the two.
+constexpr int kTargetSms = 132;          // H100 / H200 SXM
+constexpr int kBlocksPerSm = 2;          // resident forward blocks per SM that the model assumes
+constexpr double kFwdMaxMmaRatio = 3.0;  // forward MMA multiply-adds over the pointwise stage's, where a tile allows
+// Tensor-core multiply-adds per depthwise FMA in the forward tile cost (H100 peak rates: bf16 / fp16 dense
+// 495 T MAC/s, TF32 247 T, fp32 FMA 33.5 T; an FMA matrix stage: 1). Model weights, not measurements.
+constexpr int kDepthwiseCostHalf = 16, kDepthwiseCostTf32 = 8, kDepthwiseCostFma = 1;
+
 // Output size along one axis, as torch's convolution gives it (bsconv_cuda.reference.output_size on the Python
 // side); 0 when the padded input is smaller than the dilated kernel.
 inline int64_t conv_output_size(int64_t in, int64_t pad_lo, int64_t pad_hi, int64_t kernel, int64_t stride,
@@ -78,7 +88,7 @@ struct TilePlan {
   bool fwd_fits;                       // false when no forward tile fits kMaxTilePixels (the rest of fwd_* is 0)
   int fwd_TH, fwd_TW, fwd_IH, fwd_IW;  // output tile and its input rows / columns (tile + halo)
   int64_t fwd_tiles;                   // output tiles per image
-  int bwd_TH, bwd_TW;                  // mid pixels per backward tile block
+  int bwd_TH, bwd_TW;                  // the mid pixels of one backward tile block
   int64_t bwd_tiles;                   // backward tiles per image
   int64_t splits, kchunk;              // split-K count and pixels per split of the grad_pw_weight GEMM
   int64_t col_blocks;                  // row blocks of the grad_dw_bias partials

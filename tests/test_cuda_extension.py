@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import bsconv_cuda
-from bsconv_cuda import backends, cuda_backend, reference
+from bsconv_cuda import backends, cuda_backend, plan, reference
 from bsconv_cuda.functional import MAX_FUSED_KERNEL_SIZE, select_backend
 from fused_checks import assert_close, poisoned_outputs
 
@@ -120,12 +120,26 @@ def test_unsupported_reason_on_cpu(ext):
     assert reason is not None and "CUDA" in reason
 
 
-def test_fwd_tile_count_mirrors_kernel_limits():
-    # 7x7 with dilation 3: footprint 19x19 = 361 <= 384; the best tile is 1x2 outputs (19 x 20 = 380 pixels)
-    assert cuda_backend._fwd_tile_count(10, 10, 7, 7, [1, 1], [3, 3]) == 50
+def test_forward_tile_choice():
+    """choose_fwd_tile, as cuda_backend restates it: the halo limit, the least MMA work per image when the batch
+    fills the GPU, and smaller tiles (more blocks, within 3 pointwise stages of work) when it does not."""
+    bf16 = torch.bfloat16
+    # 7x7 with dilation 3 on a 10x10 map padded by 9: footprint 19x19 = 361 <= 384; only the 1x1, 1x2 and 2x1 tiles
+    # fit, and the tie between the last two goes to the wider
+    assert cuda_backend._fwd_tile(1, 4, 8, 10, 10, 10, 10, 7, 7, [1, 1], [3, 3], bf16) == (1, 2, 19, 20, 50)
     # dilation 4: 25x25 > 384, nothing fits
-    assert cuda_backend._fwd_tile_count(10, 10, 7, 7, [1, 1], [4, 4]) is None
-    assert cuda_backend._fwd_tile_count(56, 56, 3, 3, [1, 1], [1, 1]) == math.ceil(56 / 16) ** 2
+    assert cuda_backend._fwd_tile(1, 4, 8, 10, 10, 10, 10, 7, 7, [1, 1], [4, 4], bf16) is None
+
+    def mma_rows_per_pixel(tile):
+        th, tw, ih, iw, tiles = tile
+        return -(-ih * iw // 16) * 16 * tiles / (56 * 56)
+
+    # 128 -> 128 @ 56: 4 channel blocks per tile
+    candidates = list(cuda_backend._fwd_tiles(56, 56, 3, 3, [1, 1], [1, 1]))
+    full = cuda_backend._fwd_tile(64, 128, 128, 56, 56, 56, 56, 3, 3, [1, 1], [1, 1], bf16)
+    assert mma_rows_per_pixel(full) == min(mma_rows_per_pixel(t) for t in candidates)  # 14 x 19 tiles: 1.29
+    single = cuda_backend._fwd_tile(1, 128, 128, 56, 56, 56, 56, 3, 3, [1, 1], [1, 1], bf16)
+    assert 4 * single[4] >= 2 * 132 and mma_rows_per_pixel(single) <= 3.0  # 6 x 8 tiles: 280 blocks, 1.79
 
 
 def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
@@ -138,6 +152,11 @@ def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
     assert ext.MAX_GRID_YZ == cuda_backend.MAX_GRID_YZ
     assert ext.MAX_SPATIAL_SIZE == cuda_backend.MAX_SPATIAL_SIZE
     assert ext.SUPPORTED_DTYPES == tuple(str(d).removeprefix("torch.") for d in cuda_backend.SUPPORTED_DTYPES)
+    # the forward tile choice's model (bsconv_cuda.plan, shared with the Triton backend)
+    assert (ext.TARGET_SMS, ext.BLOCKS_PER_SM, ext.FWD_MAX_MMA_RATIO) == (plan.TARGET_SMS, plan.BLOCKS_PER_SM,
+                                                                          plan.FWD_MAX_DOT_RATIO)
+    assert (ext.DEPTHWISE_COST_HALF, ext.DEPTHWISE_COST_TF32, ext.DEPTHWISE_COST_FMA) == tuple(
+        plan.DEPTHWISE_COST[kind] for kind in ("tc", "tf32", "fma"))
 
 
 # (n, c_in, h, w, (kh, kw), stride, padding, dilation): inside every limit, on each limit and one past it
@@ -170,6 +189,21 @@ _FEASIBILITY_CASES = [
 ]
 
 
+# Layers whose tile choice the batch, the channel counts and TF32 move (the shapes of the benchmark table and a few
+# odd ones)
+_TILE_CHOICE_CASES = [
+    (1, 128, 56, 56, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (64, 128, 56, 56, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 1024, 7, 7, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (2, 16, 112, 112, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, 40, 28, 28, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),
+    (3, 24, 13, 29, (7, 3), (2, 1), (3, 2, 1, 0), (1, 2)),
+    (1, 16, 4, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (1, 32, 28, 28, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1)),  # fp32: TF32 or not changes the tile
+    (2, 8, 56, 56, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_python_feasibility_check_agrees_with_the_compiled_one(ext, dtype):
     """cuda_backend.shape_reason restates supported_reason of csrc (Python must decide while torch.compile traces);
@@ -189,25 +223,26 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
     """cuda_backend.work_plan models the tile plan of csrc (kernel_report accounts work where _C cannot load);
     _C.tile_plan is what the launches use."""
     checked = 0
-    for n, c_in, h, w, kernel_size, stride, padding, dilation in _FEASIBILITY_CASES:
-        for c_out, dtype in ((8, torch.float16), (200, torch.float32), (1000, torch.bfloat16)):
+    for n, c_in, h, w, kernel_size, stride, padding, dilation in _FEASIBILITY_CASES + _TILE_CHOICE_CASES:
+        for c_out, dtype, tf32 in ((8, torch.float16, False), (64, torch.float32, True),
+                                   (64, torch.float32, False), (1000, torch.bfloat16, False)):
             name = str(dtype).removeprefix("torch.")
             args = (n, c_in, c_out, h, w, *kernel_size, stride, padding, dilation, name)
             if ext.unsupported_reason(*args) is not None or n * c_in * h * w > 1 << 26:
                 continue
-            plan = ext.tile_plan(*args)
+            tiles = ext.tile_plan(*args, tf32)
             h_out, w_out = reference.output_size(h, w, kernel_size, stride, padding, dilation)
             fwd, bwd = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding,
-                                              dilation, dtype)
+                                              dilation, dtype, tf32)
             launches = {launch.kernel: launch for launch in fwd.launches + bwd.launches}
-            assert (fwd.blocks["TH"], fwd.blocks["TW"]) == plan["fwd_tile"][:2], args
-            assert launches["fwd_kernel"].grid[1] == plan["fwd_tiles"], args
-            assert (bwd.blocks["TH"], bwd.blocks["TW"]) == plan["bwd_tile"], args
-            assert launches["bwd_tile_kernel"].grid[1] == plan["bwd_tiles"], args
-            assert (bwd.params["splits"], bwd.params["kchunk"]) == (plan["splits"], plan["kchunk"]), args
-            assert launches["colsum_kernel"].grid[1] == plan["col_blocks"], args
+            assert (fwd.blocks["TH"], fwd.blocks["TW"]) == tiles["fwd_tile"][:2], (args, tf32)
+            assert launches["fwd_kernel"].grid[1] == tiles["fwd_tiles"], args
+            assert (bwd.blocks["TH"], bwd.blocks["TW"]) == tiles["bwd_tile"], args
+            assert launches["bwd_tile_kernel"].grid[1] == tiles["bwd_tiles"], args
+            assert (bwd.params["splits"], bwd.params["kchunk"]) == (tiles["splits"], tiles["kchunk"]), args
+            assert launches["colsum_kernel"].grid[1] == tiles["col_blocks"], args
             checked += 1
-    assert checked >= 25  # the supported cases of the grid, in three dtypes and widths
+    assert checked >= 60  # the supported cases of both grids (68), in four dtype / TF32 settings and widths
     with pytest.raises(ValueError, match="footprint|shared memory"):
         ext.tile_plan(1, 4, 8, 64, 64, 7, 7, (1, 1), (12, 12, 12, 12), (4, 4), "float16")
 
