@@ -220,11 +220,16 @@ def _round_up(v: int, m: int) -> int:
 
 
 # The kernels' constants (csrc/bsconv_kernels.cu): output channels per fused block (CB), most mid pixels per backward
-# tile block (kBwdPix), the GEMM block (GBM = GBN), input channels per shared-memory chunk (KC) and the GEMM's K
-# step (BK): 32 for fp16 / bf16 (tensor cores), 16 for fp32 (FMA).
+# tile block (kBwdPix), the GEMM block's rows (GBM; its columns: _gemm_block_n), input channels per shared-memory
+# chunk (KC) and the GEMM's K step (BK): 32 for fp16 / bf16 (tensor cores), 16 for fp32 (FMA).
 _CB = 32
 _BWD_PIX = 256
-_GEMM_BLOCK = 64
+_GEMM_BLOCK_M = 64
+
+
+def _gemm_block_n(c_in: int) -> int:
+    """Columns of the backward GEMMs' blocks (gemm_block_n in csrc; both GEMMs have N = C_in)."""
+    return 32 if c_in <= 32 else 64
 
 
 def _bwd_tile(h: int, w: int) -> tuple[int, int, int]:
@@ -258,7 +263,8 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     # bwd_geom in csrc
     bth, btw, b_tiles = _bwd_tile(h, w)
     m = n * h * w
-    mn_tiles = math.ceil(c_out / _GEMM_BLOCK) * math.ceil(c_in / _GEMM_BLOCK)
+    block_n = _gemm_block_n(c_in)
+    mn_tiles = math.ceil(c_out / _GEMM_BLOCK_M) * math.ceil(c_in / block_n)
     splits = max(1, min(math.ceil(512 / mn_tiles), math.ceil(m / 256)))
     kchunk = _round_up(math.ceil(m / splits), kc)
     splits = math.ceil(m / kchunk)
@@ -266,16 +272,16 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     col_rows = max(math.ceil(m_out / 32768), 1024)
     col_blocks = math.ceil(m_out / col_rows)
     gw_k = (splits - 1) * kchunk + _round_up(m - (splits - 1) * kchunk, kc)  # each split's K loop, padded to BK
-    gemm_mn = math.ceil(m / _GEMM_BLOCK), math.ceil(c_in / _GEMM_BLOCK)
+    gemm_mn = math.ceil(m / _GEMM_BLOCK_M), math.ceil(c_in / block_n)
     gpre = m * c_out * itemsize
     partial = 4 * (n * b_tiles * c_out * (kh * kw + 1) + splits * c_out * c_in + col_blocks * c_out)
-    bwd = Plan(path="cuda", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc),
+    bwd = Plan(path="cuda", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc, GEMM_N=block_n),
                launches=(Launch("bwd_tile_kernel", (n_cb, b_tiles, n),
                                 n * b_tiles * n_cb * _round_up(bth * btw, 16) * _CB * _round_up(c_in, kc)),
                          Launch("gemm_kernel<grad_x>", gemm_mn,
-                                gemm_mn[0] * gemm_mn[1] * _GEMM_BLOCK ** 2 * _round_up(c_out, kc)),
-                         Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK), gemm_mn[1], splits),
-                                mn_tiles * _GEMM_BLOCK ** 2 * gw_k),
+                                gemm_mn[0] * gemm_mn[1] * _GEMM_BLOCK_M * block_n * _round_up(c_out, kc)),
+                         Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK_M), gemm_mn[1], splits),
+                                mn_tiles * _GEMM_BLOCK_M * block_n * gw_k),
                          Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)),
                params=dict(splits=splits, kchunk=kchunk),
                # gpre written, read by both GEMMs; x read again by the grad_pw GEMM; partials written once and
@@ -335,6 +341,6 @@ def shape_reason(
         return f"no forward tile fits in shared memory with at most {MAX_GRID_YZ} tiles per image"
     if _bwd_tile(h, w)[2] > MAX_GRID_YZ:
         return "image too large for the backward tile grid"
-    if math.ceil(c_in / _GEMM_BLOCK) > MAX_GRID_YZ:
+    if math.ceil(c_in / _gemm_block_n(c_in)) > MAX_GRID_YZ:
         return "too many input channels for the grad_x GEMM's grid"
     return None

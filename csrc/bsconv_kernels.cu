@@ -602,10 +602,15 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
 
 // C = A . B over k in this block's split. A(m, k) = A[m*sAm + k*sAk], B(k, n) = B[k*sBk + n*sBn].
 // PARTIAL: C is float [splits][M][N] (split = blockIdx.z); else C is T [M][N].
-constexpr int GBM = 64, GBN = 64;
+// Blocks of GBM x GBN outputs. Both backward GEMMs have N = C_in: up to 32 input channels take the 32-wide block
+// (gemm_block_n), so that a narrow layer's GEMMs are not padded to 64 columns.
+constexpr int GBM = 64;
 
-template <typename MT>
+inline int gemm_block_n(int64_t C_in) { return C_in <= 32 ? 32 : 64; }
+
+template <typename MT, int GBN>
 struct GemmCfg {
+  static_assert(GBN == 32 || GBN == 64, "the warp layout below covers 32- and 64-wide blocks");
   using T = Elem<MT>;
   static constexpr int BK = Cfg<MT>::kFloat ? 16 : 32;
   static constexpr int LDA = Cfg<MT>::kFloat ? BK + 4 : BK + 8;
@@ -620,11 +625,11 @@ struct GemmCfg {
 // Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (17 KB static shared memory per block). Without the
 // min-blocks hint ptxas picked a register target by itself and spilled (registers and spills of every compiled
 // kernel: benchmarks/kernel_report.py).
-template <typename MT, bool PARTIAL>
+template <typename MT, bool PARTIAL, int GBN>
 __global__ void __launch_bounds__(kThreads, 4)
     gemm_kernel(const Elem<MT>* __restrict__ A, int64_t sAm, int64_t sAk, const Elem<MT>* __restrict__ B, int64_t sBk,
                 int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout) {
-  using G = GemmCfg<MT>;
+  using G = GemmCfg<MT, GBN>;
   using C = Cfg<MT>;
   using T = Elem<MT>;
   constexpr int BK = G::BK, LDA = G::LDA, LDB = G::LDB, LDC = G::LDC;
@@ -647,16 +652,19 @@ __global__ void __launch_bounds__(kThreads, 4)
   const T* a_ptr = A + (m0 + a_mm0) * sAm + (kb + a_kk0) * sAk;
   const T* b_ptr = B + (kb + b_kk0) * sBk + (n0 + b_nn0) * sBn;
 
-  wmma::fragment<wmma::accumulator, 16, 16, C::MMA_K, float> frag[C::kTC ? 2 : 1];
-  float facc[C::kTC ? 1 : 4][C::kTC ? 1 : 4];
+  // tensor cores: warp w owns M-tile w >> 1 and NT N-tiles from (w & 1) * NT (8 warps cover 4 x 2 NT 16x16 tiles);
+  // FMA: thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j
+  constexpr int NT = GBN / 32, FJ = GBN / 16;
+  wmma::fragment<wmma::accumulator, 16, 16, C::MMA_K, float> frag[C::kTC ? NT : 1];
+  float facc[C::kTC ? 1 : 4][C::kTC ? 1 : FJ];
   if constexpr (C::kTC) {
-    wmma::fill_fragment(frag[0], 0.f);
-    wmma::fill_fragment(frag[1], 0.f);
+#pragma unroll
+    for (int q = 0; q < NT; ++q) wmma::fill_fragment(frag[q], 0.f);
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) facc[i][j] = 0.f;
+      for (int j = 0; j < FJ; ++j) facc[i][j] = 0.f;
   }
 
   for (int64_t k0 = kb; k0 < ke; k0 += BK) {
@@ -678,14 +686,14 @@ __global__ void __launch_bounds__(kThreads, 4)
     b_ptr += BK * sBk;
     __syncthreads();
     if constexpr (C::kTC) {
-      const int mt = warp >> 1, nt0 = (warp & 1) * 2;
+      const int mt = warp >> 1, nt0 = (warp & 1) * NT;
 #pragma unroll
       for (int kk = 0; kk < BK; kk += C::MMA_K) {
         wmma::fragment<wmma::matrix_a, 16, 16, C::MMA_K, typename C::MmaElem, wmma::row_major> af;
         wmma::load_matrix_sync(af, As + mt * 16 * LDA + kk, LDA);
         to_mma_precision<MT>(af);
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
+        for (int q = 0; q < NT; ++q) {
           wmma::fragment<wmma::matrix_b, 16, 16, C::MMA_K, typename C::MmaElem, wmma::row_major> bf;
           wmma::load_matrix_sync(bf, Bs + kk * LDB + (nt0 + q) * 16, LDB);
           to_mma_precision<MT>(bf);
@@ -696,15 +704,15 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int ty = tid >> 4, tx = tid & 15;
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
-        float av[4], bv[4];
+        float av[4], bv[FJ];
 #pragma unroll
         for (int i = 0; i < 4; ++i) av[i] = to_f(As[(ty + 16 * i) * LDA + kk]);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) bv[j] = to_f(Bs[kk * LDB + tx + 16 * j]);
+        for (int j = 0; j < FJ; ++j) bv[j] = to_f(Bs[kk * LDB + tx + 16 * j]);
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) facc[i][j] = fmaf(av[i], bv[j], facc[i][j]);
+          for (int j = 0; j < FJ; ++j) facc[i][j] = fmaf(av[i], bv[j], facc[i][j]);
       }
     }
     __syncthreads();
@@ -720,9 +728,10 @@ __global__ void __launch_bounds__(kThreads, 4)
     }
   };
   if constexpr (C::kTC) {
-    const int mt = warp >> 1, nt0 = (warp & 1) * 2;
-    wmma::store_matrix_sync(Cs + mt * 16 * LDC + nt0 * 16, frag[0], LDC, wmma::mem_row_major);
-    wmma::store_matrix_sync(Cs + mt * 16 * LDC + (nt0 + 1) * 16, frag[1], LDC, wmma::mem_row_major);
+    const int mt = warp >> 1, nt0 = (warp & 1) * NT;
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+      wmma::store_matrix_sync(Cs + mt * 16 * LDC + (nt0 + q) * 16, frag[q], LDC, wmma::mem_row_major);
     __syncthreads();
     for (int e = tid; e < GBM * GBN; e += kThreads) {
       const int mm = e / GBN, nn = e - mm * GBN;
@@ -733,8 +742,21 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) store(ty + 16 * i, tx + 16 * j, facc[i][j]);
+      for (int j = 0; j < FJ; ++j) store(ty + 16 * i, tx + 16 * j, facc[i][j]);
   }
+}
+
+// One gemm_kernel launch, in blocks of GBM x gemm_block_n(N) outputs, `splits` ways along K.
+template <typename MT, bool PARTIAL>
+int launch_gemm(const Elem<MT>* A, int64_t sAm, int64_t sAk, const Elem<MT>* B, int64_t sBk, int64_t sBn, int64_t M,
+                int64_t N, int64_t Ktot, int64_t kchunk, int64_t splits, void* Cout, cudaStream_t stream) {
+  const int block_n = gemm_block_n(N);
+  const dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(N, block_n), (unsigned)splits);
+  if (block_n == 32)
+    gemm_kernel<MT, PARTIAL, 32><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
+  else
+    gemm_kernel<MT, PARTIAL, 64><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
+  return (int)cudaGetLastError();
 }
 
 // part[rb][c] = sum of rows [rb*R, min(M, (rb+1)*R)) of a (M x C, row-major), fixed order.
@@ -806,12 +828,12 @@ BwdGeom bwd_geom_t(const ConvShape& s) {
   g.tile = choose_bwd_tile(s);
   g.num_tiles = s.N * g.tile.tiles;
   const int64_t M = s.N * s.H * s.W;
-  const int64_t mn_tiles = ceil_div64(s.C_out, GBM) * ceil_div64(s.C_in, GBN);
+  const int64_t mn_tiles = ceil_div64(s.C_out, GBM) * ceil_div64(s.C_in, gemm_block_n(s.C_in));
   int64_t splits = ceil_div64(512, mn_tiles);
   const int64_t max_splits = ceil_div64(M, 256);
   if (splits > max_splits) splits = max_splits;
   if (splits < 1) splits = 1;
-  const int BK = GemmCfg<T>::BK;
+  const int BK = GemmCfg<T, 64>::BK;  // the same for both block widths
   g.kchunk = ceil_div64(ceil_div64(M, splits), BK) * BK;
   g.splits = ceil_div64(M, g.kchunk);  // every split non-empty
   const int64_t Mo = s.N * s.H_out * s.W_out;
@@ -853,19 +875,15 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   const T* x = static_cast<const T*>(a.x);
   const T* pw = static_cast<const T*>(a.pw_w);
   // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in]
-  if (a.grad_x) {
-    dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(s.C_in, GBN), 1);
-    gemm_kernel<MT, false><<<grid, kThreads, 0, stream>>>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out,
-                                                         s.C_out, a.grad_x);
-    if ((rc = (int)cudaGetLastError()) != 0) return rc;
-  }
+  if (a.grad_x &&
+      (rc = launch_gemm<MT, false>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out, s.C_out, 1, a.grad_x,
+                                   stream)) != 0)
+    return rc;
   // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
-  if (a.grad_pw_w) {
-    dim3 grid((unsigned)ceil_div64(s.C_out, GBM), (unsigned)ceil_div64(s.C_in, GBN), (unsigned)g.splits);
-    gemm_kernel<MT, true><<<grid, kThreads, 0, stream>>>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M,
-                                                        g.kchunk, a.part_gemm);
-    if ((rc = (int)cudaGetLastError()) != 0) return rc;
-  }
+  if (a.grad_pw_w &&
+      (rc = launch_gemm<MT, true>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M, g.kchunk, g.splits,
+                                  a.part_gemm, stream)) != 0)
+    return rc;
   // 3. partials of grad_dw_bias
   if (a.grad_dw_b) {
     dim3 grid((unsigned)ceil_div64(s.C_out, 32), (unsigned)g.col_blocks, 1);
@@ -934,7 +952,8 @@ const char* supported_reason(const ConvShape& s) {
   FwdTile t;
   if (!choose_fwd_tile(s, &t)) return "no forward tile fits in shared memory with at most 65535 tiles per image";
   if (choose_bwd_tile(s).tiles > kMaxGridYZ) return "too many backward tiles per image (> 65535)";
-  if (ceil_div64(s.C_in, GBN) > kMaxGridYZ) return "too many input channels for the grad_x GEMM's grid";
+  if (ceil_div64(s.C_in, gemm_block_n(s.C_in)) > kMaxGridYZ)
+    return "too many input channels for the grad_x GEMM's grid";
   return nullptr;
 }
 
@@ -972,6 +991,7 @@ TilePlan tile_plan(const ConvShape& s) {
   const BwdGeom g = bwd_geom(s);
   p.bwd_TH = g.tile.TH; p.bwd_TW = g.tile.TW; p.bwd_tiles = g.tile.tiles;
   p.splits = g.splits; p.kchunk = g.kchunk; p.col_blocks = g.col_blocks;
+  p.gemm_block_n = gemm_block_n(s.C_in);
   return p;
 }
 

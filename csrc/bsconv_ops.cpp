@@ -417,10 +417,10 @@ PyObject* py_tile_plan(PyObject*, PyObject* args) {
     return nullptr;
   }
   const bsconv::TilePlan p = bsconv::tile_plan(s);
-  return Py_BuildValue("{s:(iiii),s:L,s:(ii),s:L,s:L,s:L,s:L}", "fwd_tile", p.fwd_TH, p.fwd_TW, p.fwd_IH, p.fwd_IW,
-                       "fwd_tiles", (long long)p.fwd_tiles, "bwd_tile", p.bwd_TH, p.bwd_TW, "bwd_tiles",
+  return Py_BuildValue("{s:(iiii),s:L,s:(ii),s:L,s:L,s:L,s:i,s:L}", "fwd_tile", p.fwd_TH, p.fwd_TW, p.fwd_IH,
+                       p.fwd_IW, "fwd_tiles", (long long)p.fwd_tiles, "bwd_tile", p.bwd_TH, p.bwd_TW, "bwd_tiles",
                        (long long)p.bwd_tiles, "splits", (long long)p.splits, "kchunk", (long long)p.kchunk,
-                       "col_blocks", (long long)p.col_blocks);
+                       "gemm_block_n", p.gemm_block_n, "col_blocks", (long long)p.col_blocks);
 }
 
 PyMethodDef bsconv_methods[] = {
@@ -430,8 +430,8 @@ PyMethodDef bsconv_methods[] = {
     {"tile_plan", py_tile_plan, METH_VARARGS,
      "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype, tf32=False)\n"
      "The tiles and GEMM splits the kernels launch for this call, as a dict: fwd_tile (TH, TW, IH, IW), fwd_tiles "
-     "(per image), bwd_tile (TH, TW), bwd_tiles (per image), splits, kchunk, col_blocks. ValueError for a call "
-     "unsupported_reason refuses."},
+     "(per image), bwd_tile (TH, TW), bwd_tiles (per image), splits, kchunk, gemm_block_n, col_blocks. ValueError "
+     "for a call unsupported_reason refuses."},
     {nullptr, nullptr, 0, nullptr},
 };
 

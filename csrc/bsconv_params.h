@@ -91,6 +91,7 @@ struct TilePlan {
   int bwd_TH, bwd_TW;                  // the mid pixels of one backward tile block
   int64_t bwd_tiles;                   // backward tiles per image
   int64_t splits, kchunk;              // split-K count and pixels per split of the grad_pw_weight GEMM
+  int gemm_block_n;                    // columns (input channels) of both backward GEMMs' blocks
   int64_t col_blocks;                  // row blocks of the grad_dw_bias partials
 };
 

@@ -240,6 +240,7 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
             assert (bwd.blocks["TH"], bwd.blocks["TW"]) == tiles["bwd_tile"], args
             assert launches["bwd_tile_kernel"].grid[1] == tiles["bwd_tiles"], args
             assert (bwd.params["splits"], bwd.params["kchunk"]) == (tiles["splits"], tiles["kchunk"]), args
+            assert bwd.blocks["GEMM_N"] == tiles["gemm_block_n"], args
             assert launches["colsum_kernel"].grid[1] == tiles["col_blocks"], args
             checked += 1
     assert checked >= 60  # the supported cases of both grids (68), in four dtype / TF32 settings and widths

@@ -64,6 +64,7 @@ GRID = [
     Case(n=1, c_in=70, c_out=40, h=5, w=6),  # more than one channel block with the default block sizes
     Case(n=1, c_in=130, c_out=20, h=4, w=5),  # wide C_in: the Triton backward takes its split path
     Case(n=1, c_in=24, c_out=20, channels_last=True),  # C_in a multiple of 8: vector loads of x (Triton)
+    Case(n=1, c_in=36, c_out=20, h=24, w=35),  # CUDA: 4 backward tiles of 12 x 18, 64-wide GEMM blocks
 ]
 
 
