@@ -321,12 +321,12 @@ def test_cuda_work_accounting_by_hand(kr):
     # 16 -> 16 @ 32x32, bf16. Forward: the best output pixels per padded halo row is the 16x16 tile (halo 18x18 =
     # 324 -> 336 rows: 0.76; 16x32 has 612 > 384 rows, 8x32 340 -> 352: 0.73), 4 tiles x 336 rows x 32 channels
     # x 32 (C_in padded to KC). Backward: 4 tiles of 8x32 = 256 pixels x 32 x 32; grad_x GEMM 16 x 1 blocks of
-    # 64 x 64 x 32 (C_out padded to BK); grad_pw GEMM: 512 / 1 block pairs capped at 1024 / 256 = 4 splits of 256
-    # pixels, 64 x 64 each
+    # 64 x 32 x 32 (C_in <= 32: 32-wide blocks; C_out padded to BK); grad_pw GEMM: 512 / 1 block pairs capped at
+    # 1024 / 256 = 4 splits of 256 pixels, 64 x 32 each
     fwd, bwd = kr.call_plans(Shape("t", "t", 16, 16, 32, 1), "cuda")
     assert fwd.blocks["TH"] == 16 and fwd.blocks["TW"] == 16 and fwd.dot_macs == 4 * 336 * 32 * 32
-    assert [launch.dot_macs for launch in bwd.launches[:3]] == [4 * 256 * 32 * 32, 16 * 64 * 64 * 32,
-                                                                  4 * 64 * 64 * 256]
+    assert [launch.dot_macs for launch in bwd.launches[:3]] == [4 * 256 * 32 * 32, 16 * 64 * 32 * 32,
+                                                                  4 * 64 * 32 * 256]
     assert bwd.scratch_bytes == 32 * 32 * 16 * 2
 
 
