@@ -178,9 +178,10 @@ def arch_reason(device: torch.device | str | int | None = None) -> str | None:
 def _fwd_tiles(h_out: int, w_out: int, kh: int, kw: int, stride, dilation):
     """The forward's candidate output tiles (TH, TW, IH, IW, tiles per image): halo within MAX_TILE_PIXELS, tile
     count within the grid; TH ascending, then TW."""
+    narrowest_iw = (kw - 1) * dilation[1] + 1
     for th in range(1, h_out + 1):
         ih = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
-        if ih > MAX_TILE_PIXELS:
+        if ih * narrowest_iw > MAX_TILE_PIXELS:  # taller tiles only have more rows
             break
         for tw in range(1, w_out + 1):
             iw = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
@@ -221,7 +222,7 @@ def _round_up(v: int, m: int) -> int:
 
 # The kernels' constants (csrc/bsconv_kernels.cu): output channels per fused block (CB), most mid pixels per backward
 # tile block (kBwdPix), the GEMM block's rows (GBM; its columns: _gemm_block_n), input channels per shared-memory
-# chunk (KC) and the GEMM's K step (BK): 32 for fp16 / bf16 (tensor cores), 16 for fp32 (FMA).
+# chunk (KC) and the GEMM's K step (BK): 32 for fp16 / bf16, 16 for fp32 (TF32 or FMA).
 _CB = 32
 _BWD_PIX = 256
 _GEMM_BLOCK_M = 64

@@ -11,7 +11,7 @@
 // the depthwise KxK stage reads mid from shared memory and writes y. mid never touches global memory.
 //
 // Backward:
-//   1. bwd_tile_kernel: one block = (32 channels, 256 mid pixels, one image): recomputes pre for its pixels,
+//   1. bwd_tile_kernel: one block = (32 channels, a tile of up to 256 mid pixels, one image): recomputes pre,
 //      gathers grad_mid from grad_y through the transposed depthwise stencil, writes gpre = grad_mid * act'(pre)
 //      (input dtype, scratch of mid's size, lives only during backward) and per-block fp32 partial sums of
 //      grad_dw_weight and grad_pw_bias.
@@ -40,7 +40,7 @@ constexpr int kThreads = 256;  // every kernel uses 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int CB = 32;         // output channels per block in the fused kernels
 constexpr int LDM = CB + 4;    // leading dimension (floats) of the fp32 mid / pre tile in shared memory
-constexpr int kBwdPix = 256;   // mid pixels per backward tile block
+constexpr int kBwdPix = 256;   // most mid pixels per backward tile block (choose_bwd_tile)
 
 // ----------------------------------------------------------------------------------------------- type helpers
 // The matrix stages are templated on a math type M: __half / __nv_bfloat16 (tensor cores), float (fp32 FMA) or
@@ -369,12 +369,30 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   }
 }
 
-// The forward's output tile (TH x TW): among the tiles whose halo fits kMaxTilePixels and whose count fits the grid,
-// those within kFwdMaxMmaRatio pointwise stages of MMA work (or the least MMA work where none is), then the least
-// modeled time: per block, its MMA rows x CB x C_in (padded to KC) plus kDepthwiseCost* x its depthwise FMAs, times
-// the waves over kTargetSms x kBlocksPerSm blocks, counted fractionally. A full GPU thus gets the least work per
-// image, and a batch too small to fill the GPU gets smaller tiles. bsconv_cuda.cuda_backend._fwd_tile restates it.
-// Returns false when no tile fits.
+// Calls visit(th, tw, IH, IW, tiles) for every forward tile whose tile plus halo fits kMaxTilePixels and whose count
+// fits the grid, TH ascending, then TW (bsconv_cuda.cuda_backend._fwd_tiles restates it); stops when visit returns
+// false.
+template <typename Visit>
+void visit_fwd_tiles(const ConvShape& s, Visit&& visit) {
+  const int64_t narrowest_IW = (int64_t)(s.KW - 1) * s.dilation_w + 1;
+  for (int th = 1; th <= s.H_out; ++th) {
+    const int IH = (th - 1) * s.stride_h + (s.KH - 1) * s.dilation_h + 1;
+    if (IH * narrowest_IW > kMaxTilePixels) return;  // taller tiles only have more rows
+    for (int tw = 1; tw <= s.W_out; ++tw) {
+      const int IW = (tw - 1) * s.stride_w + (s.KW - 1) * s.dilation_w + 1;
+      if ((int64_t)IH * IW > kMaxTilePixels) break;
+      const int64_t tiles = ceil_div64(s.H_out, th) * ceil_div64(s.W_out, tw);
+      if (tiles <= kMaxGridYZ && !visit(th, tw, IH, IW, tiles)) return;
+    }
+  }
+}
+
+// The forward's output tile (TH x TW): among the tiles of visit_fwd_tiles, those within kFwdMaxMmaRatio pointwise
+// stages of MMA work (or the least MMA work where none is), then the least modeled time: per block, its MMA rows x
+// CB x C_in (padded to KC) plus kDepthwiseCost* x its depthwise FMAs, times the waves over kTargetSms x kBlocksPerSm
+// blocks, counted fractionally. A full GPU thus gets the least work per image, and a batch too small to fill the GPU
+// gets smaller tiles. bsconv_cuda.cuda_backend._fwd_tile restates it. Returns false when no tile fits. Up to a few
+// thousand candidates (1x1 kernels on large maps): a few microseconds, once per forward launch.
 bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   const bool fp32 = s.dtype == DType::Float32;
   const int64_t k_chunk = fp32 ? Cfg<float>::KC : Cfg<__half>::KC;
@@ -385,36 +403,29 @@ bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   const double block_slots = (double)kTargetSms * kBlocksPerSm;
   bool found = false;
   double best_ratio = 0, best_time = 0, best_macs = 0;
-  for (int th = 1; th <= s.H_out; ++th) {
-    const int IH = (th - 1) * s.stride_h + (s.KH - 1) * s.dilation_h + 1;
-    if (IH > kMaxTilePixels) break;
-    for (int tw = 1; tw <= s.W_out; ++tw) {
-      const int IW = (tw - 1) * s.stride_w + (s.KW - 1) * s.dilation_w + 1;
-      if ((int64_t)IH * IW > kMaxTilePixels) break;
-      const int64_t tiles = ceil_div64(s.H_out, th) * ceil_div64(s.W_out, tw);
-      if (tiles > kMaxGridYZ) continue;
-      const int region_rows = round_up(IH * IW, 16);
-      const double blocks = blocks_per_tile * tiles;
-      const double block_macs = (double)region_rows * CB * c_in_padded;
-      const double macs = blocks * block_macs;
-      const double ratio = macs / pointwise > kFwdMaxMmaRatio ? macs / pointwise : kFwdMaxMmaRatio;
-      const double time = (block_macs + depthwise_cost * th * tw * s.KH * s.KW * CB) *
-                          (blocks > block_slots ? blocks / block_slots : 1.0);
-      // compared as (ratio, time, macs, -TW): on a tie, the wider tile (longer coalesced rows)
-      const bool better =
-          !found || ratio < best_ratio ||
-          (ratio == best_ratio &&
-           (time < best_time || (time == best_time && (macs < best_macs || (macs == best_macs && tw > out->TW)))));
-      if (better) {
-        found = true;
-        best_ratio = ratio; best_time = time; best_macs = macs;
-        out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW;
-        out->region_pixels = IH * IW; out->region_rows = region_rows;
-        out->tiles_w = (int)ceil_div64(s.W_out, tw);
-        out->tiles = tiles;
-      }
+  visit_fwd_tiles(s, [&](int th, int tw, int IH, int IW, int64_t tiles) {
+    const int region_rows = round_up(IH * IW, 16);
+    const double blocks = blocks_per_tile * tiles;
+    const double block_macs = (double)region_rows * CB * c_in_padded;
+    const double macs = blocks * block_macs;
+    const double ratio = macs / pointwise > kFwdMaxMmaRatio ? macs / pointwise : kFwdMaxMmaRatio;
+    const double time = (block_macs + depthwise_cost * th * tw * s.KH * s.KW * CB) *
+                        (blocks > block_slots ? blocks / block_slots : 1.0);
+    // compared as (ratio, time, macs, -TW): on a tie, the wider tile (longer coalesced rows)
+    const bool better =
+        !found || ratio < best_ratio ||
+        (ratio == best_ratio &&
+         (time < best_time || (time == best_time && (macs < best_macs || (macs == best_macs && tw > out->TW)))));
+    if (better) {
+      found = true;
+      best_ratio = ratio; best_time = time; best_macs = macs;
+      out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW;
+      out->region_pixels = IH * IW; out->region_rows = region_rows;
+      out->tiles_w = (int)ceil_div64(s.W_out, tw);
+      out->tiles = tiles;
     }
-  }
+    return true;
+  });
   return found;
 }
 
@@ -622,10 +633,10 @@ struct GemmCfg {
   static constexpr int kSmem = (kABytes + kBBytes) > kCBytes ? (kABytes + kBBytes) : kCBytes;
 };
 
-// Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (17 KB static shared memory per block). Without the
-// min-blocks hint ptxas picked a register target by itself and spilled; the TF32 variant of the 32-wide block spills
-// under that cap (sm_90) and gets 3 blocks/SM, 85 registers (registers and spills of every compiled kernel:
-// benchmarks/kernel_report.py).
+// Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (9-17 KB static shared memory per block). Without the
+// min-blocks hint ptxas picked a register target by itself and spilled; the TF32 variant of the 32-wide block
+// spilled under that cap (sm_90) and gets 3 blocks/SM, a cap of 85 registers (registers, spills and shared memory of
+// every compiled kernel: benchmarks/kernel_report.py).
 template <typename MT, bool PARTIAL, int GBN>
 __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 4)
     gemm_kernel(const Elem<MT>* __restrict__ A, int64_t sAm, int64_t sAk, const Elem<MT>* __restrict__ B, int64_t sBk,
@@ -950,8 +961,9 @@ const char* supported_reason(const ConvShape& s) {
   const int64_t footprint = ((int64_t)(s.KH - 1) * s.dilation_h + 1) * ((int64_t)(s.KW - 1) * s.dilation_w + 1);
   if (footprint > kMaxTilePixels)
     return "the dilated kernel covers more than the 384 input pixels a forward block keeps in shared memory";
-  FwdTile t;
-  if (!choose_fwd_tile(s, &t)) return "no forward tile fits in shared memory with at most 65535 tiles per image";
+  bool fwd_tile_fits = false;
+  visit_fwd_tiles(s, [&](int, int, int, int, int64_t) { return !(fwd_tile_fits = true); });  // the first will do
+  if (!fwd_tile_fits) return "no forward tile fits in shared memory with at most 65535 tiles per image";
   if (choose_bwd_tile(s).tiles > kMaxGridYZ) return "too many backward tiles per image (> 65535)";
   if (ceil_div64(s.C_in, gemm_block_n(s.C_in)) > kMaxGridYZ)
     return "too many input channels for the grad_x GEMM's grid";

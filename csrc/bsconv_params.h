@@ -85,7 +85,7 @@ struct BwdArgs {
 // The tile plan of one call: what the launches of fwd_launch / bwd_launch use. Exported to Python as
 // bsconv_cuda._C.tile_plan, against which tests check the work-accounting model in bsconv_cuda.cuda_backend.
 struct TilePlan {
-  bool fwd_fits;                       // false when no forward tile fits kMaxTilePixels (the rest of fwd_* is 0)
+  bool fwd_fits;                       // false when no forward tile fits kMaxTilePixels and the grid (fwd_* are 0)
   int fwd_TH, fwd_TW, fwd_IH, fwd_IW;  // output tile and its input rows / columns (tile + halo)
   int64_t fwd_tiles;                   // output tiles per image
   int bwd_TH, bwd_TW;                  // the mid pixels of one backward tile block

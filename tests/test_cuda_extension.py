@@ -12,6 +12,7 @@ import ctypes
 import glob
 import math
 import os
+import random
 import threading
 
 import pytest
@@ -248,6 +249,40 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
         ext.tile_plan(1, 4, 8, 64, 64, 7, 7, (1, 1), (12, 12, 12, 12), (4, 4), "float16")
 
 
+def test_python_restatement_agrees_on_random_calls(ext):
+    """A seeded sweep over batch, channel counts, map sizes, kernels, strides, dilations, paddings, dtypes and TF32
+    (the regimes the grids above miss: many waves, more than 65535 tiles, maps of 2^20): cuda_backend's verdict and
+    tile plan equal the compiled ones."""
+    rng = random.Random(1)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    supported = 0
+    for _ in range(4000):
+        n = rng.choice([1, 1, 2, 3, 8, 32, 64, 128, 1000, 65535])
+        c_in = rng.choice([1, 3, 16, 31, 32, 33, 64, 100, 1024])
+        c_out = rng.choice([1, 8, 32, 33, 64, 200, 1000, 4096])
+        h, w = (rng.choice([1, 2, 4, 7, 13, 28, 31, 33, 37, 56, 112, 224, 1000, 5000, 70000, 1 << 20])
+                for _ in range(2))
+        kernel_size = (rng.randint(1, 7), rng.randint(1, 7))
+        stride = (rng.choice([1, 1, 2, 3, 64]), rng.choice([1, 1, 2, 5]))
+        dilation = (rng.choice([1, 1, 2, 3]), rng.choice([1, 1, 2, 4]))
+        padding = tuple(rng.choice([0, 1, 2, 3, 9]) for _ in range(4))
+        dtype, tf32 = rng.choice(dtypes), rng.random() < 0.5
+        args = (n, c_in, c_out, h, w, *kernel_size, stride, padding, dilation, str(dtype).removeprefix("torch."))
+        compiled = ext.unsupported_reason(*args)
+        python = cuda_backend.shape_reason(n, c_in, h, w, kernel_size, stride, padding, dilation, dtype)
+        assert (python is None) == (compiled is None), (args, python, compiled)
+        if compiled is not None:
+            continue
+        tiles = ext.tile_plan(*args, tf32)
+        h_out, w_out = reference.output_size(h, w, kernel_size, stride, padding, dilation)
+        fwd = cuda_backend._fwd_tile(n, c_in, c_out, h, w, h_out, w_out, *kernel_size, stride, dilation, dtype, tf32)
+        assert fwd == (*tiles["fwd_tile"], tiles["fwd_tiles"]), (args, tf32)
+        assert cuda_backend._bwd_tile(h, w) == (*tiles["bwd_tile"], tiles["bwd_tiles"]), args
+        assert cuda_backend._gemm_block_n(c_in) == tiles["gemm_block_n"], args
+        supported += 1
+    assert supported >= 1500
+
+
 # ------------------------------------------------------------------------------------------------ GPU checks
 def _inputs(n, c_in, c_out, h, w, k, dtype, pw_bias, dw_bias, channels_last, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -447,10 +482,14 @@ def test_gpu_empty_spatial_size_is_rejected_like_conv2d(ext, spatial):
 @pytest.mark.cuda
 def test_gpu_threads_with_different_shared_memory_sizes(ext):
     """Two host threads run the same forward kernel (3x3, bf16) with tiles that need different dynamic shared memory,
-    both above the 48 KB default: 8 x 256 outputs take 8x32 tiles (52096 B), 64 x 64 outputs 16x16 tiles (49792 B).
-    When the limit was set per launch, one thread could lower it between the other's raise and launch, which then
-    failed. A race: this can only catch it by chance, in many rounds (the ops release the GIL)."""
-    shapes = [(1, 32, 8, 256), (1, 32, 64, 64)]
+    both above the 48 KB default: 32 x 8 x 256 outputs take 8x32 tiles (52096 B), 16 x 64 x 64 outputs 16x16 tiles
+    (49792 B) (batches that fill the GPU get the largest tiles). When the limit was set per launch, one thread could
+    lower it between the other's raise and launch, which then failed. A race: this can only catch it by chance, in
+    many rounds (the ops release the GIL)."""
+    shapes = [(32, 32, 8, 256), (16, 32, 64, 64)]
+    tiles = [ext.tile_plan(n, c_in, 64, h, w, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "bfloat16")["fwd_tile"][:2]
+             for n, c_in, h, w in shapes]
+    assert tiles == [(8, 32), (16, 16)]
     calls = []
     for n, c_in, h, w in shapes:
         x, pw, pwb, dw, dwb = _inputs(n, c_in, 64, h, w, (3, 3), torch.bfloat16, True, True, True)

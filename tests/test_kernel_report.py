@@ -318,8 +318,10 @@ def test_cuda_work_accounting_by_hand(kr):
     """The CUDA tile plan's counts on a layer worked out by hand from csrc/bsconv_kernels.cu."""
     from bsconv_cuda.shapes import Shape
 
-    # 16 -> 16 @ 32x32, bf16. Forward: the best output pixels per padded halo row is the 16x16 tile (halo 18x18 =
-    # 324 -> 336 rows: 0.76; 16x32 has 612 > 384 rows, 8x32 340 -> 352: 0.73), 4 tiles x 336 rows x 32 channels
+    # 16 -> 16 @ 32x32, bf16. Forward: the channel padding (C_in 16 -> KC 32, C_out 16 -> CB 32) puts every tile
+    # above the 3-stage cap, so the least MMA work decides: the 16x16 tile has the most output pixels per padded
+    # halo row (18x18 = 324 -> 336 rows: 0.76; 16x32 has 612 > 384 rows, 8x32 340 -> 352: 0.73), 4 tiles x 336 rows
+    # x 32 channels
     # x 32 (C_in padded to KC). Backward: 4 tiles of 8x32 = 256 pixels x 32 x 32; grad_x GEMM 16 x 1 blocks of
     # 64 x 32 x 32 (C_in <= 32: 32-wide blocks; C_out padded to BK); grad_pw GEMM: 512 / 1 block pairs capped at
     # 1024 / 256 = 4 splits of 256 pixels, 64 x 32 each
