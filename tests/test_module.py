@@ -49,17 +49,13 @@ def test_same_parameters_and_state_dict(config):
     original.load_state_dict(fused.state_dict())
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_same_outputs_and_gradients(config, mode):
-    original, fused = _pair(config)
-    original.train(mode == "train")
-    fused.train(mode == "train")
-    x = torch.randn(2, config["in_channels"], 9, 8)
+def _assert_same_outputs_and_gradients(fused, original, x):
+    """fused(x) and original(x), and the gradients of x and of every parameter, agree; returns fused(x)."""
     x_fused = x.clone().requires_grad_()
     x_original = x.clone().requires_grad_()
     expected = original(x_original)
     actual = fused(x_fused)
+    assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(expected)
     expected.backward(grad)
@@ -67,6 +63,16 @@ def test_same_outputs_and_gradients(config, mode):
     torch.testing.assert_close(x_fused.grad, x_original.grad, rtol=1e-5, atol=1e-5)
     for (name, p_fused), (_, p_original) in zip(fused.named_parameters(), original.named_parameters()):
         torch.testing.assert_close(p_fused.grad, p_original.grad, rtol=1e-4, atol=1e-4, msg=name)
+    return actual
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_same_outputs_and_gradients(config, mode):
+    original, fused = _pair(config)
+    original.train(mode == "train")
+    fused.train(mode == "train")
+    _assert_same_outputs_and_gradients(fused, original, torch.randn(2, config["in_channels"], 9, 8))
     if mode == "train" and "bn" in dict(original.named_children()):
         torch.testing.assert_close(fused.bn.running_mean, original.bn.running_mean)
 
@@ -151,16 +157,5 @@ def test_unbatched_input_like_bsconvu(config, mode):
     original, fused = _pair(config)
     original.train(mode == "train")
     fused.train(mode == "train")
-    x = torch.randn(config["in_channels"], 9, 8)
-    x_fused = x.clone().requires_grad_()
-    x_original = x.clone().requires_grad_()
-    expected = original(x_original)
-    actual = fused(x_fused)
-    assert actual.shape == expected.shape and actual.dim() == 3
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(expected)
-    expected.backward(grad)
-    actual.backward(grad)
-    torch.testing.assert_close(x_fused.grad, x_original.grad, rtol=1e-5, atol=1e-5)
-    for (name, p_fused), (_, p_original) in zip(fused.named_parameters(), original.named_parameters()):
-        torch.testing.assert_close(p_fused.grad, p_original.grad, rtol=1e-4, atol=1e-4, msg=name)
+    actual = _assert_same_outputs_and_gradients(fused, original, torch.randn(config["in_channels"], 9, 8))
+    assert actual.dim() == 3
