@@ -251,10 +251,11 @@ MAC_COUNT_SCRIPT = textwrap.dedent('''
     calls = [
         (2, 20, 18, 7, 5, 3, 2, 1, 1, None, None, "gather"),
         (1, 24, 40, 9, 9, 5, 1, 2, 1, None, dict(PATH="fused"), "shifted"),
-        (1, 50, 20, 6, 7, 3, 1, 1, 2, dict(TH=2, TW=3, SLOTS=3), dict(PATH="fused", CHUNKS=(16, 16, 16, 16), TP=16, G=2),
-         "shifted"),
+        (1, 50, 20, 6, 7, 3, 1, 1, 2, dict(TH=2, TW=3, SLOTS=3),
+         dict(PATH="fused", CHUNKS=(16, 16, 16, 16), MID_PIXELS=16, TILE_PROGRAMS=2), "shifted"),
         (2, 130, 36, 5, 4, 3, 1, 1, 1, None, None, "gather"),
-        (1, 20, 18, 9, 6, 3, 1, 1, 1, dict(BCO=16, BCI=16), dict(PATH="split", TP=16, BCI=16, G=2, S=3), "gather"),
+        (1, 20, 18, 9, 6, 3, 1, 1, 1, dict(BLOCK_CO=16, BLOCK_CI=16),
+         dict(PATH="split", MID_PIXELS=16, BLOCK_CI=16, TILE_PROGRAMS=2, PIXEL_SPLITS=3), "gather"),
     ]
     for n, c_in, c_out, h, w, k, s, p, d, fwd, bwd, depthwise in calls:
         x = torch.randn(n, c_in, h, w)
