@@ -122,6 +122,19 @@ def test_depthwise_stage_argument_is_checked(device):
         _kernels().forward(x, pw, pb, dw, db, (1, 1), (1, 1, 1, 1), (1, 1), "none", depthwise="unrolled")
 
 
+def test_force_blocks_names_an_unknown_key():
+    # a key the launch plans do not take (here an old name of MID_PIXELS / BLOCK_CO) would otherwise reach the kernel
+    # launch as a stray keyword, or be ignored
+    kernels = _kernels()
+    with pytest.raises(ValueError, match=r"backward takes .*unknown \['TP'\]"):
+        with kernels.force_blocks(backward=dict(PATH="fused", TP=16)):
+            pass
+    with pytest.raises(ValueError, match=r"forward takes .*unknown \['BCO'\]"):
+        with kernels.force_blocks(forward=dict(BCO=16)):
+            pass
+    assert kernels._FORCED == {"forward": None, "backward": None}
+
+
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_weight_gradients_are_bitwise_deterministic(path, device):
     kernels = _kernels()
