@@ -1053,7 +1053,7 @@ def _reduce_launch(c_out, c_in, taps, flags: dict) -> tuple[Launch, ...]:
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
     kh, kw = kernel_size
-    footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
+    footprint = _halo_extent(1, 1, kh, dilation[0]) * _halo_extent(1, 1, kw, dilation[1])  # a 1 x 1 tile's
     if _pow2(footprint) > FWD_MAX_MID_ROWS:
         return (f"the dilated kernel covers {footprint} pixels; the Triton forward keeps at most {FWD_MAX_MID_ROWS} "
                 f"on chip")
