@@ -6,9 +6,10 @@
 - Triton: every kernel configuration that the Triton launcher (``bsconv_cuda/kernels/bsconv_u.py``) launches for the
   benchmark shape table (``bsconv_cuda.shapes``), per dtype, is compiled for each target (``triton.compile`` on an
   ``ASTSource`` with ``GPUTarget("cuda", arch, 32)``; no driver needed). The configurations come from a provider: the
-  launcher's own ``launch_configs(shapes, dtypes)`` when it has one, else :func:`heuristic_triton_configs` here,
-  which calls the launcher's block-size heuristics (``_fwd_blocks``, ``_bwd_blocks``) the way ``forward``/``backward``
-  do. ``--provider module:function`` plugs in another enumeration.
+  launcher's own ``launch_configs(shapes, dtypes)`` when it has one, else :func:`captured_triton_configs` here,
+  which runs the launchers ``forward``/``backward`` on meta tensors and records every launch (the launch plans'
+  block sizes and constexprs, by their names in the kernels). ``--provider module:function`` plugs in another
+  enumeration.
 - CUDA: the built extension ``bsconv_cuda/_C*.so`` (if present) is read as is (all the architectures it carries).
 
 Per kernel it reports registers, stack/local memory and spill instructions (``STL``/``LDL`` in SASS), shared memory,
@@ -180,7 +181,7 @@ class KernelConfig:
                 tuple(sorted((k, repr(v)) for k, v in self.constexprs.items())), tuple(sorted(self.attrs)))
 
     def label(self) -> str:
-        skip = {"PREC", "ACC64", "IDX64", "UPCAST_DOT", "DH", "DW", *self.spec_ones}
+        skip = {"PREC", "ACC64", "IDX64", "UPCAST_DOT", "DILATION_H", "DILATION_W", *self.spec_ones}
         c = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if k not in skip)
         prec = self.constexprs.get("PREC")
         s = f"{self.kernel}[{self.dtype}{'/' + prec if prec and self.dtype == 'fp32' else ''}] w{self.num_warps} {c}"

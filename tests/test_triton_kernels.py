@@ -44,25 +44,27 @@ def _inputs(device, n, c_in, c_out, h, w, k, dtype=torch.float32, seed=0, channe
 # forward and both backward paths
 EDGE_CASES = [
     # channels cross block edges (C_in 20 = 16 + 4, C_out 18 = 16 + 2), non-power-of-two output tile 2x3; fused
-    # backward: two channel chunks; split: two ci-blocks, two pixel splits of the grad_pw GEMM; G=3 programs
+    # backward: two channel chunks; split: two ci-blocks, two pixel splits of the grad_pw GEMM; 3 tile programs
     # striding over 3 tiles each; shifted forward: 2 programs looping over the work items
     dict(shape=(1, 20, 18, 7, 5), k=(3, 3), conv=((2, 2), (1, 1, 1, 1), (1, 1), "relu6"),
-         fwd=dict(TH=2, TW=3, BCO=16, BCI=16, SLOTS=2),
-         bwd=dict(TP=16, BCO=16, BCI=16, CHUNKS=(16, 16, 0, 0), G=3, S=2)),
-    # 1x1 output tiles (P padded up to 16), non-square kernel with dilation, asymmetric padding
+         fwd=dict(TH=2, TW=3, BLOCK_CO=16, BLOCK_CI=16, SLOTS=2),
+         bwd=dict(MID_PIXELS=16, BLOCK_CO=16, BLOCK_CI=16, CHUNKS=(16, 16, 0, 0), TILE_PROGRAMS=3,
+                  PIXEL_SPLITS=2)),
+    # 1x1 output tiles (MID_ROWS padded up to 16), non-square kernel with dilation, asymmetric padding
     dict(shape=(2, 3, 5, 5, 6), k=(3, 5), conv=((1, 1), (1, 2, 0, 4), (1, 2), "silu"),
-         fwd=dict(TH=1, TW=1), bwd=dict(TP=16, G=1)),
+         fwd=dict(TH=1, TW=1), bwd=dict(MID_PIXELS=16, TILE_PROGRAMS=1)),
     # stride (2, 1), tile 3x5 not dividing the output, 64-bit offsets forced on, channels_last; four channel
     # chunks in the fused backward (C_in 50: the last chunk holds 2 channels)
     dict(shape=(2, 50, 5, 9, 7), k=(5, 3), conv=((2, 1), (2, 2, 1, 1), (1, 1), "hardswish"),
-         fwd=dict(TH=3, TW=5, BCO=16, BCI=16, IDX64=True, SLOTS=3),
-         bwd=dict(TP=32, BCI=16, CHUNKS=(16, 16, 16, 16), G=2, S=3, IDX64=True), channels_last=True),
+         fwd=dict(TH=3, TW=5, BLOCK_CO=16, BLOCK_CI=16, IDX64=True, SLOTS=3),
+         bwd=dict(MID_PIXELS=32, BLOCK_CI=16, CHUNKS=(16, 16, 16, 16), TILE_PROGRAMS=2, PIXEL_SPLITS=3,
+                  IDX64=True), channels_last=True),
     # 7x7 kernel, tile larger than the output (the clipped halo is the whole image), one program per tile
     dict(shape=(1, 4, 3, 8, 8), k=(7, 7), conv=((1, 1), (3, 3, 3, 3), (1, 1), "relu"),
-         fwd=dict(TH=16, TW=16), bwd=dict(TP=16, G=1000, S=1000)),
+         fwd=dict(TH=16, TW=16), bwd=dict(MID_PIXELS=16, TILE_PROGRAMS=1000, PIXEL_SPLITS=1000)),
     # padding larger than the kernel's reach: output tiles whose clipped halo is empty
     dict(shape=(1, 6, 5, 3, 4), k=(3, 3), conv=((2, 2), (4, 4, 4, 4), (1, 1), "none"),
-         fwd=dict(TH=2, TW=2), bwd=dict(TP=16, G=2, S=2)),
+         fwd=dict(TH=2, TW=2), bwd=dict(MID_PIXELS=16, TILE_PROGRAMS=2, PIXEL_SPLITS=2)),
 ]
 
 
@@ -120,6 +122,19 @@ def test_depthwise_stage_argument_is_checked(device):
         _kernels().forward(x, pw, pb, dw, db, (1, 1), (1, 1, 1, 1), (1, 1), "none", depthwise="unrolled")
 
 
+def test_force_blocks_names_an_unknown_key():
+    # a key the launch plans do not take (here an old name of MID_PIXELS / BLOCK_CO) would otherwise reach the kernel
+    # launch as a stray keyword, or be ignored
+    kernels = _kernels()
+    with pytest.raises(ValueError, match=r"backward takes .*unknown \['TP'\]"):
+        with kernels.force_blocks(backward=dict(PATH="fused", TP=16)):
+            pass
+    with pytest.raises(ValueError, match=r"forward takes .*unknown \['BCO'\]"):
+        with kernels.force_blocks(forward=dict(BCO=16)):
+            pass
+    assert kernels._FORCED == {"forward": None, "backward": None}
+
+
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_weight_gradients_are_bitwise_deterministic(path, device):
     kernels = _kernels()
@@ -128,7 +143,8 @@ def test_weight_gradients_are_bitwise_deterministic(path, device):
     conv = ((1, 1), (1, 1, 1, 1), (1, 1), "silu")
     runs = []
     for _ in range(2):
-        with kernels.force_blocks(None, dict(PATH=path, TP=16, BCO=16, G=2, S=3)):
+        with kernels.force_blocks(None, dict(PATH=path, MID_PIXELS=16, BLOCK_CO=16, TILE_PROGRAMS=2,
+                                             PIXEL_SPLITS=3)):
             runs.append(kernels.backward(grad_y, x, pw, pb, dw, db, *conv))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -156,7 +172,8 @@ def test_float64_without_a_float64_tl_dot(device, monkeypatch):
     monkeypatch.setattr(_kernels(), "FLOAT64_DOT", _kernels().tl.constexpr(False))
     x, pw, pb, dw, db = (t.requires_grad_() for t in _inputs(device, 2, 20, 18, 5, 6, (3, 3), torch.float64))
     conv = dict(stride=(2, 1), padding=(1, 1), pw_bias=pb, mid_activation="silu")
-    with _kernels().force_blocks(dict(TH=2, TW=2, BCO=16, BCI=16), dict(TP=16, BCO=16, BCI=16, G=2)):
+    with _kernels().force_blocks(dict(TH=2, TW=2, BLOCK_CO=16, BLOCK_CI=16),
+                                 dict(MID_PIXELS=16, BLOCK_CO=16, BLOCK_CI=16, TILE_PROGRAMS=2)):
         y = bsconv_cuda.bsconv_u(x, pw, dw, db, backend="triton", **conv)
         grads = torch.autograd.grad(y, (x, pw, pb, dw, db), torch.ones_like(y))
     y_ref = bsconv_cuda.bsconv_u(x, pw, dw, db, backend="reference", **conv)
@@ -196,9 +213,9 @@ def test_tile_heuristic_bounds(k, stride, dilation):
                                     (dilation, dilation))
         blk = plan.blocks
         assert 1 <= blk["TH"] <= h_out and 1 <= blk["TW"] <= w_out
-        clipped = min(blk["HH"], h) * min(blk["WW"], h)
-        assert clipped <= blk["P"] <= kernels.FWD_MAX_MID_ROWS
-        assert blk["TH"] * blk["TW"] <= blk["TP"] <= kernels.FWD_MAX_TP
+        clipped = min(blk["MID_H"], h) * min(blk["MID_W"], h)
+        assert clipped <= blk["MID_ROWS"] <= kernels.FWD_MAX_MID_ROWS
+        assert blk["TH"] * blk["TW"] <= blk["OUT_PIXELS"] <= kernels.FWD_MAX_OUT_PIXELS
 
 
 def _record_launches(monkeypatch):

@@ -6,30 +6,33 @@ launch plan (:func:`forward_plan`, :func:`backward_plan`, records of :mod:`bscon
 the work: the multiply-adds of every ``tl.dot`` (M * N * K, padding included; ``benchmarks/kernel_report.py``
 tabulates them per shape and tests/test_kernel_report.py checks them against Triton's interpreter).
 
-Forward, ONE launch (``_fwd_kernel``). A program owns an output tile: image ``n``, ``TH x TW`` output pixels, ``BCO``
-channels. It computes ``mid`` for the tile's halo clipped to the image (at most ``HH x WW`` input pixels, flattened
-and padded to ``P``, a power of two) with a ``tl.dot`` chain over ``C_in`` (fp32 accumulation), adds ``pw_bias``,
-applies the activation and keeps the result on chip; padding rows are never computed (the depthwise stage reads
-zeros there). Two depthwise stages, chosen by ``forward(depthwise=...)``: "gather" picks, per tap, the shifted rows
-of ``mid`` with ``tl.gather`` (cross-lane shuffles; the gather variant of docs/DESIGN.md, section 5); "shifted"
-stores ``mid`` in a per-program staging slot of global memory (``P x BCO`` fp32; ``SHIFTED_SLOTS`` programs loop
-over the work items, so the slots stay in L1/L2) and reads each tap back with plain shifted loads. ``mid`` never
+Forward, ONE launch (``_fwd_kernel``). A program owns an output tile: image ``n``, ``TH x TW`` output pixels
+(``OUT_PIXELS`` rows, padded to a power of two), ``BLOCK_CO`` channels. It computes ``mid`` for the tile's halo
+clipped to the image (at most ``MID_H x MID_W`` input pixels, flattened and padded to ``MID_ROWS``, a power of two)
+with a ``tl.dot`` chain over ``C_in`` in blocks of ``BLOCK_CI`` (fp32 accumulation), adds ``pw_bias``, applies the
+activation and keeps the result on chip; padding rows are never computed (the depthwise stage reads zeros there).
+Two depthwise stages, chosen by ``forward(depthwise=...)``: "gather" picks, per tap, the shifted rows of ``mid``
+with ``tl.gather`` (cross-lane shuffles; the gather variant of docs/DESIGN.md, section 5); "shifted" stores ``mid``
+in a per-program staging slot of global memory (``MID_ROWS x BLOCK_CO`` fp32; ``SHIFTED_SLOTS`` programs loop over
+the work items, so the slots stay in L1/L2) and reads each tap back with plain shifted loads. ``mid`` never
 makes a round trip through DRAM. The tile is chosen per image (:func:`_fwd_tile`): among the tiles whose dot work
 stays within ``FWD_MAX_DOT_RATIO`` pointwise stages, the least modeled time (dot work + weighted depthwise FMAs,
 times the waves over two programs per SM).
 
 Backward, the pointwise product recomputed ONCE and consumed by both gradient GEMMs: 3 pointwise stages of dot
 work (recompute, grad_x, grad_pw) plus the padding of the blocks. Two paths, chosen by modeled memory traffic:
-- fused (``_bwd_fused_kernel`` + ``_reduce_kernel``): a program owns flat tiles of ``TP`` mid pixels (strided over
-  the grid), keeps the x tile and the grad_x accumulator of ALL input channels on chip (up to four power-of-two
-  chunks covering C_in rounded up to 16, ``FUSED_MAX_CIN`` at most) and loops over ``BCO`` blocks of C_out:
+- fused (``_bwd_fused_kernel`` + ``_reduce_kernel``): a program owns flat tiles of ``MID_PIXELS`` mid pixels
+  (strided over the grid), keeps the x tile and the grad_x accumulator of ALL input channels on chip (up to four
+  power-of-two chunks ``CHUNK0..CHUNK3`` covering C_in rounded up to 16, ``FUSED_MAX_CIN`` at most) and loops over
+  ``BLOCK_CO`` blocks of C_out:
   ``pre = x . P^T + b_p``, ``grad_mid`` through the depthwise transpose (a masked grad_y load per tap),
   ``grad_pre = grad_mid * act'(pre)``, ``grad_x += grad_pre . P`` and the tile's ``grad_pre^T . x`` added into the
   program's own slot of weight partials [C_out, C_in] (with the grad_dw / bias partials). Nothing of mid's size is
   written. The price: every tile reads and writes its program's slot (C_out x C_in fp32) in L2.
 - split (``_bwd_gpre_kernel``, ``_bwd_gx_kernel``, ``_bwd_gw_kernel`` + ``_reduce_kernel``): programs own (tile,
   C_out block), compute ``grad_pre`` once and write it (input dtype, mid's size); grad_x = grad_pre . P is a GEMM
-  over C_out, and grad_pw = grad_pre^T . x a GEMM over pixels split ``S`` ways, each split's partial written once.
+  over C_out, and grad_pw = grad_pre^T . x a GEMM over pixels split ``PIXEL_SPLITS`` ways, each split's partial
+  written once.
 Both reduce partials in a fixed order, so weight gradients are bitwise reproducible; their partials stay within
 ``PARTIALS_MAX_BYTES`` (24 MiB, under half the 50 MB L2 of an H100 / H200). Gradients nobody asked for
 (``output_mask``) are skipped: constexpr flags (:func:`_gradient_flags`) drop their dots, stores and partials, and
@@ -37,8 +40,8 @@ the plan drops their launches (a frozen-weight backward runs 2 of the 3 pointwis
 
 The choice, by the numbers (plan models, bf16; traffic beyond the byte floor that goes through L2 or DRAM):
 - the fused path keeps C_in x (2 B of x + 4 B of grad_x) per tile pixel on chip: with two programs of 4 warps per
-  SM that is 128 channels at TP = 32 (160 registers channels_last, no spills); wider layers do not fit, and their
-  partial slots (512 x 512 fp32 = 1 MiB per program) would allow only 24 programs;
+  SM that is 128 channels at MID_PIXELS = 32 (its registers: the kernel report, below); wider layers do not fit,
+  and their partial slots (512 x 512 fp32 = 1 MiB per program) would allow only 24 programs;
 - where both fit, the traffic decides: 32->64 @ 112, N = 64: fused +269 MiB (all in L2) vs split +412 MiB (343 MiB
   of it DRAM: grad_pre is 98 MiB) -> fused; 128->128 @ 56, N = 64: fused +875 MiB (C_out x C_in x 8 B per 32-pixel
   tile) vs split +234 MiB -> split; 96->576 @ 14, N = 64: fused +208 MiB vs split +55 MiB -> split. Batch-1/2
@@ -50,10 +53,11 @@ Dot work in pointwise stages, before -> after, bf16 channels_last, N = 1 (the is
 3.00; 128->128 @ 56: 2.29 -> 2.00, 6.00 -> 3.00; 512->512 @ 14: 2.61 -> 2.29, 23.5 -> 3.18; 1024->1024 @ 7:
 5.22 -> 2.61, 44.4 -> 3.92; 1024->1024 @ 4: 4.00 -> 2.00, 136 -> 3.00; 24->144 @ 56: 3.39 -> 2.67, 4.44 -> 4.00.
 
-Registers (compiled without a GPU for sm_90 / sm_80, triton 3.8, as ``benchmarks/kernel_report.py`` does, with
-``tt.divisibility=16`` attrs where Triton's launcher would specialize): see BENCHMARKS.md for every launch. NCHW x
-loads are single-element gathers with a 64-bit address each (the channel dimension that the dots reduce over is
-strided), so NCHW launches use narrower channel blocks (forward BCI <= 32, fused chunks <= 64).
+Registers and spills of every launch: the generated kernel report (``python benchmarks/kernel_report.py``, which
+compiles each launch without a GPU for sm_80 / sm_90 with ``tt.divisibility=16`` attrs where Triton's launcher would
+specialize; its table is in BENCHMARKS.md). Comments here say which choice spilled, not by how much. NCHW x loads
+are single-element gathers with a 64-bit address each (the channel dimension that the dots reduce over is strided),
+so NCHW launches use narrower channel blocks (forward BLOCK_CI <= 32, fused chunks <= 64).
 
 Interpreter notes: under ``TRITON_INTERPRET=1`` (CPU tensors) the kernels run through NumPy; float64 works there
 (``_dot``: tl.dot in fp64 from triton 3.5 on, summed broadcast products before), which lets ``gradcheck``
@@ -82,17 +86,29 @@ _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
 # Test hook: block sizes forced by :func:`force_blocks` (None: chosen by shape).
 _FORCED: dict[str, dict | None] = {"forward": None, "backward": None}
+# The keys force_blocks takes, per pass; the backward's split path alone has BLOCK_CI, pixel splits and the GEMMs'
+# blocks and options, the fused path alone channel chunks.
+_FORWARD_KEYS = frozenset({"TH", "TW", "BLOCK_CO", "BLOCK_CI", "num_warps", "num_stages", "IDX64", "SLOTS"})
+_SPLIT_ONLY_KEYS = frozenset({"BLOCK_CI", "PIXEL_SPLITS", "GX_MID_PIXELS", "GX_BLOCK_CI", "GEMM_WARPS", "GEMM_STAGES"})
+_BACKWARD_KEYS = frozenset({"PATH", "MID_PIXELS", "BLOCK_CO", "CHUNKS", "TILE_PROGRAMS", "num_warps", "num_stages",
+                            "IDX64"}) | _SPLIT_ONLY_KEYS
 
 
 @contextlib.contextmanager
 def force_blocks(forward: dict | None = None, backward: dict | None = None):
     """Forces block sizes (for tests of tiling edges with tiny shapes).
 
-    forward: any of TH, TW (output tile), BCO, BCI, num_warps, IDX64 (64-bit offsets even for small tensors),
-    SLOTS (programs of the shifted depthwise stage, each looping over work items).
-    backward: PATH ("fused" or "split"), TP, BCO, BCI (split path), CHUNKS (fused path: up to 4 channel-chunk
-    widths), G (tile programs), S (pixel splits of the split path's grad_pw GEMM), num_warps, IDX64.
+    forward: any of TH, TW (output tile), BLOCK_CO, BLOCK_CI, num_warps, num_stages, IDX64 (64-bit offsets even for
+    small tensors), SLOTS (programs of the shifted depthwise stage, each looping over work items).
+    backward: PATH ("fused" or "split"), MID_PIXELS (mid pixels per tile), BLOCK_CO, CHUNKS (fused path: four
+    channel-chunk widths, 0 = absent), TILE_PROGRAMS (programs striding over the tiles, one slot of partials each),
+    BLOCK_CI, PIXEL_SPLITS (of the grad_pw GEMM), GX_MID_PIXELS, GX_BLOCK_CI (the grad_x GEMM's blocks), GEMM_WARPS,
+    GEMM_STAGES (split path), num_warps, num_stages, IDX64.
     """
+    for name, forced, keys in (("forward", forward, _FORWARD_KEYS), ("backward", backward, _BACKWARD_KEYS)):
+        unknown = sorted(set(forced or ()) - keys)
+        if unknown:
+            raise ValueError(f"force_blocks: {name} takes {sorted(keys)}, got unknown {unknown}")
     saved = dict(_FORCED)
     _FORCED["forward"], _FORCED["backward"] = forward, backward
     try:
@@ -152,30 +168,30 @@ def _dot(a, b, acc, PREC: tl.constexpr, ACC64: tl.constexpr):
 
 
 @triton.jit
-def _x_tile(x_ptr, x_row, row_ok, ci, C_in, sxc, CW: tl.constexpr, IDX64: tl.constexpr, X_VEC: tl.constexpr):
-    """x[rows, ci] for CW consecutive channels ci (zeros beyond C_in and in rows with ``row_ok`` False). X_VEC
+def _x_tile(x_ptr, x_row, row_ok, ci, C_in, stride_x_c, IDX64: tl.constexpr, X_VEC: tl.constexpr):
+    """x[rows, ci] for consecutive channels ci (zeros beyond C_in and in rows with ``row_ok`` False). X_VEC
     (:func:`_vector_width`): the launcher found C_in and every pixel stride divisible by it with contiguous
     channels; both are promised to Triton (the mask in whole vectors), so loads are X_VEC elements wide."""
     ci_x = ci.to(tl.int64) if IDX64 else ci
-    offs = tl.multiple_of(x_row[:, None] + ci_x[None, :] * sxc, [X_VEC, X_VEC])
+    offs = tl.multiple_of(x_row[:, None] + ci_x[None, :] * stride_x_c, [X_VEC, X_VEC])
     return tl.load(x_ptr + offs, mask=row_ok[:, None] & (ci // X_VEC < C_in // X_VEC)[None, :], other=0.0)
 
 
 @triton.jit
 def _pointwise(
-    x_ptr, x_row, row_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc,
-    ROWS: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr,
+    x_ptr, x_row, row_ok, pw_ptr, pb_ptr, co, co_ok, C_in, stride_x_c,
+    ROWS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr,
     ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
-    """The pointwise stage of the forward and of the split backward: pre[ROWS, BCO] = x[rows, :] . P[co, :]^T +
-    b_p[co], a tl.dot chain over C_in blocks. ``x_row`` holds each row's pixel offset; rows with ``row_ok`` False
-    read zeros. X_VEC: see :func:`_vector_width`."""
+    """The pointwise stage of the forward and of the split backward: pre[ROWS, BLOCK_CO] = x[rows, :] . P[co, :]^T
+    + b_p[co], a tl.dot chain over C_in blocks of BLOCK_CI. ``x_row`` holds each row's pixel offset; rows with
+    ``row_ok`` False read zeros. X_VEC: see :func:`_vector_width`."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    pre = tl.zeros((ROWS, BCO), dtype=acc_dt)
-    for ci0 in range(0, C_in, BCI):
-        ci = ci0 + tl.arange(0, BCI)
+    pre = tl.zeros((ROWS, BLOCK_CO), dtype=acc_dt)
+    for ci0 in range(0, C_in, BLOCK_CI):
+        ci = ci0 + tl.arange(0, BLOCK_CI)
         ci_ok = ci < C_in
-        xt = _x_tile(x_ptr, x_row, row_ok, ci, C_in, sxc, BCI, IDX64, X_VEC)
+        xt = _x_tile(x_ptr, x_row, row_ok, ci, C_in, stride_x_c, IDX64, X_VEC)
         wt = tl.load(pw_ptr + (co[None, :] * C_in + ci[:, None]), mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         if UPCAST_DOT:
             xt = xt.to(tl.float32)
@@ -193,110 +209,114 @@ def _pointwise(
 def _fwd_kernel(
     x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_ptr,
     C_in, C_out, H, W, H_out, W_out,
-    sxn, sxc, sxh, sxw, syn, syc, syh, syw,
-    tiles_w, tiles_per_img, n_co_blk, n_work, PT, PL,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr, TP: tl.constexpr, P: tl.constexpr,
-    BCO: tl.constexpr, BCI: tl.constexpr, SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
-    HAS_DB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    X_VEC: tl.constexpr,
+    stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_y_n, stride_y_c, stride_y_h, stride_y_w,
+    tiles_w, tiles_per_img, n_co_blk, n_work, pad_top, pad_left,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DILATION_H: tl.constexpr,
+    DILATION_W: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, MID_H: tl.constexpr, MID_W: tl.constexpr,
+    OUT_PIXELS: tl.constexpr, MID_ROWS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if SHIFTED:
         # fewer programs than work items, each owning one staging slot of mid and looping over items
-        mid_slot = mid_ptr + pid * (P * BCO)
+        mid_slot = mid_ptr + pid * (MID_ROWS * BLOCK_CO)
         for item in range(pid, n_work, tl.num_programs(0)):
             tl.debug_barrier()  # the previous item's reads of the slot are done before it is overwritten
             _fwd_item(item, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_slot, C_in, C_out, H, W, H_out, W_out,
-                      sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL, KH, KW, SH,
-                      SW, DH, DW, TH, TW, HH, WW, TP, P, BCO, BCI, SHIFTED, ACT, HAS_PB, HAS_DB, PREC, ACC64, IDX64,
-                      UPCAST_DOT, X_VEC)
+                      stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_y_n, stride_y_c, stride_y_h, stride_y_w,
+                      tiles_w, tiles_per_img, n_co_blk, pad_top, pad_left, KH, KW, STRIDE_H, STRIDE_W, DILATION_H,
+                      DILATION_W, TH, TW, MID_H, MID_W, OUT_PIXELS, MID_ROWS, BLOCK_CO, BLOCK_CI, SHIFTED, ACT,
+                      HAS_PB, HAS_DB, PREC, ACC64, IDX64, UPCAST_DOT, X_VEC)
     else:
         _fwd_item(pid, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_ptr, C_in, C_out, H, W, H_out, W_out,
-                  sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL, KH, KW, SH, SW,
-                  DH, DW, TH, TW, HH, WW, TP, P, BCO, BCI, SHIFTED, ACT, HAS_PB, HAS_DB, PREC, ACC64, IDX64,
-                  UPCAST_DOT, X_VEC)
+                  stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_y_n, stride_y_c, stride_y_h, stride_y_w,
+                  tiles_w, tiles_per_img, n_co_blk, pad_top, pad_left, KH, KW, STRIDE_H, STRIDE_W, DILATION_H,
+                  DILATION_W, TH, TW, MID_H, MID_W, OUT_PIXELS, MID_ROWS, BLOCK_CO, BLOCK_CI, SHIFTED, ACT, HAS_PB,
+                  HAS_DB, PREC, ACC64, IDX64, UPCAST_DOT, X_VEC)
 
 
 @triton.jit
 def _fwd_item(
     item, x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_slot, C_in, C_out, H, W, H_out, W_out,
-    sxn, sxc, sxh, sxw, syn, syc, syh, syw, tiles_w, tiles_per_img, n_co_blk, PT, PL,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr, HH: tl.constexpr, WW: tl.constexpr, TP: tl.constexpr, P: tl.constexpr,
-    BCO: tl.constexpr, BCI: tl.constexpr, SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
-    HAS_DB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    X_VEC: tl.constexpr,
+    stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_y_n, stride_y_c, stride_y_h, stride_y_w,
+    tiles_w, tiles_per_img, n_co_blk, pad_top, pad_left,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DILATION_H: tl.constexpr,
+    DILATION_W: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, MID_H: tl.constexpr, MID_W: tl.constexpr,
+    OUT_PIXELS: tl.constexpr, MID_ROWS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    SHIFTED: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr,
+    ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     """One forward work item: output tile x C_out block ``item``. ``mid_slot``: the shifted stage's staging slot."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    cc = tl.arange(0, BCO)
-    cb = item % n_co_blk  # channel blocks of one tile are neighbours in launch order: they share x in L2
-    t = item // n_co_blk
-    n = t // tiles_per_img
-    r = t % tiles_per_img
-    oh0 = (r // tiles_w) * TH
-    ow0 = (r % tiles_w) * TW
-    co = cb * BCO + cc
+    co_local = tl.arange(0, BLOCK_CO)
+    co_blk = item % n_co_blk  # channel blocks of one tile are neighbours in launch order: they share x in L2
+    tile = item // n_co_blk
+    n = tile // tiles_per_img
+    tile_in_img = tile % tiles_per_img
+    oh0 = (tile_in_img // tiles_w) * TH
+    ow0 = (tile_in_img % tiles_w) * TW
+    co = co_blk * BLOCK_CO + co_local
     co_ok = co < C_out
 
-    # --- pointwise stage over the tile's halo clipped to the image: ch x cw input pixels, flattened to
-    # q < ch * cw (rows up to P are filler). Padding rows are never computed: the depthwise stage masks them.
-    h_lo = oh0 * SH - PT
-    w_lo = ow0 * SW - PL
+    # --- pointwise stage over the tile's halo clipped to the image: region_h x region_w input pixels, flattened to
+    # mid_row < region_h * region_w (rows up to MID_ROWS are filler). Padding rows are never computed: the
+    # depthwise stage masks them.
+    h_lo = oh0 * STRIDE_H - pad_top
+    w_lo = ow0 * STRIDE_W - pad_left
     ih0 = tl.maximum(h_lo, 0)
     iw0 = tl.maximum(w_lo, 0)
-    ch = tl.maximum(tl.minimum(h_lo + HH, H) - ih0, 0)
-    cw = tl.maximum(tl.minimum(w_lo + WW, W) - iw0, 0)
-    cw_div = tl.maximum(cw, 1)
-    q = tl.arange(0, P)
-    q_ok = q < ch * cw
-    ih = ih0 + q // cw_div
-    iw = iw0 + q % cw_div
+    region_h = tl.maximum(tl.minimum(h_lo + MID_H, H) - ih0, 0)
+    region_w = tl.maximum(tl.minimum(w_lo + MID_W, W) - iw0, 0)
+    region_w_div = tl.maximum(region_w, 1)
+    mid_row = tl.arange(0, MID_ROWS)
+    mid_row_ok = mid_row < region_h * region_w
+    ih = ih0 + mid_row // region_w_div
+    iw = iw0 + mid_row % region_w_div
     if IDX64:
         n = n.to(tl.int64)
         ih = ih.to(tl.int64)
         iw = iw.to(tl.int64)
-    x_row = n * sxn + ih * sxh + iw * sxw
-    mid = _act(_pointwise(x_ptr, x_row, q_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, P, BCO, BCI, HAS_PB, PREC,
-                          ACC64, IDX64, UPCAST_DOT, X_VEC), ACT)
+    x_row = n * stride_x_n + ih * stride_x_h + iw * stride_x_w
+    mid = _act(_pointwise(x_ptr, x_row, mid_row_ok, pw_ptr, pb_ptr, co, co_ok, C_in, stride_x_c, MID_ROWS, BLOCK_CO,
+                          BLOCK_CI, HAS_PB, PREC, ACC64, IDX64, UPCAST_DOT, X_VEC), ACT)
     if SHIFTED:
-        tl.store(mid_slot + (q[:, None] * BCO + cc[None, :]), mid, mask=q_ok[:, None])
+        tl.store(mid_slot + (mid_row[:, None] * BLOCK_CO + co_local[None, :]), mid, mask=mid_row_ok[:, None])
         tl.debug_barrier()  # every row is stored before any thread reads its taps
 
     # --- depthwise stage: per tap, the mid rows under the shifted output pixels (0 in the padding)
-    tt = tl.arange(0, TP)
-    lh = tt // TW
-    lw = tt % TW
-    t_ok = tt < TH * TW
-    out = tl.zeros((TP, BCO), dtype=acc_dt)
+    out_pix = tl.arange(0, OUT_PIXELS)
+    tile_row = out_pix // TW
+    tile_col = out_pix % TW
+    out_pix_ok = out_pix < TH * TW
+    out = tl.zeros((OUT_PIXELS, BLOCK_CO), dtype=acc_dt)
     # a runtime loop over taps (not static_range): unrolled, the per-tap weights and indices of all taps were
     # hoisted and spilled for 5x5 / 7x7 on sm_90
     for tap in tl.range(0, KH * KW):
         i = tap // KW
         j = tap % KW
-        tap_h = (oh0 + lh) * SH - PT + i * DH
-        tap_w = (ow0 + lw) * SW - PL + j * DW
-        ok = t_ok & (tap_h >= 0) & (tap_h < H) & (tap_w >= 0) & (tap_w < W)
-        idx = tl.where(ok, (tap_h - ih0) * cw + (tap_w - iw0), 0)
+        tap_h = (oh0 + tile_row) * STRIDE_H - pad_top + i * DILATION_H
+        tap_w = (ow0 + tile_col) * STRIDE_W - pad_left + j * DILATION_W
+        ok = out_pix_ok & (tap_h >= 0) & (tap_h < H) & (tap_w >= 0) & (tap_w < W)
+        idx = tl.where(ok, (tap_h - ih0) * region_w + (tap_w - iw0), 0)
         if SHIFTED:
-            g = tl.load(mid_slot + (idx[:, None] * BCO + cc[None, :]), mask=ok[:, None], other=0.0)
+            g = tl.load(mid_slot + (idx[:, None] * BLOCK_CO + co_local[None, :]), mask=ok[:, None], other=0.0)
         else:
-            g = tl.where(ok[:, None], tl.gather(mid, tl.broadcast_to(idx[:, None], (TP, BCO)), 0), 0.0)
+            g = tl.where(ok[:, None], tl.gather(mid, tl.broadcast_to(idx[:, None], (OUT_PIXELS, BLOCK_CO)), 0), 0.0)
         wd = tl.load(dw_ptr + co * (KH * KW) + tap, mask=co_ok, other=0.0).to(acc_dt)
         out += g * wd[None, :]
     if HAS_DB:
         out += tl.load(db_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
 
-    oh = oh0 + lh
-    ow = ow0 + lw
-    y_ok = t_ok & (oh < H_out) & (ow < W_out)
+    oh = oh0 + tile_row
+    ow = ow0 + tile_col
+    y_ok = out_pix_ok & (oh < H_out) & (ow < W_out)
     co_y = co
     if IDX64:
         oh = oh.to(tl.int64)
         ow = ow.to(tl.int64)
         co_y = co.to(tl.int64)
-    y_off = n * syn + co_y[None, :] * syc + (oh * syh + ow * syw)[:, None]
+    y_off = n * stride_y_n + co_y[None, :] * stride_y_c + (oh * stride_y_h + ow * stride_y_w)[:, None]
     tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=y_ok[:, None] & co_ok[None, :])
 
 
@@ -304,98 +324,104 @@ def _fwd_item(
 # Backward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP: tl.constexpr, IDX64: tl.constexpr):
-    """Flat tile ``tile`` of TP mid (= input) pixels over all images: pixel index, mask, (n, h, w), x row offset."""
+def _mid_tile(tile, HW, W, n_pix, stride_n, stride_h, stride_w, MID_PIXELS: tl.constexpr, IDX64: tl.constexpr):
+    """Flat tile ``tile`` of MID_PIXELS mid (= input) pixels over all images: pixel index, mask, (n, h, w), and the
+    row offset of a tensor with these pixel strides (x's or grad_x's)."""
     if IDX64:
         tile = tl.cast(tile, tl.int64)  # tl.cast: the interpreter passes loop indices as Python ints
-    p = tile * TP + tl.arange(0, TP)
+    p = tile * MID_PIXELS + tl.arange(0, MID_PIXELS)
     p_ok = p < n_pix
     n = p // HW
     rr = p % HW
     h = rr // W
     w = rr % W
-    return p, p_ok, n, h, w, n * sxn + h * sxh + w * sxw
+    return p, p_ok, n, h, w, n * stride_n + h * stride_h + w * stride_w
 
 
 @triton.jit
 def _grad_pre(
-    gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out, W_out, PT, PL, again,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TP: tl.constexpr, BCO: tl.constexpr, ACT: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
-    NEED_GPRE: tl.constexpr, NEED_PB: tl.constexpr, NEED_DW: tl.constexpr,
+    gy_ptr, dw_ptr, cpart_slot, pre, n, h, w, p_ok, co, co_ok, stride_gy_n, stride_gy_c, stride_gy_h, stride_gy_w,
+    H_out, W_out, pad_top, pad_left, accumulate,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DILATION_H: tl.constexpr,
+    DILATION_W: tl.constexpr, MID_PIXELS: tl.constexpr, BLOCK_CO: tl.constexpr, ACT: tl.constexpr, ACC64: tl.constexpr,
+    IDX64: tl.constexpr, NEED_GPRE: tl.constexpr, NEED_PB: tl.constexpr, NEED_DW: tl.constexpr,
 ):
-    """grad_pre[TP, BCO] of mid pixels (n, h, w) and channels co, from pre (the recomputed pre-activation), grad_y
-    and the depthwise weights; adds this tile's grad_dw_weight and grad_pw_bias terms into the program's channel
-    partials ``cpart_g`` [C_out, KH*KW + 2] (initialized instead when ``again`` is False). The NEED_ flags (see
-    :func:`_gradient_flags`) drop what no requested gradient uses; without NEED_GPRE the result is meaningless."""
+    """grad_pre[MID_PIXELS, BLOCK_CO] of mid pixels (n, h, w) and channels co, from pre (the recomputed
+    pre-activation), grad_y and the depthwise weights; adds this tile's grad_dw_weight and grad_pw_bias terms into
+    the program's channel partials ``cpart_slot`` [C_out, KH*KW + 2] (initialized instead when ``accumulate`` is
+    False). The NEED_ flags (see :func:`_gradient_flags`) drop what no requested gradient uses; without NEED_GPRE the
+    result is meaningless."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    T: tl.constexpr = KH * KW
+    TAPS: tl.constexpr = KH * KW
     mid = _act(pre, ACT)
     co_g = co.to(tl.int64) if IDX64 else co
-    # depthwise transpose: mid pixel (h, w) feeds output (oh, ow) through tap (i, j) when oh*SH + i*DH - PT == h
-    # (and the same for w): a masked load per tap, no on-chip shifting
-    gmid = tl.zeros((TP, BCO), dtype=acc_dt)
-    for tap in tl.range(0, T):  # runtime loop: see the forward kernel
+    # depthwise transpose: mid pixel (h, w) feeds output (oh, ow) through tap (i, j) when
+    # oh * STRIDE_H + i * DILATION_H - pad_top == h (and the same for w): a masked load per tap, no on-chip shifting
+    gmid = tl.zeros((MID_PIXELS, BLOCK_CO), dtype=acc_dt)
+    for tap in tl.range(0, TAPS):  # runtime loop: see the forward kernel
         i = tap // KW
         j = tap % KW
-        ohn = h + PT - i * DH
-        own = w + PL - j * DW
-        oh = ohn // SH
-        ow = own // SW
-        ok = p_ok & (ohn >= 0) & (ohn % SH == 0) & (oh < H_out) & (own >= 0) & (own % SW == 0) & (ow < W_out)
-        g_row = n * sgn + oh * sgh + ow * sgw
-        gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=ok[:, None] & co_ok[None, :],
+        ohn = h + pad_top - i * DILATION_H
+        own = w + pad_left - j * DILATION_W
+        oh = ohn // STRIDE_H
+        ow = own // STRIDE_W
+        ok = (p_ok & (ohn >= 0) & (ohn % STRIDE_H == 0) & (oh < H_out) & (own >= 0) & (own % STRIDE_W == 0)
+              & (ow < W_out))
+        g_row = n * stride_gy_n + oh * stride_gy_h + ow * stride_gy_w
+        gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * stride_gy_c), mask=ok[:, None] & co_ok[None, :],
                       other=0.0).to(acc_dt)
         if NEED_GPRE:
-            wd = tl.load(dw_ptr + co * T + tap, mask=co_ok, other=0.0).to(acc_dt)
+            wd = tl.load(dw_ptr + co * TAPS + tap, mask=co_ok, other=0.0).to(acc_dt)
             gmid += gyt * wd[None, :]
         if NEED_DW:
-            d_ptr = cpart_g + co * (T + 2) + tap
-            prev = tl.load(d_ptr, mask=co_ok & again, other=0.0)
+            d_ptr = cpart_slot + co * (TAPS + 2) + tap
+            prev = tl.load(d_ptr, mask=co_ok & accumulate, other=0.0)
             tl.store(d_ptr, prev + tl.sum(gyt * mid, axis=0), mask=co_ok)
     gpre = _act_grad(gmid, pre, ACT)
     if NEED_PB:
-        b_ptr = cpart_g + co * (T + 2) + T
-        prev = tl.load(b_ptr, mask=co_ok & again, other=0.0)
+        b_ptr = cpart_slot + co * (TAPS + 2) + TAPS
+        prev = tl.load(b_ptr, mask=co_ok & accumulate, other=0.0)
         tl.store(b_ptr, prev + tl.sum(gpre, axis=0), mask=co_ok)
     return gpre
 
 
 @triton.jit
-def _grad_y_sum(gy_ptr, cpart_g, co, co_ok, first, step, N, H_out, W_out, sgn, sgc, sgh, sgw,
-                T: tl.constexpr, TP: tl.constexpr, BCO: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr):
-    """grad_dw_bias partial: the sum of grad_y over flat output tiles first, first + step, ... into column T + 1
-    of the channel partials."""
+def _grad_y_sum(gy_ptr, cpart_slot, co, co_ok, first, step, N, H_out, W_out, stride_gy_n, stride_gy_c, stride_gy_h,
+                stride_gy_w, TAPS: tl.constexpr, OUT_PIXELS: tl.constexpr, BLOCK_CO: tl.constexpr, ACC64: tl.constexpr,
+                IDX64: tl.constexpr):
+    """grad_dw_bias partial: the sum of grad_y over flat tiles of OUT_PIXELS output pixels first, first + step, ...
+    into column TAPS + 1 of the channel partials."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     HWo = tl.cast(H_out, tl.int64) * W_out if IDX64 else H_out * W_out  # tl.cast: H_out may be a constexpr 1
     n_opix = N * HWo
     co_g = co.to(tl.int64) if IDX64 else co
-    s = tl.zeros((BCO,), dtype=acc_dt)
-    for tile in range(first, tl.cdiv(n_opix, TP), step):
-        o = (tl.cast(tile, tl.int64) if IDX64 else tile) * TP + tl.arange(0, TP)
+    s = tl.zeros((BLOCK_CO,), dtype=acc_dt)
+    for tile in range(first, tl.cdiv(n_opix, OUT_PIXELS), step):
+        o = (tl.cast(tile, tl.int64) if IDX64 else tile) * OUT_PIXELS + tl.arange(0, OUT_PIXELS)
         o_ok = o < n_opix
         no = o // HWo
         ro = o % HWo
-        g_row = no * sgn + (ro // W_out) * sgh + (ro % W_out) * sgw
-        gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * sgc), mask=o_ok[:, None] & co_ok[None, :],
+        g_row = no * stride_gy_n + (ro // W_out) * stride_gy_h + (ro % W_out) * stride_gy_w
+        gyt = tl.load(gy_ptr + (g_row[:, None] + co_g[None, :] * stride_gy_c), mask=o_ok[:, None] & co_ok[None, :],
                       other=0.0)
         s += tl.sum(gyt.to(acc_dt), axis=0)
-    tl.store(cpart_g + co * (T + 2) + (T + 1), s, mask=co_ok)
+    tl.store(cpart_slot + co * (TAPS + 2) + (TAPS + 1), s, mask=co_ok)
 
 
 @triton.jit
-def _x_chunk(x_ptr, x_row, p_ok, c0, C_in, sxc, CW: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr,
-             X_VEC: tl.constexpr):
-    """x[pixels, c0 : c0 + CW] (zeros beyond C_in and for masked pixels)."""
-    xt = _x_tile(x_ptr, x_row, p_ok, c0 + tl.arange(0, CW), C_in, sxc, CW, IDX64, X_VEC)
+def _x_chunk(x_ptr, x_row, p_ok, c0, C_in, stride_x_c, CHUNK: tl.constexpr, IDX64: tl.constexpr,
+             UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr):
+    """x[pixels, c0 : c0 + CHUNK] (zeros beyond C_in and for masked pixels)."""
+    xt = _x_tile(x_ptr, x_row, p_ok, c0 + tl.arange(0, CHUNK), C_in, stride_x_c, IDX64, X_VEC)
     return xt.to(tl.float32) if UPCAST_DOT else xt
 
 
 @triton.jit
-def _pre_chunk(pre, xt, pw_ptr, co, co_ok, c0, C_in, CW: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
+def _pre_chunk(pre, xt, pw_ptr, co, co_ok, c0, C_in, CHUNK: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
                UPCAST_DOT: tl.constexpr):
-    """pre += x chunk . P[co, c0 : c0 + CW]^T; also returns that weight chunk [BCO, CW] for the gradient dots."""
-    ci = c0 + tl.arange(0, CW)
+    """pre += x chunk . P[co, c0 : c0 + CHUNK]^T; also returns that weight chunk [BLOCK_CO, CHUNK] for the gradient
+    dots."""
+    ci = c0 + tl.arange(0, CHUNK)
     wt = tl.load(pw_ptr + (co[:, None] * C_in + ci[None, :]), mask=co_ok[:, None] & (ci < C_in)[None, :], other=0.0)
     if UPCAST_DOT:
         wt = wt.to(tl.float32)
@@ -404,22 +430,22 @@ def _pre_chunk(pre, xt, pw_ptr, co, co_ok, c0, C_in, CW: tl.constexpr, PREC: tl.
 
 
 @triton.jit
-def _wpart_chunk(gpre_in, xt, wpart_g, co, co_ok, c0, C_in, again, CW: tl.constexpr, PREC: tl.constexpr,
+def _wpart_chunk(gpre_in, xt, wpart_slot, co, co_ok, c0, C_in, accumulate, CHUNK: tl.constexpr, PREC: tl.constexpr,
                  ACC64: tl.constexpr):
-    """This tile's grad_pw[co, chunk] term grad_pre^T . x added into the program's weight partials ``wpart_g``."""
-    ci = c0 + tl.arange(0, CW)
-    w_ptr = wpart_g + (co[:, None] * C_in + ci[None, :])
+    """This tile's grad_pw[co, chunk] term grad_pre^T . x added into the program's weight partials ``wpart_slot``."""
+    ci = c0 + tl.arange(0, CHUNK)
+    w_ptr = wpart_slot + (co[:, None] * C_in + ci[None, :])
     w_ok = co_ok[:, None] & (ci < C_in)[None, :]
-    prev = tl.load(w_ptr, mask=w_ok & again, other=0.0)  # the slot's sum so far (acc dtype), zeros on the first tile
+    prev = tl.load(w_ptr, mask=w_ok & accumulate, other=0.0)  # the slot's sum so far (acc dtype), 0 on the first tile
     tl.store(w_ptr, _dot(tl.trans(gpre_in), xt, prev, PREC, ACC64), mask=w_ok)
 
 
 @triton.jit
-def _store_gx_chunk(gx_ptr, gx_row, p_ok, gx, c0, C_in, sxgc, CW: tl.constexpr, IDX64: tl.constexpr,
+def _store_gx_chunk(gx_ptr, gx_row, p_ok, gx, c0, C_in, stride_gx_c, CHUNK: tl.constexpr, IDX64: tl.constexpr,
                     X_VEC: tl.constexpr):
-    ci = c0 + tl.arange(0, CW)
+    ci = c0 + tl.arange(0, CHUNK)
     ci_x = ci.to(tl.int64) if IDX64 else ci
-    offs = tl.multiple_of(gx_row[:, None] + ci_x[None, :] * sxgc, [X_VEC, X_VEC])  # see _x_tile
+    offs = tl.multiple_of(gx_row[:, None] + ci_x[None, :] * stride_gx_c, [X_VEC, X_VEC])  # see _x_tile
     tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & (ci // X_VEC < C_in // X_VEC)[None, :])
 
 
@@ -427,158 +453,173 @@ def _store_gx_chunk(gx_ptr, gx_row, p_ok, gx, c0, C_in, sxgc, CW: tl.constexpr, 
 def _bwd_fused_kernel(
     gy_ptr, x_ptr, pw_ptr, pb_ptr, dw_ptr, gx_ptr, wpart_ptr, cpart_ptr,
     N, C_in, C_out, H, W, H_out, W_out,
-    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw, sxgn, sxgc, sxgh, sxgw,
-    PT, PL, G,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TP: tl.constexpr, BCO: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+    stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_gy_n, stride_gy_c, stride_gy_h, stride_gy_w,
+    stride_gx_n, stride_gx_c, stride_gx_h, stride_gx_w,
+    pad_top, pad_left, n_tile_programs,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DILATION_H: tl.constexpr,
+    DILATION_W: tl.constexpr, MID_PIXELS: tl.constexpr, BLOCK_CO: tl.constexpr,
+    CHUNK0: tl.constexpr, CHUNK1: tl.constexpr, CHUNK2: tl.constexpr, CHUNK3: tl.constexpr,
     ACT: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
     UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
     NEED_GX: tl.constexpr, NEED_PW: tl.constexpr, NEED_PB: tl.constexpr, NEED_DW: tl.constexpr,
     NEED_DB: tl.constexpr, NEED_GPRE: tl.constexpr, NEED_MID: tl.constexpr,
 ):
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    T: tl.constexpr = KH * KW
-    pid_g = tl.program_id(0)
+    TAPS: tl.constexpr = KH * KW
+    tile_program = tl.program_id(0)
     HW = tl.cast(H, tl.int64) * W if IDX64 else H * W  # tl.cast: H may be specialized to a constexpr 1
     n_pix = N * HW
-    wpart_g = wpart_ptr + pid_g * (C_out * C_in)  # this program's slots: grad_pw [C_out, C_in] ...
-    cpart_g = cpart_ptr + pid_g * (C_out * (T + 2))  # ... and grad_dw | grad_pw_bias | grad_dw_bias [C_out, T + 2]
-    # x's channels in up to four chunks (widths C0 >= C1 >= C2 >= C3, 0 = absent) at offsets 0, C0, C0 + C1, ...
-    O1: tl.constexpr = C0
-    O2: tl.constexpr = C0 + C1
-    O3: tl.constexpr = C0 + C1 + C2
+    # this program's slots: grad_pw [C_out, C_in] and grad_dw | grad_pw_bias | grad_dw_bias [C_out, TAPS + 2]
+    wpart_slot = wpart_ptr + tile_program * (C_out * C_in)
+    cpart_slot = cpart_ptr + tile_program * (C_out * (TAPS + 2))
+    # x's channels in up to four chunks (widths CHUNK0 >= CHUNK1 >= CHUNK2 >= CHUNK3, 0 = absent) at offsets 0,
+    # CHUNK0, CHUNK0 + CHUNK1, ...
+    CHUNK_OFFSET1: tl.constexpr = CHUNK0
+    CHUNK_OFFSET2: tl.constexpr = CHUNK0 + CHUNK1
+    CHUNK_OFFSET3: tl.constexpr = CHUNK0 + CHUNK1 + CHUNK2
     if NEED_MID:  # without it only grad_dw_bias is wanted: a sum of grad_y alone
-        for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
+        for tile in range(tile_program, tl.cdiv(n_pix, MID_PIXELS), n_tile_programs):
             # The partial slots are read back and rewritten every tile, possibly by other threads than wrote them:
             # order the previous tile's stores before this tile's loads.
             tl.debug_barrier()
-            again = tile != pid_g  # later tiles accumulate into the slots, the first one initializes them
-            p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
+            accumulate = tile != tile_program  # later tiles accumulate into the slots, the first one initializes them
+            p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, stride_x_n, stride_x_h, stride_x_w, MID_PIXELS,
+                                                IDX64)
             # the x tile stays on chip for all C_out blocks, and so does the grad_x accumulator
-            x0 = _x_chunk(x_ptr, x_row, p_ok, 0, C_in, sxc, C0, IDX64, UPCAST_DOT, X_VEC)
+            x0 = _x_chunk(x_ptr, x_row, p_ok, 0, C_in, stride_x_c, CHUNK0, IDX64, UPCAST_DOT, X_VEC)
             if NEED_GX:
-                gx0 = tl.zeros((TP, C0), dtype=acc_dt)
-            if C1 > 0:
-                x1 = _x_chunk(x_ptr, x_row, p_ok, O1, C_in, sxc, C1, IDX64, UPCAST_DOT, X_VEC)
+                gx0 = tl.zeros((MID_PIXELS, CHUNK0), dtype=acc_dt)
+            if CHUNK1 > 0:
+                x1 = _x_chunk(x_ptr, x_row, p_ok, CHUNK_OFFSET1, C_in, stride_x_c, CHUNK1, IDX64, UPCAST_DOT, X_VEC)
                 if NEED_GX:
-                    gx1 = tl.zeros((TP, C1), dtype=acc_dt)
-            if C2 > 0:
-                x2 = _x_chunk(x_ptr, x_row, p_ok, O2, C_in, sxc, C2, IDX64, UPCAST_DOT, X_VEC)
+                    gx1 = tl.zeros((MID_PIXELS, CHUNK1), dtype=acc_dt)
+            if CHUNK2 > 0:
+                x2 = _x_chunk(x_ptr, x_row, p_ok, CHUNK_OFFSET2, C_in, stride_x_c, CHUNK2, IDX64, UPCAST_DOT, X_VEC)
                 if NEED_GX:
-                    gx2 = tl.zeros((TP, C2), dtype=acc_dt)
-            if C3 > 0:
-                x3 = _x_chunk(x_ptr, x_row, p_ok, O3, C_in, sxc, C3, IDX64, UPCAST_DOT, X_VEC)
+                    gx2 = tl.zeros((MID_PIXELS, CHUNK2), dtype=acc_dt)
+            if CHUNK3 > 0:
+                x3 = _x_chunk(x_ptr, x_row, p_ok, CHUNK_OFFSET3, C_in, stride_x_c, CHUNK3, IDX64, UPCAST_DOT, X_VEC)
                 if NEED_GX:
-                    gx3 = tl.zeros((TP, C3), dtype=acc_dt)
-            for co0 in range(0, C_out, BCO):
-                co = co0 + tl.arange(0, BCO)
+                    gx3 = tl.zeros((MID_PIXELS, CHUNK3), dtype=acc_dt)
+            for co0 in range(0, C_out, BLOCK_CO):
+                co = co0 + tl.arange(0, BLOCK_CO)
                 co_ok = co < C_out
                 # pre computed once per (tile, C_out block), consumed in place by both gradient dots
-                pre = tl.zeros((TP, BCO), dtype=acc_dt)
-                pre, w0 = _pre_chunk(pre, x0, pw_ptr, co, co_ok, 0, C_in, C0, PREC, ACC64, UPCAST_DOT)
-                if C1 > 0:
-                    pre, w1 = _pre_chunk(pre, x1, pw_ptr, co, co_ok, O1, C_in, C1, PREC, ACC64, UPCAST_DOT)
-                if C2 > 0:
-                    pre, w2 = _pre_chunk(pre, x2, pw_ptr, co, co_ok, O2, C_in, C2, PREC, ACC64, UPCAST_DOT)
-                if C3 > 0:
-                    pre, w3 = _pre_chunk(pre, x3, pw_ptr, co, co_ok, O3, C_in, C3, PREC, ACC64, UPCAST_DOT)
+                pre = tl.zeros((MID_PIXELS, BLOCK_CO), dtype=acc_dt)
+                pre, w0 = _pre_chunk(pre, x0, pw_ptr, co, co_ok, 0, C_in, CHUNK0, PREC, ACC64, UPCAST_DOT)
+                if CHUNK1 > 0:
+                    pre, w1 = _pre_chunk(pre, x1, pw_ptr, co, co_ok, CHUNK_OFFSET1, C_in, CHUNK1, PREC, ACC64,
+                                         UPCAST_DOT)
+                if CHUNK2 > 0:
+                    pre, w2 = _pre_chunk(pre, x2, pw_ptr, co, co_ok, CHUNK_OFFSET2, C_in, CHUNK2, PREC, ACC64,
+                                         UPCAST_DOT)
+                if CHUNK3 > 0:
+                    pre, w3 = _pre_chunk(pre, x3, pw_ptr, co, co_ok, CHUNK_OFFSET3, C_in, CHUNK3, PREC, ACC64,
+                                         UPCAST_DOT)
                 if HAS_PB:
                     pre += tl.load(pb_ptr + co, mask=co_ok, other=0.0).to(acc_dt)[None, :]
-                gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out,
-                                 W_out, PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64, NEED_GPRE,
-                                 NEED_PB, NEED_DW)
+                gpre = _grad_pre(gy_ptr, dw_ptr, cpart_slot, pre, n, h, w, p_ok, co, co_ok, stride_gy_n, stride_gy_c,
+                                 stride_gy_h, stride_gy_w, H_out, W_out, pad_top, pad_left, accumulate, KH, KW,
+                                 STRIDE_H, STRIDE_W, DILATION_H, DILATION_W, MID_PIXELS, BLOCK_CO, ACT, ACC64, IDX64,
+                                 NEED_GPRE, NEED_PB, NEED_DW)
                 gpre_in = gpre.to(x0.dtype)
                 if NEED_GX:  # grad_x chunk += grad_pre . P[co, chunk]
                     gx0 = _dot(gpre_in, w0, gx0, PREC, ACC64)
-                    if C1 > 0:
+                    if CHUNK1 > 0:
                         gx1 = _dot(gpre_in, w1, gx1, PREC, ACC64)
-                    if C2 > 0:
+                    if CHUNK2 > 0:
                         gx2 = _dot(gpre_in, w2, gx2, PREC, ACC64)
-                    if C3 > 0:
+                    if CHUNK3 > 0:
                         gx3 = _dot(gpre_in, w3, gx3, PREC, ACC64)
                 if NEED_PW:
-                    _wpart_chunk(gpre_in, x0, wpart_g, co, co_ok, 0, C_in, again, C0, PREC, ACC64)
-                    if C1 > 0:
-                        _wpart_chunk(gpre_in, x1, wpart_g, co, co_ok, O1, C_in, again, C1, PREC, ACC64)
-                    if C2 > 0:
-                        _wpart_chunk(gpre_in, x2, wpart_g, co, co_ok, O2, C_in, again, C2, PREC, ACC64)
-                    if C3 > 0:
-                        _wpart_chunk(gpre_in, x3, wpart_g, co, co_ok, O3, C_in, again, C3, PREC, ACC64)
+                    _wpart_chunk(gpre_in, x0, wpart_slot, co, co_ok, 0, C_in, accumulate, CHUNK0, PREC, ACC64)
+                    if CHUNK1 > 0:
+                        _wpart_chunk(gpre_in, x1, wpart_slot, co, co_ok, CHUNK_OFFSET1, C_in, accumulate, CHUNK1,
+                                     PREC, ACC64)
+                    if CHUNK2 > 0:
+                        _wpart_chunk(gpre_in, x2, wpart_slot, co, co_ok, CHUNK_OFFSET2, C_in, accumulate, CHUNK2,
+                                     PREC, ACC64)
+                    if CHUNK3 > 0:
+                        _wpart_chunk(gpre_in, x3, wpart_slot, co, co_ok, CHUNK_OFFSET3, C_in, accumulate, CHUNK3,
+                                     PREC, ACC64)
             if NEED_GX:
-                gx_row = n * sxgn + h * sxgh + w * sxgw
-                _store_gx_chunk(gx_ptr, gx_row, p_ok, gx0, 0, C_in, sxgc, C0, IDX64, X_VEC)
-                if C1 > 0:
-                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx1, O1, C_in, sxgc, C1, IDX64, X_VEC)
-                if C2 > 0:
-                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx2, O2, C_in, sxgc, C2, IDX64, X_VEC)
-                if C3 > 0:
-                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx3, O3, C_in, sxgc, C3, IDX64, X_VEC)
+                gx_row = n * stride_gx_n + h * stride_gx_h + w * stride_gx_w
+                _store_gx_chunk(gx_ptr, gx_row, p_ok, gx0, 0, C_in, stride_gx_c, CHUNK0, IDX64, X_VEC)
+                if CHUNK1 > 0:
+                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx1, CHUNK_OFFSET1, C_in, stride_gx_c, CHUNK1, IDX64, X_VEC)
+                if CHUNK2 > 0:
+                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx2, CHUNK_OFFSET2, C_in, stride_gx_c, CHUNK2, IDX64, X_VEC)
+                if CHUNK3 > 0:
+                    _store_gx_chunk(gx_ptr, gx_row, p_ok, gx3, CHUNK_OFFSET3, C_in, stride_gx_c, CHUNK3, IDX64, X_VEC)
     if NEED_DB:
-        for co0 in range(0, C_out, BCO):
-            co = co0 + tl.arange(0, BCO)
-            _grad_y_sum(gy_ptr, cpart_g, co, co < C_out, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO,
-                        ACC64, IDX64)
+        for co0 in range(0, C_out, BLOCK_CO):
+            co = co0 + tl.arange(0, BLOCK_CO)
+            _grad_y_sum(gy_ptr, cpart_slot, co, co < C_out, tile_program, n_tile_programs, N, H_out, W_out,
+                        stride_gy_n, stride_gy_c, stride_gy_h, stride_gy_w, TAPS, MID_PIXELS, BLOCK_CO, ACC64, IDX64)
 
 
 @triton.jit
 def _bwd_gpre_kernel(
     gy_ptr, x_ptr, pw_ptr, pb_ptr, dw_ptr, gpre_ptr, cpart_ptr,
     N, C_in, C_out, H, W, H_out, W_out,
-    sxn, sxc, sxh, sxw, sgn, sgc, sgh, sgw,
-    PT, PL, G,
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, ACT: tl.constexpr, HAS_PB: tl.constexpr,
-    PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
+    stride_x_n, stride_x_c, stride_x_h, stride_x_w, stride_gy_n, stride_gy_c, stride_gy_h, stride_gy_w,
+    pad_top, pad_left, n_tile_programs,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DILATION_H: tl.constexpr,
+    DILATION_W: tl.constexpr, MID_PIXELS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    ACT: tl.constexpr, HAS_PB: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr, IDX64: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
     NEED_PB: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, NEED_GPRE: tl.constexpr,
     NEED_MID: tl.constexpr, STORE_GPRE: tl.constexpr,
 ):
-    """grad_pre of a C_out block over tiles pid_g, pid_g + G, ..., stored for the GEMMs when STORE_GPRE (a GEMM
-    will consume it), and the program's channel partials."""
-    T: tl.constexpr = KH * KW
-    cb = tl.program_id(0)  # C_out blocks of one tile group are neighbours in launch order: they share x in L2
-    pid_g = tl.program_id(1)
+    """grad_pre of a C_out block over tiles tile_program, tile_program + n_tile_programs, ..., stored for the GEMMs
+    when STORE_GPRE (a GEMM will consume it), and the program's channel partials."""
+    TAPS: tl.constexpr = KH * KW
+    co_blk = tl.program_id(0)  # C_out blocks of one tile group are neighbours in launch order: they share x in L2
+    tile_program = tl.program_id(1)
     HW = tl.cast(H, tl.int64) * W if IDX64 else H * W
     n_pix = N * HW
-    cpart_g = cpart_ptr + pid_g * (C_out * (T + 2))
-    co = cb * BCO + tl.arange(0, BCO)
+    cpart_slot = cpart_ptr + tile_program * (C_out * (TAPS + 2))
+    co = co_blk * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < C_out
     co_g = co.to(tl.int64) if IDX64 else co
     if NEED_MID:
-        for tile in range(pid_g, tl.cdiv(n_pix, TP), G):
+        for tile in range(tile_program, tl.cdiv(n_pix, MID_PIXELS), n_tile_programs):
             tl.debug_barrier()  # see _bwd_fused_kernel
-            again = tile != pid_g
-            p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
-            pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, sxc, TP, BCO, BCI, HAS_PB, PREC,
-                             ACC64, IDX64, UPCAST_DOT, X_VEC)
-            gpre = _grad_pre(gy_ptr, dw_ptr, cpart_g, pre, n, h, w, p_ok, co, co_ok, sgn, sgc, sgh, sgw, H_out,
-                             W_out, PT, PL, again, KH, KW, SH, SW, DH, DW, TP, BCO, ACT, ACC64, IDX64, NEED_GPRE,
+            accumulate = tile != tile_program
+            p, p_ok, n, h, w, x_row = _mid_tile(tile, HW, W, n_pix, stride_x_n, stride_x_h, stride_x_w, MID_PIXELS,
+                                                IDX64)
+            pre = _pointwise(x_ptr, x_row, p_ok, pw_ptr, pb_ptr, co, co_ok, C_in, stride_x_c, MID_PIXELS, BLOCK_CO,
+                             BLOCK_CI, HAS_PB, PREC, ACC64, IDX64, UPCAST_DOT, X_VEC)
+            gpre = _grad_pre(gy_ptr, dw_ptr, cpart_slot, pre, n, h, w, p_ok, co, co_ok, stride_gy_n, stride_gy_c,
+                             stride_gy_h, stride_gy_w, H_out, W_out, pad_top, pad_left, accumulate, KH, KW, STRIDE_H,
+                             STRIDE_W, DILATION_H, DILATION_W, MID_PIXELS, BLOCK_CO, ACT, ACC64, IDX64, NEED_GPRE,
                              NEED_PB, NEED_DW)
             if STORE_GPRE:
                 tl.store(gpre_ptr + (p[:, None] * C_out + co_g[None, :]), gpre.to(gpre_ptr.dtype.element_ty),
                          mask=p_ok[:, None] & co_ok[None, :])
     if NEED_DB:
-        _grad_y_sum(gy_ptr, cpart_g, co, co_ok, pid_g, G, N, H_out, W_out, sgn, sgc, sgh, sgw, T, TP, BCO, ACC64,
-                    IDX64)
+        _grad_y_sum(gy_ptr, cpart_slot, co, co_ok, tile_program, n_tile_programs, N, H_out, W_out, stride_gy_n,
+                    stride_gy_c, stride_gy_h, stride_gy_w, TAPS, MID_PIXELS, BLOCK_CO, ACC64, IDX64)
 
 
 @triton.jit
 def _bwd_gx_kernel(
-    gpre_ptr, pw_ptr, gx_ptr, N, C_in, C_out, H, W, sxgn, sxgc, sxgh, sxgw,
-    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
+    gpre_ptr, pw_ptr, gx_ptr, N, C_in, C_out, H, W, stride_gx_n, stride_gx_c, stride_gx_h, stride_gx_w,
+    MID_PIXELS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
     IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
     """grad_x[tile, ci block] = grad_pre[tile, :] . P[:, ci block] (a GEMM over C_out)."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    ib = tl.program_id(0)  # C_in blocks of one tile are neighbours: they share the grad_pre rows in L2
+    ci_blk = tl.program_id(0)  # C_in blocks of one tile are neighbours: they share the grad_pre rows in L2
     tile = tl.program_id(1)
     HW = tl.cast(H, tl.int64) * W if IDX64 else H * W
     n_pix = N * HW
-    p, p_ok, n, h, w, gx_row = _mid_tile(tile, HW, W, n_pix, sxgn, sxgh, sxgw, TP, IDX64)
-    ci = ib * BCI + tl.arange(0, BCI)
+    p, p_ok, n, h, w, gx_row = _mid_tile(tile, HW, W, n_pix, stride_gx_n, stride_gx_h, stride_gx_w, MID_PIXELS, IDX64)
+    ci = ci_blk * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = ci < C_in
-    acc = tl.zeros((TP, BCI), dtype=acc_dt)
-    for co0 in range(0, C_out, BCO):
-        co = co0 + tl.arange(0, BCO)
+    acc = tl.zeros((MID_PIXELS, BLOCK_CI), dtype=acc_dt)
+    for co0 in range(0, C_out, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
         co_ok = co < C_out
         g = tl.load(gpre_ptr + (p[:, None] * C_out + co[None, :]), mask=p_ok[:, None] & co_ok[None, :], other=0.0)
         wt = tl.load(pw_ptr + (co[:, None] * C_in + ci[None, :]), mask=co_ok[:, None] & ci_ok[None, :], other=0.0)
@@ -586,70 +627,72 @@ def _bwd_gx_kernel(
             g = g.to(tl.float32)
             wt = wt.to(tl.float32)
         acc = _dot(g, wt, acc, PREC, ACC64)
-    _store_gx_chunk(gx_ptr, gx_row, p_ok, acc, ib * BCI, C_in, sxgc, BCI, IDX64, X_VEC)
+    _store_gx_chunk(gx_ptr, gx_row, p_ok, acc, ci_blk * BLOCK_CI, C_in, stride_gx_c, BLOCK_CI, IDX64, X_VEC)
 
 
 @triton.jit
 def _bwd_gw_kernel(
-    gpre_ptr, x_ptr, wpart_ptr, N, C_in, C_out, H, W, sxn, sxc, sxh, sxw, pix_per_split,
-    TP: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
+    gpre_ptr, x_ptr, wpart_ptr, N, C_in, C_out, H, W, stride_x_n, stride_x_c, stride_x_h, stride_x_w, pix_per_split,
+    MID_PIXELS: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, PREC: tl.constexpr, ACC64: tl.constexpr,
     IDX64: tl.constexpr, UPCAST_DOT: tl.constexpr, X_VEC: tl.constexpr,
 ):
-    """grad_pw partial [co block, ci block] over pixel split s: grad_pre[split, co]^T . x[split, ci] (a GEMM over
-    pixels), written once to slot s."""
+    """grad_pw partial [co block, ci block] over pixel split ``split``: grad_pre[split, co]^T . x[split, ci] (a GEMM
+    over pixels), written once to the split's slot."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    cb = tl.program_id(0)
-    ib = tl.program_id(1)
-    s = tl.program_id(2)
+    co_blk = tl.program_id(0)
+    ci_blk = tl.program_id(1)
+    split = tl.program_id(2)
     HW = tl.cast(H, tl.int64) * W if IDX64 else H * W
     n_pix = N * HW
-    co = cb * BCO + tl.arange(0, BCO)
+    co = co_blk * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < C_out
-    ci = ib * BCI + tl.arange(0, BCI)
+    ci = ci_blk * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_ok = ci < C_in
-    tile0 = s * (pix_per_split // TP)  # pix_per_split is a multiple of TP
-    n_tiles = tl.minimum(tl.cdiv(n_pix, TP) - tile0, pix_per_split // TP)
-    acc = tl.zeros((BCO, BCI), dtype=acc_dt)
+    tile0 = split * (pix_per_split // MID_PIXELS)  # pix_per_split is a multiple of MID_PIXELS
+    n_tiles = tl.minimum(tl.cdiv(n_pix, MID_PIXELS) - tile0, pix_per_split // MID_PIXELS)
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=acc_dt)
     for k in range(0, n_tiles):
-        p, p_ok, n, h, w, x_row = _mid_tile(tile0 + k, HW, W, n_pix, sxn, sxh, sxw, TP, IDX64)
+        p, p_ok, n, h, w, x_row = _mid_tile(tile0 + k, HW, W, n_pix, stride_x_n, stride_x_h, stride_x_w, MID_PIXELS,
+                                            IDX64)
         g = tl.load(gpre_ptr + (p[:, None] * C_out + co[None, :]), mask=p_ok[:, None] & co_ok[None, :], other=0.0)
-        xt = _x_chunk(x_ptr, x_row, p_ok, ib * BCI, C_in, sxc, BCI, IDX64, UPCAST_DOT, X_VEC)
+        xt = _x_chunk(x_ptr, x_row, p_ok, ci_blk * BLOCK_CI, C_in, stride_x_c, BLOCK_CI, IDX64, UPCAST_DOT, X_VEC)
         if UPCAST_DOT:
             g = g.to(tl.float32)
         acc = _dot(tl.trans(g), xt, acc, PREC, ACC64)
     w_ok = co_ok[:, None] & ci_ok[None, :]
-    tl.store(wpart_ptr + s * (C_out * C_in) + (co[:, None] * C_in + ci[None, :]), acc, mask=w_ok)
+    tl.store(wpart_ptr + split * (C_out * C_in) + (co[:, None] * C_in + ci[None, :]), acc, mask=w_ok)
 
 
 @triton.jit
-def _reduce_kernel(wpart_ptr, cpart_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, GW, GC, C_out, C_in,
-                   T: tl.constexpr, BLOCK: tl.constexpr, ACC64: tl.constexpr, FIRST_PART: tl.constexpr,
+def _reduce_kernel(wpart_ptr, cpart_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, n_weight_slots, n_channel_slots, C_out,
+                   C_in, TAPS: tl.constexpr, BLOCK: tl.constexpr, ACC64: tl.constexpr, FIRST_PART: tl.constexpr,
                    NEED_PB: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr):
     """Sums the partial slots in fixed order (bitwise reproducible) and writes the weight/bias gradients in their
-    dtype: part (axis 1 + FIRST_PART) 0: the GW grad_pw slots [C_out, C_in]; 1: the GC channel slots [C_out, T + 2],
-    of which it writes the gradients the NEED_ flags ask for (the other columns were never written)."""
+    dtype: part (axis 1 + FIRST_PART) 0: the n_weight_slots grad_pw slots [C_out, C_in]; 1: the n_channel_slots
+    channel slots [C_out, TAPS + 2], of which it writes the gradients the NEED_ flags ask for (the other columns were
+    never written)."""
     acc_dt: tl.constexpr = tl.float64 if ACC64 else tl.float32
     m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.zeros((BLOCK,), dtype=acc_dt)
     if tl.program_id(1) + FIRST_PART == 0:
         M = C_out * C_in
         ok = m < M
-        for g in range(0, GW):
+        for g in range(0, n_weight_slots):
             s += tl.load(wpart_ptr + g * M + m, mask=ok, other=0.0)
         tl.store(gpw_ptr + m, s.to(gpw_ptr.dtype.element_ty), mask=ok)
     else:
-        M = C_out * (T + 2)
+        M = C_out * (TAPS + 2)
         ok = m < M
-        for g in range(0, GC):
+        for g in range(0, n_channel_slots):
             s += tl.load(cpart_ptr + g * M + m, mask=ok, other=0.0)
-        co = m // (T + 2)
-        k = m % (T + 2)
+        co = m // (TAPS + 2)
+        k = m % (TAPS + 2)
         if NEED_DW:
-            tl.store(gdw_ptr + co * T + k, s.to(gdw_ptr.dtype.element_ty), mask=ok & (k < T))
+            tl.store(gdw_ptr + co * TAPS + k, s.to(gdw_ptr.dtype.element_ty), mask=ok & (k < TAPS))
         if NEED_PB:
-            tl.store(gpb_ptr + co, s.to(gpb_ptr.dtype.element_ty), mask=ok & (k == T))
+            tl.store(gpb_ptr + co, s.to(gpb_ptr.dtype.element_ty), mask=ok & (k == TAPS))
         if NEED_DB:
-            tl.store(gdb_ptr + co, s.to(gdb_ptr.dtype.element_ty), mask=ok & (k == T + 1))
+            tl.store(gdb_ptr + co, s.to(gdb_ptr.dtype.element_ty), mask=ok & (k == TAPS + 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -660,11 +703,13 @@ CTA_SLOTS = 2 * TARGET_SMS  # two resident programs per SM
 PARTIALS_MAX_BYTES = L2_RESIDENT_BYTES  # fp32 weight-gradient partials of one backward
 FUSED_MAX_CIN = 128  # the fused backward keeps x and grad_x of all C_in on chip up to this many channels, ...
 FUSED_MAX_PROGRAMS = 2 * CTA_SLOTS  # ... in at most this many programs (more would only add partial slots)
-FWD_MAX_P = 128  # mid rows P (tile + halo, padded to a power of two) per forward program: [P, BCO = 32] at 4 warps ...
-# ... (P = 256 spills); only a large dilated kernel gets more, up to this: the most mid rows a forward program keeps on
-# chip; a different bound from the CUDA forward's (cuda_backend.MAX_TILE_PIXELS; docs/DESIGN.md, section 5).
+# Mid rows (MID_ROWS: tile + halo, padded to a power of two) per forward program: [MID_ROWS, BLOCK_CO = 32] at 4
+# warps stays on chip up to FWD_SPILL_FREE_MID_ROWS (256 rows spill); only a large dilated kernel gets more, up to
+# FWD_MAX_MID_ROWS, the most a forward program keeps on chip. A different bound from the CUDA forward's
+# (cuda_backend.MAX_TILE_PIXELS; docs/DESIGN.md, section 5).
+FWD_SPILL_FREE_MID_ROWS = 128
 FWD_MAX_MID_ROWS = 256
-FWD_MAX_TP = 128  # output pixels per forward program
+FWD_MAX_OUT_PIXELS = 128  # output pixels (OUT_PIXELS: TH x TW padded to a power of two) per forward program
 SHIFTED_SLOTS = 2 * CTA_SLOTS  # programs (each with one staging slot of mid) of the shifted depthwise stage
 FWD_MAX_DOT_RATIO = 3.0  # forward dot multiply-adds over the pointwise stage's, where a tile allows it
 MIN_DOT_ROWS = 64  # rows of one Hopper wgmma tile: fewer rows in a tensor-core dot take as long
@@ -717,36 +762,47 @@ def _dot_kind(dtype, prec) -> str:
     return "tf32" if _dtype_name(dtype) == "fp32" else "tc"
 
 
-@functools.lru_cache(maxsize=1024)
-def _fwd_tile(n, c_in, bci, c_out, h, w, h_out, w_out, kh, kw, sh, sw, dh, dw, dw_cost, min_rows, bco_choices):
-    """(TH, TW, BCO) of the forward: among the tiles whose dot multiply-adds stay within FWD_MAX_DOT_RATIO times
-    the pointwise stage's, the least modeled time; where no tile does, the fewest multiply-adds.
+def _halo_extent(tile: int, stride: int, kernel: int, dilation: int) -> int:
+    """Input rows (or columns) that ``tile`` output rows (columns) read: MID_H (MID_W) of the forward."""
+    return (tile - 1) * stride + (kernel - 1) * dilation + 1
 
-    Per program: max(P, min_rows) x BCO x C_in (pointwise dot; P = the tile's halo clipped to the image, rounded
-    up to a power of two; fewer rows than one Hopper wgmma tile take as long) plus dw_cost x TP x BCO x taps
-    (depthwise FMAs). Time: the per-program work times the waves over CTA_SLOTS programs, counted fractionally,
-    so that a full GPU minimizes the work per image and a batch too small to fill CTA_SLOTS programs splits into
-    smaller programs (BCO = 16, or finer tiles)."""
-    c_in_pad = _padded(c_in, bci)
+
+def _mid_rows(mid_h: int, mid_w: int, h: int, w: int) -> int:
+    """MID_ROWS of the forward: the tile's halo region clipped to the image, flattened, padded to a power of two
+    (and to 16 at least: tl.dot needs M >= 16)."""
+    return max(16, _pow2(min(mid_h, h) * min(mid_w, w)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fwd_tile(n, c_in, block_ci, c_out, h, w, h_out, w_out, kh, kw, stride_h, stride_w, dilation_h, dilation_w,
+              dw_fma_cost, min_rows, block_co_choices):
+    """(TH, TW, BLOCK_CO) of the forward: among the tiles whose dot multiply-adds stay within FWD_MAX_DOT_RATIO
+    times the pointwise stage's, the least modeled time; where no tile does, the fewest multiply-adds.
+
+    Per program: max(MID_ROWS, min_rows) x BLOCK_CO x C_in (pointwise dot; fewer rows than one Hopper wgmma tile take
+    as long) plus dw_fma_cost x OUT_PIXELS x BLOCK_CO x taps (depthwise FMAs). Time: the per-program work times the
+    waves over CTA_SLOTS programs, counted fractionally, so that a full GPU minimizes the work per image and a batch
+    too small to fill CTA_SLOTS programs splits into smaller programs (BLOCK_CO = 16, or finer tiles)."""
+    c_in_pad = _padded(c_in, block_ci)
     pointwise = n * h * w * c_in * c_out
     best = None
-    for p_max in (FWD_MAX_P, FWD_MAX_MID_ROWS):
-        for bco in bco_choices:
-            ctas_per_tile = n * triton.cdiv(c_out, bco)
+    for max_mid_rows in (FWD_SPILL_FREE_MID_ROWS, FWD_MAX_MID_ROWS):
+        for block_co in block_co_choices:
+            ctas_per_tile = n * triton.cdiv(c_out, block_co)
             for th in range(1, min(h_out, 64) + 1):
-                hh = min((th - 1) * sh + (kh - 1) * dh + 1, h)
+                mid_h = _halo_extent(th, stride_h, kh, dilation_h)
                 for tw in range(1, min(w_out, 128) + 1):
-                    p = max(16, _pow2(hh * min((tw - 1) * sw + (kw - 1) * dw + 1, w)))
-                    tp = _pow2(th * tw)
-                    if p > p_max or tp > FWD_MAX_TP:
+                    mid_rows = _mid_rows(mid_h, _halo_extent(tw, stride_w, kw, dilation_w), h, w)
+                    out_pixels = _pow2(th * tw)
+                    if mid_rows > max_mid_rows or out_pixels > FWD_MAX_OUT_PIXELS:
                         break
                     ctas = ctas_per_tile * triton.cdiv(h_out, th) * triton.cdiv(w_out, tw)
-                    per_cta = bco * (max(p, min_rows) * c_in_pad + dw_cost * tp * kh * kw)
-                    macs = ctas * bco * p * c_in_pad
+                    per_cta = block_co * (max(mid_rows, min_rows) * c_in_pad + dw_fma_cost * out_pixels * kh * kw)
+                    macs = ctas * block_co * mid_rows * c_in_pad
                     key = (max(macs / pointwise, FWD_MAX_DOT_RATIO), per_cta * max(1.0, ctas / CTA_SLOTS), macs,
-                           -bco, -tw)
+                           -block_co, -tw)
                     if best is None or key < best[0]:
-                        best = (key, th, tw, bco)
+                        best = (key, th, tw, block_co)
         if best is not None:
             return best[1:]
     raise ValueError(f"no output tile keeps tile plus halo within {FWD_MAX_MID_ROWS} mid rows (see unsupported_reason)")
@@ -756,45 +812,46 @@ def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, paddin
                  prec=None, depthwise: str = DEPTHWISE_STAGE, channels_last: bool = True) -> Plan:
     """Blocks, grid and work of :func:`forward` (padding: (top, bottom, left, right); dtype and prec as in
     :func:`_fma_dots`; channels_last: x's channel stride is 1)."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    pt, pl = padding[0], padding[2]
+    (kh, kw), (stride_h, stride_w), (dilation_h, dilation_w) = kernel_size, stride, dilation
     forced = {k: v for k, v in (_FORCED["forward"] or {}).items() if k not in ("IDX64", "SLOTS")}
     kind = _dot_kind(dtype, prec)
-    # NCHW x loads are gathers of single elements, one 64-bit address each: BCI = 64 reached 255 registers. TF32:
-    # 3 pipeline stages of [P = 128, BCI = 64] fp32 x tiles took 120 KB of shared memory (one program per SM).
+    # NCHW x loads are gathers of single elements, one 64-bit address each: BLOCK_CI = 64 ran out of registers.
+    # TF32: 3 pipeline stages of [MID_ROWS = 128, BLOCK_CI = 64] fp32 x tiles took so much shared memory that one
+    # program fit per SM.
     wide = channels_last and kind == "tc"
-    bci = forced.pop("BCI", 16 if kind == "fma" else _least_padding(c_in, (64, 32, 16) if wide else (32, 16)))
-    th, tw, bco = _fwd_tile(n, c_in, bci, c_out, h, w, h_out, w_out, kh, kw, sh, sw, dh, dw,
-                            _DW_FMA_COST[kind], 1 if kind == "fma" else MIN_DOT_ROWS, (32, 16))
-    th, tw, bco = forced.pop("TH", th), forced.pop("TW", tw), forced.pop("BCO", bco)
-    ext_h, ext_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    hh, ww = (th - 1) * sh + ext_h, (tw - 1) * sw + ext_w
-    p = max(16, _pow2(min(hh, h) * min(ww, w)))  # tl.dot needs M >= 16
-    blk = dict(TH=th, TW=tw, HH=hh, WW=ww, TP=_pow2(th * tw), P=p, BCO=bco, BCI=bci,
-               num_warps=8 if p * bco > 4096 else 4)
+    block_ci = forced.pop("BLOCK_CI",
+                          16 if kind == "fma" else _least_padding(c_in, (64, 32, 16) if wide else (32, 16)))
+    th, tw, block_co = _fwd_tile(n, c_in, block_ci, c_out, h, w, h_out, w_out, kh, kw, stride_h, stride_w,
+                                 dilation_h, dilation_w, _DW_FMA_COST[kind], 1 if kind == "fma" else MIN_DOT_ROWS,
+                                 (32, 16))
+    th, tw, block_co = forced.pop("TH", th), forced.pop("TW", tw), forced.pop("BLOCK_CO", block_co)
+    mid_h, mid_w = _halo_extent(th, stride_h, kh, dilation_h), _halo_extent(tw, stride_w, kw, dilation_w)
+    mid_rows = _mid_rows(mid_h, mid_w, h, w)
+    blk = dict(TH=th, TW=tw, MID_H=mid_h, MID_W=mid_w, OUT_PIXELS=_pow2(th * tw), MID_ROWS=mid_rows,
+               BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=8 if mid_rows * block_co > 4096 else 4)
     if kind == "fma":
-        # 3 pipeline stages (the default) left a few live values spilled at low register counts (8-16 B stack,
-        # sm_80 and sm_90), and 2 stages still spilled 8 B on sm_90 (3x3 NCHW, 32 -> 32 channels, 128 regs); with
-        # 1 stage none spill. The FMA dot is compute-bound, so the lost prefetch costs little.
+        # 3 pipeline stages (the default) and 2 left a few live values spilled (sm_80 and sm_90); with 1 stage none
+        # spill. The FMA dot is compute-bound, so the lost prefetch costs little.
         blk["num_stages"] = 1
     blk.update(forced)
     tiles_h, tiles_w = triton.cdiv(h_out, blk["TH"]), triton.cdiv(w_out, blk["TW"])
-    n_co = triton.cdiv(c_out, blk["BCO"])
+    n_co = triton.cdiv(c_out, blk["BLOCK_CO"])
     n_work = n * tiles_h * tiles_w * n_co
     shifted = depthwise == "shifted"
     programs = min(n_work, (_FORCED["forward"] or {}).get("SLOTS", SHIFTED_SLOTS)) if shifted else n_work
     acc_bytes = 8 if _dtype_name(dtype) == "fp64" else 4
-    halo = halo_read_factor(h, w, h_out, w_out, (blk["TH"], blk["TW"]), stride, (pt, pl), (hh, ww))
+    halo = halo_read_factor(h, w, h_out, w_out, (blk["TH"], blk["TW"]), stride, (padding[0], padding[2]),
+                            (mid_h, mid_w))
     itemsize = {"fp64": 8, "fp32": 4}.get(_dtype_name(dtype), 2)
-    macs = n_work * blk["P"] * blk["BCO"] * _padded(c_in, blk["BCI"])
+    macs = n_work * blk["MID_ROWS"] * blk["BLOCK_CO"] * _padded(c_in, blk["BLOCK_CI"])
     halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
     # shifted: mid written to the slot and read back once per tap (L1 / L2)
-    staged = n_work * blk["BCO"] * acc_bytes * (blk["P"] + kh * kw * blk["TP"]) if shifted else 0
+    staged = n_work * blk["BLOCK_CO"] * acc_bytes * (blk["MID_ROWS"] + kh * kw * blk["OUT_PIXELS"]) if shifted else 0
     return Plan(path=depthwise, blocks=blk,
                 launches=(Launch("fwd_kernel", (programs,), macs, finest=n_work if shifted else 0),),
                 params=dict(tiles_w=tiles_w, tiles_per_img=tiles_h * tiles_w, n_co=n_co, n_work=n_work),
                 extra_traffic_bytes=halo_bytes + staged, extra_hbm_bytes=halo_bytes,
-                scratch_bytes=programs * blk["P"] * blk["BCO"] * acc_bytes if shifted else 0)
+                scratch_bytes=programs * blk["MID_ROWS"] * blk["BLOCK_CO"] * acc_bytes if shifted else 0)
 
 
 def _gradient_flags(output_mask) -> dict:
@@ -823,10 +880,9 @@ def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, p
     path = forced.pop("PATH", path)
     args = (n, c_in, c_out, h * w, kernel_size[0] * kernel_size[1], _dot_kind(dtype, prec), _dtype_name(dtype),
             channels_last, flags)
-    # each path takes the forced blocks it has (the fused kernel has no BCI and no pixel splits, the split ones no
-    # channel chunks)
-    fused_forced = {k: v for k, v in forced.items()
-                    if k not in ("BCI", "S", "GX_TP", "GX_BCI", "GEMM_WARPS", "GEMM_STAGES")}
+    # each path takes the forced blocks it has (the fused kernel has no BLOCK_CI and no pixel splits, the split ones
+    # no channel chunks)
+    fused_forced = {k: v for k, v in forced.items() if k not in _SPLIT_ONLY_KEYS}
     fused = None if path == "split" else _fused_plan(fused_forced, *args)
     if path == "fused":
         if fused is None:
@@ -846,38 +902,41 @@ def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
     (a 64-bit address each), so their chunks are narrower; FMA dots hold their operands in registers whole along K
     (chunks of 32)."""
     if kind == "fma":
-        max_chunk, tp_max = 32, 16
+        max_chunk, max_mid_pixels = 32, 16
     elif kind == "tf32":
-        max_chunk, tp_max = (64 if channels_last else 32), 16
+        max_chunk, max_mid_pixels = (64 if channels_last else 32), 16
     else:
-        max_chunk, tp_max = (128 if channels_last else 64), 32
+        max_chunk, max_mid_pixels = (128 if channels_last else 64), 32
     chunks = forced.pop("CHUNKS", None) or _channel_chunks(c_in, max_chunk)
     if c_in > FUSED_MAX_CIN or chunks is None:
         return None
     if len(chunks) != 4 or sum(chunks) < c_in:
         raise ValueError(f"CHUNKS must be four widths that cover C_in = {c_in}, got {chunks}")
-    if sum(chunks) <= 16:  # (at 32 channels, 64-pixel tiles spilled 64 B on sm_80 with triton 3.6)
-        tp_max *= 2
+    if sum(chunks) <= 16:  # (at 32 channels, 64-pixel tiles spilled on sm_80)
+        max_mid_pixels *= 2
     n_pix = n * hw
     acc_bytes = 8 if dtype_name == "fp64" else 4
-    # the largest tile up to tp_max that still gives every SM a program: partials per pixel shrink as it grows
-    tp = forced.pop("TP", next((t for t in (64, 32, 16) if t <= tp_max and triton.cdiv(n_pix, t) >= TARGET_SMS), 16))
-    bco = forced.pop("BCO", 16)
-    n_tiles = triton.cdiv(n_pix, tp)
+    # the largest tile up to max_mid_pixels that still gives every SM a program: partials per pixel shrink as it grows
+    mid_pixels = forced.pop("MID_PIXELS", next(
+        (t for t in (64, 32, 16) if t <= max_mid_pixels and triton.cdiv(n_pix, t) >= TARGET_SMS), 16))
+    block_co = forced.pop("BLOCK_CO", 16)
+    n_tiles = triton.cdiv(n_pix, mid_pixels)
     slot = acc_bytes * c_out * (c_in + taps + 2)  # one program's partials: grad_pw | grad_dw, both biases
-    g = max(1, min(n_tiles, forced.pop("G", min(PARTIALS_MAX_BYTES // slot, FUSED_MAX_PROGRAMS))))
-    blk = dict(TP=tp, BCO=bco, **{f"C{i}": c for i, c in enumerate(chunks)}, **_bwd_options(kind))
+    programs = max(1, min(n_tiles, forced.pop("TILE_PROGRAMS",
+                                              min(PARTIALS_MAX_BYTES // slot, FUSED_MAX_PROGRAMS))))
+    blk = dict(MID_PIXELS=mid_pixels, BLOCK_CO=block_co, **{f"CHUNK{i}": c for i, c in enumerate(chunks)},
+               **_bwd_options(kind))
     blk.update(forced)
     slot = acc_bytes * c_out * (c_in * flags["NEED_PW"] + (taps + 2) * _channel_partials(flags))  # the slots used
-    partial = g * slot
+    partial = programs * slot
     # per (tile, C_out block): the pointwise dot, then grad_x's and grad_pw's
     dots = flags["NEED_MID"] + flags["NEED_GX"] + flags["NEED_PW"]
-    macs = dots * n_tiles * triton.cdiv(c_out, bco) * tp * bco * sum(chunks)
+    macs = dots * n_tiles * triton.cdiv(c_out, block_co) * mid_pixels * block_co * sum(chunks)
     runs = flags["NEED_MID"] or flags["NEED_DB"]
-    launches = (Launch("bwd_fused_kernel", (g,), macs, finest=triton.cdiv(n_pix, 16)),) if runs else ()
+    launches = (Launch("bwd_fused_kernel", (programs,), macs, finest=triton.cdiv(n_pix, 16)),) if runs else ()
     return Plan(path="fused", blocks=blk,
                 launches=launches + _reduce_launch(c_out, c_in, taps, flags),
-                params=dict(G=g, GW=g, flags=flags),
+                params=dict(tile_programs=programs, weight_slots=programs, flags=flags),
                 # every tile reads and writes its program's slot; the reduction reads the slots once
                 extra_traffic_bytes=2 * n_tiles * slot + partial, extra_hbm_bytes=dram_bytes(partial, 2),
                 partial_bytes=partial)
@@ -889,81 +948,83 @@ def _split_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_las
     itemsize = {"fp64": 8, "fp32": 4}.get(dtype_name, 2)
     acc_bytes = 8 if dtype_name == "fp64" else 4
     fma = kind == "fma"
-    bco = 16 if fma else _least_padding(c_out, (32, 16))
+    block_co = 16 if fma else _least_padding(c_out, (32, 16))
     c_slot = acc_bytes * c_out * (taps + 2)  # one program's grad_dw | grad_pw_bias | grad_dw_bias partials
     w_slot = acc_bytes * c_out * c_in  # one pixel split's grad_pw partials
     # the tile that pads the pixels least (7 % counts as none), then gives more SMs a grad_pre program, then is
     # larger
-    tps = (32, 16) if fma else (64, 32, 16)
-    # the grad_pre kernel: 64-pixel tiles with BCO = 32 spilled 16-40 B on sm_90 with triton 3.6
-    gpre_tps = (32, 16) if bco == 32 else tps
-    tp = forced.pop("TP", min(gpre_tps, key=lambda t: (max(_padded(n_pix, t) / n_pix, 1.07),
-                                                       -min(triton.cdiv(c_out, bco) * triton.cdiv(n_pix, t),
-                                                            TARGET_SMS), -t)))
-    n_tiles = triton.cdiv(n_pix, tp)
-    # grad_pre programs: one per (tile, C_out block) as far as the channel partials allow; BCO = 16 where 32 would
-    # leave SMs without one (and pads C_out no more)
-    g = max(1, min(n_tiles, forced.pop("G", (PARTIALS_MAX_BYTES // 2) // c_slot)))
-    if bco == 32 and triton.cdiv(c_out, 32) * g < TARGET_SMS and _padded(c_out, 16) <= _padded(c_out, 32):
-        bco = 16
-    bco = forced.pop("BCO", bco)
-    n_co = triton.cdiv(c_out, bco)
-    # BCI: the K step of the grad_pre dot (least padding; NCHW: at most 32, as in the forward). grad_x's blocks
+    tile_choices = (32, 16) if fma else (64, 32, 16)
+    # the grad_pre kernel: 64-pixel tiles with BLOCK_CO = 32 spilled on sm_90
+    gpre_tile_choices = (32, 16) if block_co == 32 else tile_choices
+    mid_pixels = forced.pop("MID_PIXELS", min(
+        gpre_tile_choices, key=lambda t: (max(_padded(n_pix, t) / n_pix, 1.07),
+                                          -min(triton.cdiv(c_out, block_co) * triton.cdiv(n_pix, t), TARGET_SMS),
+                                          -t)))
+    n_tiles = triton.cdiv(n_pix, mid_pixels)
+    # grad_pre programs: one per (tile, C_out block) as far as the channel partials allow; BLOCK_CO = 16 where 32
+    # would leave SMs without one (and pads C_out no more)
+    programs = max(1, min(n_tiles, forced.pop("TILE_PROGRAMS", (PARTIALS_MAX_BYTES // 2) // c_slot)))
+    if block_co == 32 and triton.cdiv(c_out, 32) * programs < TARGET_SMS and _padded(c_out, 16) <= _padded(c_out, 32):
+        block_co = 16
+    block_co = forced.pop("BLOCK_CO", block_co)
+    n_co = triton.cdiv(c_out, block_co)
+    # BLOCK_CI: the K step of the grad_pre dot (least padding; NCHW: at most 32, as in the forward). grad_x's blocks
     # (pixels x C_in): least padding, then enough programs for every SM, then larger
-    bcis = (32, 16) if fma or not channels_last else (64, 32, 16)
-    bci = forced.pop("BCI", None)
-    gx_tp, gx_bci = (tp, bci) if bci else min(
-        itertools.product(tps, bcis),
+    block_ci_choices = (32, 16) if fma or not channels_last else (64, 32, 16)
+    block_ci = forced.pop("BLOCK_CI", None)
+    gx_mid_pixels, gx_block_ci = (mid_pixels, block_ci) if block_ci else min(
+        itertools.product(tile_choices, block_ci_choices),
         key=lambda tb: (_padded(n_pix, tb[0]) * _padded(c_in, tb[1]),
                         -min(triton.cdiv(n_pix, tb[0]) * triton.cdiv(c_in, tb[1]), TARGET_SMS), -tb[0] * tb[1]))
-    bci = bci or _least_padding(c_in, bcis)
-    n_ci = triton.cdiv(c_in, bci)
+    block_ci = block_ci or _least_padding(c_in, block_ci_choices)
+    n_ci = triton.cdiv(c_in, block_ci)
     # grad_pw GEMM: split the pixels until CTA_SLOTS programs run, as far as its partials allow
-    s = max(1, min(n_tiles, forced.pop("S", min(triton.cdiv(CTA_SLOTS, n_co * n_ci),
-                                                (PARTIALS_MAX_BYTES // 2) // w_slot))))
-    pix_per_split = triton.cdiv(n_tiles, s) * tp
-    s = triton.cdiv(n_pix, pix_per_split)  # every split non-empty
-    # grad_pre kernel: 1 pipeline stage (3 and 2 left a value or two spilled at 72-128 registers on sm_90), and 2
-    # warps for 16 x 16 tiles (4 warps spilled 8 B at 64-80 registers); the GEMMs: 4 warps, 2 stages (3 spilled 8 B
-    # in an NCHW grad_pw GEMM), FMA dots 1
-    blk = dict(TP=tp, BCO=bco, BCI=bci, GX_TP=gx_tp, GX_BCI=gx_bci,
-               num_warps=2 if tp * bco <= 256 else 4,
+    splits = max(1, min(n_tiles, forced.pop("PIXEL_SPLITS", min(triton.cdiv(CTA_SLOTS, n_co * n_ci),
+                                                                (PARTIALS_MAX_BYTES // 2) // w_slot))))
+    pix_per_split = triton.cdiv(n_tiles, splits) * mid_pixels
+    splits = triton.cdiv(n_pix, pix_per_split)  # every split non-empty
+    # grad_pre kernel: 1 pipeline stage (3 and 2 left a value or two spilled on sm_90), and 2 warps for 16 x 16
+    # tiles (4 warps spilled); the GEMMs: 4 warps, 2 stages (3 spilled in an NCHW grad_pw GEMM), FMA dots 1
+    blk = dict(MID_PIXELS=mid_pixels, BLOCK_CO=block_co, BLOCK_CI=block_ci, GX_MID_PIXELS=gx_mid_pixels,
+               GX_BLOCK_CI=gx_block_ci, num_warps=2 if mid_pixels * block_co <= 256 else 4,
                num_stages=1, GEMM_WARPS=4, GEMM_STAGES=1 if fma else 2)
     blk.update(forced)
-    n_gx, gx_tiles = triton.cdiv(c_in, gx_bci), triton.cdiv(n_pix, gx_tp)
+    n_gx, gx_tiles = triton.cdiv(c_in, gx_block_ci), triton.cdiv(n_pix, gx_mid_pixels)
     # the mask drops the GEMMs not wanted, grad_pre's buffer when neither runs, and the partials not written
     gemms = flags["NEED_GX"] + flags["NEED_PW"]
     scratch = n_pix * c_out * itemsize if gemms else 0
     x_bytes = n_pix * c_in * itemsize * flags["NEED_PW"]
     c_slot *= _channel_partials(flags)
     w_slot *= flags["NEED_PW"]
-    partial = g * c_slot + s * w_slot
+    partial = programs * c_slot + splits * w_slot
     finest = triton.cdiv(n_pix, 16)
     launches = (
-        Launch("bwd_gpre_kernel", (n_co, g), n_tiles * n_co * tp * bco * _padded(c_in, bci) * flags["NEED_MID"],
+        Launch("bwd_gpre_kernel", (n_co, programs),
+               n_tiles * n_co * mid_pixels * block_co * _padded(c_in, block_ci) * flags["NEED_MID"],
                finest=finest * triton.cdiv(c_out, 16)),
-        Launch("bwd_gx_kernel", (n_gx, gx_tiles), gx_tiles * n_gx * gx_tp * gx_bci * _padded(c_out, bco),
+        Launch("bwd_gx_kernel", (n_gx, gx_tiles),
+               gx_tiles * n_gx * gx_mid_pixels * gx_block_ci * _padded(c_out, block_co),
                finest=finest * triton.cdiv(c_in, 16)),
         # its channel blocks stay GEMM-sized: it splits along the pixels only
-        Launch("bwd_gw_kernel", (n_co, n_ci, s), n_co * n_ci * bco * bci * n_tiles * tp,
+        Launch("bwd_gw_kernel", (n_co, n_ci, splits), n_co * n_ci * block_co * block_ci * n_tiles * mid_pixels,
                finest=n_co * n_ci * n_tiles),
     )
     wanted = (flags["NEED_MID"] or flags["NEED_DB"], flags["NEED_GX"], flags["NEED_PW"])
     return Plan(path="split", blocks=blk,
                 launches=tuple(launch for launch, run in zip(launches, wanted) if run)
                 + _reduce_launch(c_out, c_in, taps, flags),
-                params=dict(G=g, GW=s, pix_per_split=pix_per_split, flags=flags),
+                params=dict(tile_programs=programs, weight_slots=splits, pix_per_split=pix_per_split, flags=flags),
                 # grad_pre: written, read by each GEMM; x: read again by the grad_pw GEMM; channel partials:
                 # read-modified-written per tile; grad_pw partials: written once; all read by the reduction
-                extra_traffic_bytes=(1 + gemms) * scratch + x_bytes + 2 * n_tiles * c_slot + 2 * s * w_slot,
+                extra_traffic_bytes=(1 + gemms) * scratch + x_bytes + 2 * n_tiles * c_slot + 2 * splits * w_slot,
                 extra_hbm_bytes=dram_bytes(scratch, 1 + gemms) + dram_bytes(x_bytes, 1) + dram_bytes(partial, 2),
                 partial_bytes=partial, scratch_bytes=scratch)
 
 
 def _bwd_options(kind: str) -> dict:
     """Launch options of the fused backward kernel: 4 warps (two or more programs per SM); FMA dots: 1 pipeline stage
-    (3 or 2 stages spilled 8-16 B on sm_90 at 80-255 registers); TF32: 2 stages (fp32 operands are twice the bytes
-    of bf16, and 3 stages of them reached 255 registers on sm_80 and spilled)."""
+    (3 or 2 stages spilled on sm_90); TF32: 2 stages (fp32 operands are twice the bytes of bf16, and 3 stages of them
+    ran out of registers on sm_80 and spilled)."""
     return dict(num_warps=4, num_stages=1 if kind == "fma" else 2)
 
 
@@ -992,7 +1053,7 @@ def _reduce_launch(c_out, c_in, taps, flags: dict) -> tuple[Launch, ...]:
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
     kh, kw = kernel_size
-    footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
+    footprint = _halo_extent(1, 1, kh, dilation[0]) * _halo_extent(1, 1, kw, dilation[1])  # a 1 x 1 tile's
     if _pow2(footprint) > FWD_MAX_MID_ROWS:
         return (f"the dilated kernel covers {footprint} pixels; the Triton forward keeps at most {FWD_MAX_MID_ROWS} "
                 f"on chip")
@@ -1090,7 +1151,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
                         depthwise, channels_last=x.stride(1) == 1)
     blk, prm = plan.blocks, plan.params
     grid = plan.launches[0].grid
-    mid = (torch.empty((grid[0], blk["P"], blk["BCO"]), dtype=torch.float64 if acc64 else torch.float32,
+    mid = (torch.empty((grid[0], blk["MID_ROWS"], blk["BLOCK_CO"]), dtype=torch.float64 if acc64 else torch.float32,
                        device=x.device) if depthwise == "shifted" else y)  # y: a placeholder, never accessed
     pb = pw_bias if pw_bias is not None else pw
     db = dw_bias if dw_bias is not None else dw
@@ -1100,8 +1161,8 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
             c_in, c_out, h, w, h_out, w_out,
             *x.stride(), *y.stride(),
             prm["tiles_w"], prm["tiles_per_img"], prm["n_co"], prm["n_work"], padding[0], padding[2],
-            KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1], **blk,
-            SHIFTED=depthwise == "shifted", ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
+            KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], DILATION_H=dilation[0], DILATION_W=dilation[1],
+            **blk, SHIFTED=depthwise == "shifted", ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
             HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast, X_VEC=_vector_width(x),
             IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
         )
@@ -1138,17 +1199,19 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
     flags = prm["flags"]
     launches = {launch.kernel: launch for launch in plan.launches}
     acc_dt = torch.float64 if acc64 else torch.float32
-    # G programs (or pixel splits) each own one slot of partials; their count depends on the shape only (never on
+    # Tile programs (or pixel splits) each own one slot of partials; their count depends on the shape only (never on
     # the device), so the fixed-order reduction reproduces results bit for bit. Buffers nothing writes are not
     # allocated: the kernels get a placeholder (pw) for them, which they never touch (their flags drop the accesses).
-    wpart = torch.empty((prm["GW"], c_out, c_in), dtype=acc_dt, device=dev) if need_pw else pw
-    cpart = torch.empty((prm["G"], c_out, taps + 2), dtype=acc_dt, device=dev) if _channel_partials(flags) else pw
+    wpart = torch.empty((prm["weight_slots"], c_out, c_in), dtype=acc_dt, device=dev) if need_pw else pw
+    cpart = (torch.empty((prm["tile_programs"], c_out, taps + 2), dtype=acc_dt, device=dev)
+             if _channel_partials(flags) else pw)
     gpre = torch.empty((n * h * w, c_out), dtype=dt, device=dev) if plan.scratch_bytes else None
     idx64 = (_FORCED["backward"] or {}).get(
         "IDX64", _needs_int64(x, grad_y, grad_x) or (gpre is not None and _needs_int64(gpre)))
     pb = pw_bias if pw_bias is not None else pw
     gx = grad_x if need_gx else x
-    conv = dict(KH=kh, KW=kw, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1])
+    conv = dict(KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], DILATION_H=dilation[0],
+                DILATION_W=dilation[1])
     dots = dict(PREC=prec, ACC64=acc64, IDX64=idx64, UPCAST_DOT=upcast, X_VEC=min(_vector_width(x),
                                                                                _vector_width(gx)))
     with _launch_device(x):
@@ -1157,16 +1220,17 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
                 grad_y, x, pw, pb, dw, gx, wpart, cpart,
                 n, c_in, c_out, h, w, h_out, w_out,
                 *x.stride(), *grad_y.stride(), *gx.stride(),
-                padding[0], padding[2], prm["G"],
+                padding[0], padding[2], prm["tile_programs"],
                 **conv, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, **dots, **flags,
             )
-        gemm = dict(TP=blk["TP"], BCO=blk["BCO"], BCI=blk.get("BCI"))  # the split path's (the fused one has no BCI)
+        # the split path's blocks (the fused one has no BLOCK_CI)
+        gemm = dict(MID_PIXELS=blk["MID_PIXELS"], BLOCK_CO=blk["BLOCK_CO"], BLOCK_CI=blk.get("BLOCK_CI"))
         if "bwd_gpre_kernel" in launches:
             _launchable(_bwd_gpre_kernel)[launches["bwd_gpre_kernel"].grid](
                 grad_y, x, pw, pb, dw, gpre if gpre is not None else pw, cpart,
                 n, c_in, c_out, h, w, h_out, w_out,
                 *x.stride(), *grad_y.stride(),
-                padding[0], padding[2], prm["G"],
+                padding[0], padding[2], prm["tile_programs"],
                 **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_ACT_CODES[activation],
                 HAS_PB=pw_bias is not None, **dots, STORE_GPRE=gpre is not None,
                 **{k: v for k, v in flags.items() if k not in ("NEED_GX", "NEED_PW")},
@@ -1174,7 +1238,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         if "bwd_gx_kernel" in launches:
             _launchable(_bwd_gx_kernel)[launches["bwd_gx_kernel"].grid](
                 gpre, pw, grad_x, n, c_in, c_out, h, w, *grad_x.stride(),
-                **dict(gemm, TP=blk["GX_TP"], BCI=blk["GX_BCI"]),
+                **dict(gemm, MID_PIXELS=blk["GX_MID_PIXELS"], BLOCK_CI=blk["GX_BLOCK_CI"]),
                 num_warps=blk["GEMM_WARPS"], num_stages=blk["GEMM_STAGES"], **dots,
             )
         if "bwd_gw_kernel" in launches:
@@ -1185,8 +1249,8 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         if "reduce_kernel" in launches:
             _launchable(_reduce_kernel)[launches["reduce_kernel"].grid](
                 wpart, cpart, grad_pw if need_pw else pw, grad_dw if need_dw else dw, grad_pb if need_pb else pw,
-                grad_db if need_db else pw, prm["GW"], prm["G"], c_out, c_in,
-                T=taps, BLOCK=_REDUCE_BLOCK, ACC64=acc64, FIRST_PART=_reduce_parts(flags)[0], NEED_PB=need_pb,
+                grad_db if need_db else pw, prm["weight_slots"], prm["tile_programs"], c_out, c_in,
+                TAPS=taps, BLOCK=_REDUCE_BLOCK, ACC64=acc64, FIRST_PART=_reduce_parts(flags)[0], NEED_PB=need_pb,
                 NEED_DW=need_dw, NEED_DB=need_db,
             )
     return grad_x, grad_pw, grad_pb, grad_dw, grad_db
