@@ -635,8 +635,8 @@ struct GemmCfg {
 
 // Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (9-17 KB static shared memory per block). Without the
 // min-blocks hint ptxas picked a register target by itself and spilled; the TF32 variant of the 32-wide block
-// spilled under that cap (sm_90) and gets 3 blocks/SM, a cap of 85 registers (registers, spills and shared memory of
-// every compiled kernel: benchmarks/kernel_report.py).
+// spilled under that cap (sm_90) and gets 3 blocks/SM, a higher cap (registers, spills and shared memory of every
+// compiled kernel: benchmarks/kernel_report.py).
 template <typename MT, bool PARTIAL, int GBN>
 __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 4)
     gemm_kernel(const Elem<MT>* __restrict__ A, int64_t sAm, int64_t sAk, const Elem<MT>* __restrict__ B, int64_t sBk,
