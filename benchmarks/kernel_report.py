@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bsconv_cuda.plan import TARGET_SMS
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -556,7 +558,7 @@ def cuda_extension_stats(so_path: str | Path | None = None) -> list[KernelStats]
 BWD_EXTRA_MACS = 2.5
 FWD_MAX_MACS = 3.0
 L2_BYTES = 50 * 2**20  # H100 / H200 SXM
-SMS = 132  # H100 / H200 SXM
+SMS = TARGET_SMS  # H100 / H200 SXM, as the launch plans assume
 MAIN_LAUNCH_SHARE = 0.25  # launches that carry at least this share of a pass's dot work must fill the SMs
 TRITON_WORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

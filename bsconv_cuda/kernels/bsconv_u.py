@@ -80,7 +80,8 @@ from triton.runtime.interpreter import InterpretedFunction
 from .. import reference
 from ..backends import fp32_uses_tf32, major_minor
 from ..cuda_backend import device_capability
-from ..plan import L2_RESIDENT_BYTES, Launch, Plan, dram_bytes, halo_read_factor
+from ..plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDENT_BYTES, TARGET_SMS, Launch, Plan,
+                    dram_bytes, halo_read_factor)
 
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -698,8 +699,8 @@ def _reduce_kernel(wpart_ptr, cpart_ptr, gpw_ptr, gdw_ptr, gpb_ptr, gdb_ptr, n_w
 # ----------------------------------------------------------------------------------------------------------------
 # Launch plans: block sizes, grids, and the work and bytes they imply
 # ----------------------------------------------------------------------------------------------------------------
-TARGET_SMS = 132  # H100 / H200 SXM: grids are sized for it (a constant, never read from the device)
-CTA_SLOTS = 2 * TARGET_SMS  # two resident programs per SM
+# TARGET_SMS, BLOCKS_PER_SM, FWD_MAX_DOT_RATIO and DEPTHWISE_COST: the model both backends share (bsconv_cuda.plan)
+CTA_SLOTS = BLOCKS_PER_SM * TARGET_SMS  # resident programs on the GPU the grids are sized for
 PARTIALS_MAX_BYTES = L2_RESIDENT_BYTES  # fp32 weight-gradient partials of one backward
 FUSED_MAX_CIN = 128  # the fused backward keeps x and grad_x of all C_in on chip up to this many channels, ...
 FUSED_MAX_PROGRAMS = 2 * CTA_SLOTS  # ... in at most this many programs (more would only add partial slots)
@@ -711,13 +712,9 @@ FWD_SPILL_FREE_MID_ROWS = 128
 FWD_MAX_MID_ROWS = 256
 FWD_MAX_OUT_PIXELS = 128  # output pixels (OUT_PIXELS: TH x TW padded to a power of two) per forward program
 SHIFTED_SLOTS = 2 * CTA_SLOTS  # programs (each with one staging slot of mid) of the shifted depthwise stage
-FWD_MAX_DOT_RATIO = 3.0  # forward dot multiply-adds over the pointwise stage's, where a tile allows it
 MIN_DOT_ROWS = 64  # rows of one Hopper wgmma tile: fewer rows in a tensor-core dot take as long
 DEPTHWISE_STAGES = ("gather", "shifted")
 DEPTHWISE_STAGE = "gather"  # the default until a GPU run measures both
-# Tensor-core multiply-adds per depthwise FMA in the forward tile cost (peak rates on H100: bf16/fp16 dense
-# 495 T MAC/s, TF32 247 T, fp32 FMA 33.5 T; FMA dots: 1). A model weight, not a measurement.
-_DW_FMA_COST = {"tc": 16, "tf32": 8, "fma": 1}
 
 
 def _pow2(v: int) -> int:
@@ -822,7 +819,7 @@ def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, paddin
     block_ci = forced.pop("BLOCK_CI",
                           16 if kind == "fma" else _least_padding(c_in, (64, 32, 16) if wide else (32, 16)))
     th, tw, block_co = _fwd_tile(n, c_in, block_ci, c_out, h, w, h_out, w_out, kh, kw, stride_h, stride_w,
-                                 dilation_h, dilation_w, _DW_FMA_COST[kind], 1 if kind == "fma" else MIN_DOT_ROWS,
+                                 dilation_h, dilation_w, DEPTHWISE_COST[kind], 1 if kind == "fma" else MIN_DOT_ROWS,
                                  (32, 16))
     th, tw, block_co = forced.pop("TH", th), forced.pop("TW", tw), forced.pop("BLOCK_CO", block_co)
     mid_h, mid_w = _halo_extent(th, stride_h, kh, dilation_h), _halo_extent(tw, stride_w, kw, dilation_w)
