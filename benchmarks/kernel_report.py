@@ -38,11 +38,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bsconv_cuda.plan import TARGET_SMS
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bsconv_cuda.plan import TARGET_SMS  # noqa: E402 - importable from a source checkout through REPO
 
 # Per-SM limits used for the occupancy estimate (CUDA occupancy calculator values).
 ARCH_LIMITS = {
