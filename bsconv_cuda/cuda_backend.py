@@ -27,7 +27,8 @@ from typing import Sequence
 import torch
 
 from . import reference
-from .plan import BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, TARGET_SMS
+from .plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, TARGET_SMS, Launch, Plan, dram_bytes,
+                   halo_read_factor)
 
 # The limits of the CUDA kernels. Their home is csrc/bsconv_params.h; the compiled module exports them
 # (``_C.MAX_TILE_PIXELS``, ...) and tests/test_cuda_extension.py checks these copies against that export wherever it
@@ -246,8 +247,6 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     multiply-adds of their MMA / FMA loops, from the tile plan of ``csrc/bsconv_kernels.cu``). padding: (top,
     bottom, left, right); dtype: a torch dtype; tf32: float32 on TF32 tensor cores. Pure arithmetic: needs neither
     the extension nor a GPU."""
-    from .plan import Launch, Plan, dram_bytes, halo_read_factor
-
     kh, kw = kernel_size
     itemsize = torch.empty((), dtype=dtype).element_size()
     kc = 16 if dtype == torch.float32 else 32  # KC and the GEMM's BK
