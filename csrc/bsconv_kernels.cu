@@ -10,15 +10,20 @@
 // mid = act(pre + pw_bias), zero outside the image (padding applies to mid), kept in shared memory as fp32; then
 // the depthwise KxK stage reads mid from shared memory and writes y. mid never touches global memory.
 //
-// Backward:
-//   1. bwd_tile_kernel: one block = (32 channels, a tile of up to 256 mid pixels, one image): recomputes pre,
+// Backward, one of two paths (choose_bwd_path: a traffic model, or forced by the call):
+//   fused (C_in <= kFusedMaxCin): bwd_fused_kernel. Persistent blocks stride over flat tiles of 16-64 mid pixels,
+//      keep x and the grad_x accumulator of all input channels in shared memory and loop over blocks of 32 output
+//      channels: recompute pre, gather grad_pre = grad_mid * act'(pre) from grad_y through the transposed depthwise
+//      stencil, then grad_x += grad_pre . W and the block's fp32 slot of grad_pw_weight partials += grad_pre^T . x,
+//      both MMAs reading grad_pre from shared memory. Nothing of mid's size is written.
+//   split: 1. bwd_tile_kernel: one block = (32 channels, a tile of up to 256 mid pixels, one image): recomputes pre,
 //      gathers grad_mid from grad_y through the transposed depthwise stencil, writes gpre = grad_mid * act'(pre)
 //      (input dtype, scratch of mid's size, lives only during backward) and per-block fp32 partial sums of
 //      grad_dw_weight and grad_pw_bias.
 //   2. gemm_kernel: grad_x = gpre . W (tensor cores, TF32 as above / FMA) and split-K partials of
 //      grad_pw_weight = gpre^T . x.
-//   3. colsum_kernel: per-row-block partials of grad_dw_bias = column sums of grad_y.
-//   4. reduce kernels: sum the partials in a fixed order (deterministic, bitwise reproducible).
+// Both: colsum_kernel: per-row-block partials of grad_dw_bias = column sums of grad_y; reduce kernels sum the
+// partials in a fixed order (deterministic, bitwise reproducible).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -511,9 +516,55 @@ __host__ __device__ __forceinline__ int bwd_smem_bytes() {
   return region0_bytes<MT>(kBwdPix) + (KSize<K>::kMax * KSize<K>::kMax + 1) * CB * (int)sizeof(float);
 }
 
+// grad_pre of mid pixel (h, w) of image n in channel ch (pre: its pre-activation, bias included): grad_mid gathered
+// from grad_y through the transposed depthwise stencil (dw_c[tap * CB]: the channel's fp32 taps), times act'(pre).
+// kDwPartials: also adds grad_y * mid of every tap into gD[i * KM + j], the thread's share of
+// grad_dw_weight[ch][i][j]. Per-tap state lives in registers only because every array index is a compile-time
+// constant after full unrolling.
+template <typename T, int K, bool kDwPartials>
+__device__ __forceinline__ float pixel_grad_pre(const ConvShape& s, const T* __restrict__ gy, int64_t n, int h, int w,
+                                                int64_t ch, float pre, const float* dw_c,
+                                                float (&gD)[KSize<K>::kMax * KSize<K>::kMax]) {
+  constexpr int KM = KSize<K>::kMax;
+  const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
+  const int64_t C_out = s.C_out;
+  const float m = kDwPartials ? act_fwd(pre, (int)s.act) : 0.f;
+  float gm = 0.f;
+  // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff
+  // oh*stride_h + i*dilation_h - pad_top == h (same for w).
+  // owj[j]: the output column that tap column j reaches, -1 when none. Computed once per pixel and reused by every
+  // tap row (recomputing it per (i, j), with the 64-bit address, pushed the 7x7 variants past the register cap).
+  int owj[KM];
+#pragma unroll
+  for (int j = 0; j < KM; ++j) {
+    const int own = w + s.pad_left - j * s.dilation_w;
+    const int ow = own / s.stride_w;
+    owj[j] = (own >= 0 && ow * s.stride_w == own && ow < s.W_out && (K > 0 || j < KW)) ? ow : -1;
+  }
+  // Tap rows are unrolled only where gD needs compile-time indices (unrolled in the fused kernel, they pushed its
+  // 5x5 and 7x7 variants past the register cap).
+  constexpr int kRowUnroll = kDwPartials ? KM : 1;
+#pragma unroll kRowUnroll
+  for (int i = 0; i < KM; ++i) {
+    if (K == 0 && i >= KH) break;
+    const int ohn = h + s.pad_top - i * s.dilation_h;
+    const int oh = ohn / s.stride_h;
+    if (ohn < 0 || oh * s.stride_h != ohn || oh >= s.H_out) continue;
+    const T* __restrict__ grow = gy + ((n * s.H_out + oh) * s.W_out) * C_out + ch;
+#pragma unroll
+    for (int j = 0; j < KM; ++j) {
+      if (owj[j] >= 0) {
+        const float g = to_f(grow[(int64_t)owj[j] * C_out]);
+        gm = fmaf(g, dw_c[(i * KW + j) * CB], gm);
+        if constexpr (kDwPartials) gD[i * KM + j] = fmaf(g, m, gD[i * KM + j]);
+      }
+    }
+  }
+  return act_grad(gm, pre, (int)s.act);
+}
+
 // Launch bounds (256 threads, 2 blocks/SM): caps registers at 128, the budget it was tuned to (2 x 8 warps per SM;
-// shared memory, about 43 KB per block, would allow more). Per-tap state lives in registers only because every
-// array index below is a compile-time constant after full unrolling (gD[i * KM + j], owj[j]).
+// shared memory, about 43 KB per block, would allow more).
 template <typename MT, int K>
 __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTile t, bool vec) {
   using T = Elem<MT>;
@@ -547,42 +598,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
 #pragma unroll
   for (int q = 0; q < KM * KM; ++q) gD[q] = 0.f;
   float gpb = 0.f;
-  const int64_t gy_img = (int64_t)n * s.H_out;
 
   for (int p = warp; p < t.pixels; p += kWarps) {
     const int h = h0 + p / t.TW, w = w0 + p % t.TW;
     if (!cok || h >= H || w >= W) continue;
-    const float pre = acc_s[p * LDM + c] + pbs[c];
-    const float m = act_fwd(pre, (int)s.act);
-    float gm = 0.f;
-    // mid pixel (h, w) feeds output (oh, ow) through tap (i, j) iff
-    // oh*stride_h + i*dilation_h - pad_top == h (same for w).
-    // owj[j]: the output column that tap column j reaches, -1 when none. Computed once per pixel and reused by every
-    // tap row (recomputing it per (i, j), with the 64-bit address, pushed the 7x7 variants past the register cap).
-    int owj[KM];
-#pragma unroll
-    for (int j = 0; j < KM; ++j) {
-      const int own = w + s.pad_left - j * s.dilation_w;
-      const int ow = own / s.stride_w;
-      owj[j] = (own >= 0 && ow * s.stride_w == own && ow < s.W_out && (K > 0 || j < KW)) ? ow : -1;
-    }
-#pragma unroll
-    for (int i = 0; i < KM; ++i) {
-      if (K == 0 && i >= KH) break;
-      const int ohn = h + s.pad_top - i * s.dilation_h;
-      const int oh = ohn / s.stride_h;
-      if (ohn < 0 || oh * s.stride_h != ohn || oh >= s.H_out) continue;
-      const T* __restrict__ grow = gy + ((gy_img + oh) * s.W_out) * C_out + c0 + c;
-#pragma unroll
-      for (int j = 0; j < KM; ++j) {
-        if (owj[j] >= 0) {
-          const float g = to_f(grow[(int64_t)owj[j] * C_out]);
-          gm = fmaf(g, dws[(i * KW + j) * CB + c], gm);
-          gD[i * KM + j] = fmaf(g, m, gD[i * KM + j]);
-        }
-      }
-    }
-    const float gp = act_grad(gm, pre, (int)s.act);
+    const float gp = pixel_grad_pre<T, K, true>(s, gy, n, h, w, c0 + c, acc_s[p * LDM + c] + pbs[c], dws + c, gD);
     gpb += gp;
     gpre[(((int64_t)n * H + h) * W + w) * C_out + c0 + c] = from_f<T>(gp);
   }
@@ -608,6 +628,252 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_tile_kernel(BwdArgs a, BwdTil
       out[(int64_t)(c0 + lane) * (KK + 1) + slot] = sum;
     }
     __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------------------------------ fused backward
+// C (m_tiles*16 x n_tiles*16, fp32, row-major with leading dimension ldc, in shared or global memory)
+//   = (accumulate ? C : 0) + A . B over K (a multiple of 16),
+// A(m, k) at A[m * lda + k] (ARow) or A[k * lda + m]; B(k, n) at B[k * ldb + n] (BRow) or B[n * ldb + k]; A and B in
+// shared memory. The block's warps share the 16 x 16 output tiles (a tile always goes to the same warp, so a C in
+// global memory is read back by the thread that wrote it); tensor cores (WMMA) or, for IEEE fp32, one output
+// element per thread at a time, K in ascending order. Every pointer and leading dimension keeps WMMA's alignment:
+// 16-row and MMA_K-column steps are 32-byte multiples (see FusedSmem).
+template <typename MT, bool ARow, bool BRow>
+__device__ __forceinline__ void block_mma(float* C, int ldc, bool accumulate, const Elem<MT>* A, int lda,
+                                          const Elem<MT>* B, int ldb, int m_tiles, int n_tiles, int K) {
+  using Cf = Cfg<MT>;
+  if constexpr (Cf::kTC) {
+    using ALayout = typename std::conditional<ARow, wmma::row_major, wmma::col_major>::type;
+    using BLayout = typename std::conditional<BRow, wmma::row_major, wmma::col_major>::type;
+    for (int tile = threadIdx.x >> 5; tile < m_tiles * n_tiles; tile += kWarps) {
+      const int mt = tile / n_tiles, nt = tile - mt * n_tiles;
+      float* c = C + mt * 16 * ldc + nt * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, Cf::MMA_K, float> acc;
+      if (accumulate)
+        wmma::load_matrix_sync(acc, c, ldc, wmma::mem_row_major);
+      else
+        wmma::fill_fragment(acc, 0.f);
+      // (unrolled further, the loads of the next steps' fragments pushed the bf16 kernels past the register cap)
+#pragma unroll 2
+      for (int k = 0; k < K; k += Cf::MMA_K) {
+        wmma::fragment<wmma::matrix_a, 16, 16, Cf::MMA_K, typename Cf::MmaElem, ALayout> af;
+        wmma::fragment<wmma::matrix_b, 16, 16, Cf::MMA_K, typename Cf::MmaElem, BLayout> bf;
+        wmma::load_matrix_sync(af, ARow ? A + mt * 16 * lda + k : A + k * lda + mt * 16, lda);
+        wmma::load_matrix_sync(bf, BRow ? B + k * ldb + nt * 16 : B + nt * 16 * ldb + k, ldb);
+        to_mma_precision<MT>(af);
+        to_mma_precision<MT>(bf);
+        wmma::mma_sync(acc, af, bf, acc);
+      }
+      wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+    }
+  } else {
+    const int N = n_tiles * 16;
+    for (int e = threadIdx.x; e < m_tiles * 16 * N; e += kThreads) {
+      const int m = e / N, n = e - m * N;
+      float v = accumulate ? C[m * ldc + n] : 0.f;
+      for (int k = 0; k < K; ++k)
+        v = fmaf(to_f(A[ARow ? m * lda + k : k * lda + m]), to_f(B[BRow ? k * ldb + n : n * ldb + k]), v);
+      C[m * ldc + n] = v;
+    }
+  }
+}
+
+// The fused backward's tiling (choose_bwd_path; bsconv_cuda.cuda_backend._fused_tiles restates it).
+struct FusedTiles {
+  int rows;          // mid pixels per tile: 64, 32 or 16 (a multiple of the MMA's 16 rows)
+  int c_in_padded;   // C_in rounded up to 16 (the MMAs' K and N steps)
+  int c_out_padded;  // C_out rounded up to CB (rows of a block's grad_pw_weight slot)
+  int64_t tiles;     // ceil(N*H*W / rows): flat runs of pixels in NHWC order (a tile may span two images)
+  int64_t blocks;    // persistent blocks, each striding over the tiles with its own slot of partials
+};
+constexpr int kFusedMaxRows = 64;
+
+// One fused block's fp32 partials: its grad_pw_weight slot (c_out_padded x c_in_padded) and channel slot
+// (C_out x (taps + 1): grad_dw_weight, grad_pw_bias).
+inline int64_t fused_slot_bytes(const ConvShape& s, const FusedTiles& f) {
+  return 4 * ((int64_t)f.c_out_padded * f.c_in_padded + s.C_out * ((int64_t)s.KH * s.KW + 1));
+}
+
+// Shared memory of bwd_fused_kernel (byte offsets; each array starts on a 128-byte boundary). Leading dimensions pad
+// rows to a 16-byte multiple (WMMA's ldm rule) that is not a multiple of 128 bytes (fewer bank conflicts):
+//   xs  [rows][ld_x]  T     : x of the tile, all C_in (zero beyond C_in and beyond the tile's pixels)
+//   ws  [CB][ld_x]    T     : pw_weight rows c0 .. c0+CB, all C_in
+//   gps [rows][ld_gp] T     : grad_pre of the tile in channels c0 .. c0+CB (the two gradient MMAs' operand)
+//   pre [rows][LDM]   float : the recomputed pre-activation, then mid = act(pre) (the grad_dw_weight partials)
+//   gxs [rows][ld_gx] float : grad_x accumulator of the tile, all C_in
+//   red [kWarps][CB]  float : the warps' grad_pw_bias sums
+//   pix [3][rows]     int   : image, row and column of the tile's pixels
+//   dws [taps][CB], pbs [CB] float : depthwise taps and pw_bias of channels c0 .. c0+CB
+template <typename MT>
+struct FusedSmem {
+  int ld_x, ld_gp, ld_gx;
+  int xs, ws, gps, pre, gxs, red, pix, dws, bytes;
+  __host__ __device__ FusedSmem(int c_in_padded, int rows, int taps) {
+    const int item = (int)sizeof(Elem<MT>), pad = Cfg<MT>::kFloat ? 4 : 8;
+    ld_x = c_in_padded + pad;
+    ld_gp = CB + pad;
+    ld_gx = c_in_padded + 4;
+    xs = 0;
+    ws = xs + round_up(rows * ld_x * item, 128);
+    gps = ws + round_up(CB * ld_x * item, 128);
+    pre = gps + round_up(rows * ld_gp * item, 128);
+    gxs = pre + round_up(rows * LDM * (int)sizeof(float), 128);
+    red = gxs + round_up(rows * ld_gx * (int)sizeof(float), 128);
+    pix = red + kWarps * CB * (int)sizeof(float);
+    dws = pix + round_up(3 * rows * (int)sizeof(int), 128);
+    bytes = dws + (taps + 1) * CB * (int)sizeof(float);
+  }
+};
+
+// One block strides over tiles of f.rows mid pixels; per tile it keeps x and the grad_x accumulator of all input
+// channels in shared memory and loops over blocks of CB output channels:
+//   pre = x . W[c0:c0+CB]^T (MMA), grad_pre = grad_mid * act'(pre + b) (pixel_grad_pre, grad_y gathered per tap),
+//   grad_x += grad_pre . W[c0:c0+CB] (MMA), slot[c0:c0+CB] += grad_pre^T . x (MMA into the block's own fp32 slot of
+//   grad_pw_weight partials in global memory, L2-resident), and the tile's grad_dw_weight / grad_pw_bias partials
+//   (one thread per channel and tap, over the tile's pixels in order) added into the block's channel slot.
+// So the pointwise product is computed once per (pixel, output channel) and both gradient MMAs consume it from shared
+// memory: nothing of mid's size is written. The slots are summed in block order afterwards (deterministic).
+// Launch bounds (256 threads, 2 blocks/SM): registers capped at 128; shared memory (FusedSmem, at most 109 KB: fp32,
+// 128 input channels, 64-pixel tiles) also allows two blocks per SM on sm_90.
+template <typename MT, int K>
+__global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, FusedTiles f, bool vec) {
+  using T = Elem<MT>;
+  using Cf = Cfg<MT>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int KM = KSize<K>::kMax, VEC = Cf::VEC;
+  const ConvShape& s = a.s;
+  const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
+  const int KK = KH * KW;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int rows = f.rows, Cp = f.c_in_padded;
+  const FusedSmem<MT> L(Cp, rows, KM * KM);
+  T* xs = reinterpret_cast<T*>(smem + L.xs);
+  T* ws = reinterpret_cast<T*>(smem + L.ws);
+  T* gps = reinterpret_cast<T*>(smem + L.gps);
+  float* pre_s = reinterpret_cast<float*>(smem + L.pre);
+  float* gxs = reinterpret_cast<float*>(smem + L.gxs);
+  float* red = reinterpret_cast<float*>(smem + L.red);
+  int* pix_n = reinterpret_cast<int*>(smem + L.pix);
+  int* pix_h = pix_n + rows;
+  int* pix_w = pix_h + rows;
+  float* dws = reinterpret_cast<float*>(smem + L.dws);
+  float* pbs = dws + KM * KM * CB;
+  const T* __restrict__ x = static_cast<const T*>(a.x);
+  const T* __restrict__ pw = static_cast<const T*>(a.pw_w);
+  const T* __restrict__ gy = static_cast<const T*>(a.grad_y);
+  const int64_t C_in = s.C_in, C_out = s.C_out, HW = s.H * s.W, M = s.N * HW;
+  const bool want_gx = a.grad_x != nullptr, want_gw = a.grad_pw_w != nullptr;
+  const bool want_channels = a.grad_dw_w != nullptr || a.grad_pw_b != nullptr;
+  float* gw_slot = a.part_gemm + (int64_t)blockIdx.x * f.c_out_padded * Cp;  // used only when want_gw
+  float* channel_slot = a.part_tile + (int64_t)blockIdx.x * C_out * (KK + 1);
+
+  for (int64_t tile = blockIdx.x; tile < f.tiles; tile += gridDim.x) {
+    const bool first = tile == blockIdx.x;  // the block's first tile stores its slots, later tiles add to them
+    const int64_t q0 = tile * rows;
+    const int pixels = (int)(M - q0 < rows ? M - q0 : rows);
+    // ---- stage x rows q0 .. q0+pixels (NHWC rows are contiguous), zero the grad_x accumulator
+    if (vec) {
+      const int nv = Cp / VEC;
+      for (int v = tid; v < rows * nv; v += kThreads) {
+        const int p = v / nv, k = (v - p * nv) * VEC;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (p < pixels && k < C_in) val = __ldg(reinterpret_cast<const uint4*>(x + (q0 + p) * C_in + k));
+        *reinterpret_cast<uint4*>(xs + p * L.ld_x + k) = val;
+      }
+    } else {
+      for (int e = tid; e < rows * Cp; e += kThreads) {
+        const int p = e / Cp, k = e - p * Cp;
+        xs[p * L.ld_x + k] = (p < pixels && k < C_in) ? x[(q0 + p) * C_in + k] : zero_val<T>();
+      }
+    }
+    if (want_gx)
+      for (int e = tid; e < rows * L.ld_gx; e += kThreads) gxs[e] = 0.f;
+    for (int p = tid; p < pixels; p += kThreads) {
+      const int64_t q = q0 + p, n = q / HW;
+      const int hw = (int)(q - n * HW);
+      pix_n[p] = (int)n;
+      pix_h[p] = hw / (int)s.W;
+      pix_w[p] = hw - pix_h[p] * (int)s.W;
+    }
+
+    for (int c0 = 0; c0 < C_out; c0 += CB) {
+      // ---- stage W rows c0 .. c0+CB and the channels' taps and bias
+      for (int e = tid; e < CB * Cp; e += kThreads) {
+        const int c = e / Cp, k = e - c * Cp;
+        ws[c * L.ld_x + k] = (c0 + c < C_out && k < C_in) ? pw[(c0 + c) * C_in + k] : zero_val<T>();
+      }
+      load_channel_params<T>(static_cast<const T*>(a.dw_w), KK, static_cast<const T*>(a.pw_b), nullptr, C_out, c0,
+                             dws, pbs, nullptr);
+      __syncthreads();  // xs, ws, dws, pbs staged (and the previous round's readers of pre / gps are done)
+      // ---- pre[rows][CB] = x . W^T
+      block_mma<MT, true, false>(pre_s, LDM, false, xs, L.ld_x, ws, L.ld_x, rows / 16, CB / 16, Cp);
+      __syncthreads();
+      // ---- grad_pre, lane = channel; rows beyond the pixels and channels beyond C_out are zeros. pre is
+      // overwritten by mid = act(pre) (the same thread's element) for the grad_dw_weight partials below.
+      const int c = lane;
+      const bool cok = c0 + c < C_out;
+      float no_dw_partials[KM * KM];  // pixel_grad_pre<.., false> leaves it alone
+      float gpb = 0.f;
+#pragma unroll 1
+      for (int p = warp; p < rows; p += kWarps) {
+        float gp = 0.f;
+        if (p < pixels && cok) {
+          const float pre = pre_s[p * LDM + c] + pbs[c];
+          gp = pixel_grad_pre<T, K, false>(s, gy, pix_n[p], pix_h[p], pix_w[p], c0 + c, pre, dws + c,
+                                           no_dw_partials);
+          pre_s[p * LDM + c] = act_fwd(pre, (int)s.act);
+          gpb += gp;
+        }
+        gps[p * L.ld_gp + c] = from_f<T>(gp);
+      }
+      red[warp * CB + lane] = gpb;
+      __syncthreads();  // gps, mid and the warps' grad_pw_bias sums complete
+      // ---- the tile's channel partials, one thread per (channel, tap) summing the tile's pixels in order:
+      // grad_dw_weight[c][i][j] += sum_p mid[p][c] * grad_y[output pixel that tap (i, j) of p reaches][c];
+      // slot KK: grad_pw_bias[c] += the warps' sums, in warp order. Added into the block's channel slot.
+      if (want_channels) {
+        for (int e = tid; e < CB * (KK + 1); e += kThreads) {
+          const int cc = e % CB, tap = e / CB;
+          if (c0 + cc >= C_out) continue;
+          float sum = 0.f;
+          if (tap == KK) {
+#pragma unroll
+            for (int w8 = 0; w8 < kWarps; ++w8) sum += red[w8 * CB + cc];
+          } else {
+            const int i = tap / KW, j = tap - i * KW;
+            const T* __restrict__ gy_c = gy + c0 + cc;
+#pragma unroll 1
+            for (int p = 0; p < pixels; ++p) {
+              const int ohn = pix_h[p] + s.pad_top - i * s.dilation_h;
+              const int own = pix_w[p] + s.pad_left - j * s.dilation_w;
+              const int oh = ohn / s.stride_h, ow = own / s.stride_w;
+              if (ohn >= 0 && own >= 0 && oh * s.stride_h == ohn && ow * s.stride_w == own && oh < s.H_out &&
+                  ow < s.W_out)
+                sum = fmaf(pre_s[p * LDM + cc], to_f(gy_c[(((int64_t)pix_n[p] * s.H_out + oh) * s.W_out + ow) * C_out]),
+                           sum);
+            }
+          }
+          float* out = channel_slot + (int64_t)(c0 + cc) * (KK + 1) + tap;
+          *out = first ? sum : *out + sum;
+        }
+      }
+      // ---- grad_x[rows][C_in] += grad_pre . W;  slot[c0 .. c0+CB][C_in] += grad_pre^T . x
+      if (want_gx) block_mma<MT, true, true>(gxs, L.ld_gx, true, gps, L.ld_gp, ws, L.ld_x, rows / 16, Cp / 16, CB);
+      if (want_gw)
+        block_mma<MT, false, true>(gw_slot + (int64_t)c0 * Cp, Cp, !first, gps, L.ld_gp, xs, L.ld_x, CB / 16,
+                                   Cp / 16, rows);
+      __syncthreads();  // the MMAs are done with ws / gps before the next channel block restages them
+    }
+    // ---- write the tile's grad_x
+    if (want_gx) {
+      T* __restrict__ gx = static_cast<T*>(a.grad_x);
+      for (int64_t e = tid; e < (int64_t)pixels * C_in; e += kThreads) {
+        const int p = (int)(e / C_in), k = (int)(e - p * C_in);
+        gx[(q0 + p) * C_in + k] = from_f<T>(gxs[p * L.ld_gx + k]);
+      }
+    }
+    __syncthreads();  // before the next tile restages xs and zeroes gxs
   }
 }
 
@@ -804,6 +1070,20 @@ __global__ void __launch_bounds__(kThreads)
   out[l] = from_f<T>(sum);
 }
 
+// out[c][k] = sum_{s < S} part[s][c][k] over slots of slot_rows x slot_cols floats (c < C_out <= slot_rows,
+// k < C_in <= slot_cols), s ascending (deterministic): the fused backward's grad_pw_weight slots.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    reduce_slots_kernel(const float* __restrict__ part, int64_t S, int64_t C_out, int64_t C_in, int64_t slot_rows,
+                        int64_t slot_cols, T* __restrict__ out) {
+  const int64_t l = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (l >= C_out * C_in) return;
+  const int64_t c = l / C_in, k = l - c * C_in;
+  float sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) sum += part[(s * slot_rows + c) * slot_cols + k];
+  out[l] = from_f<T>(sum);
+}
+
 // part_tile[s][c][q], q < KK -> grad_dw[c][q]; q == KK -> grad_pb[c] (each written only where its pointer is
 // non-null: a gradient nobody asked for).
 template <typename T>
@@ -826,13 +1106,58 @@ __global__ void __launch_bounds__(kThreads)
 
 // workspace geometry (shared by bwd_workspace and bwd_launch so the two always agree)
 struct BwdGeom {
-  BwdTile tile;
+  BwdTile tile;       // split path
   int64_t num_tiles;  // N * tile.tiles
   int64_t splits;     // split-K count of the grad_pw_weight GEMM
   int64_t kchunk;     // pixels per split (multiple of the GEMM's BK)
-  int64_t col_rows;   // rows per grad_dw_bias partial
+  int64_t col_rows;   // rows per grad_dw_bias partial (both paths)
   int64_t col_blocks;
+  bool fused;         // the path (choose_bwd_path)
+  FusedTiles fused_tiles;  // fused path (zeros where C_in > kFusedMaxCin)
 };
+
+// The fused path's tiles: the largest of 64, 32, 16 pixels that still gives every SM a tile (the partials a block
+// rewrites per tile do not depend on the tile's size, so larger tiles move fewer bytes), and as many persistent
+// blocks as one wave holds and the partials' L2 budget allows.
+FusedTiles choose_fused_tiles(const ConvShape& s) {
+  FusedTiles f{};
+  if (s.C_in > kFusedMaxCin) return f;
+  const int64_t M = s.N * s.H * s.W;
+  f.c_in_padded = round_up((int)s.C_in, 16);
+  f.c_out_padded = (int)(ceil_div64(s.C_out, CB) * CB);
+  f.rows = 16;
+  for (int rows : {kFusedMaxRows, 32})
+    if (ceil_div64(M, rows) >= kTargetSms) {
+      f.rows = rows;
+      break;
+    }
+  f.tiles = ceil_div64(M, f.rows);
+  const int64_t slot = fused_slot_bytes(s, f);
+  int64_t blocks = (int64_t)kTargetSms * kBlocksPerSm;
+  if (blocks > kL2ResidentBytes / slot) blocks = kL2ResidentBytes / slot;
+  if (blocks > f.tiles) blocks = f.tiles;
+  f.blocks = blocks < 1 ? 1 : blocks;
+  return f;
+}
+
+// The backward's path, unless the call forces one: fused where C_in allows it, its blocks give every SM work (or as
+// much as the split tile kernel's), and it moves no more bytes beyond the byte floor than the split path: per tile,
+// its slots read and written, and read once more by the reduction, against grad_pre written and read by both GEMMs,
+// x read again and the split partials written and read (the grad_dw_bias partials are the same on both paths).
+// The Triton backward chooses by the same rule (bsconv_cuda.kernels.bsconv_u.backward_plan); both are models, for a
+// GPU run to confirm. bsconv_cuda.cuda_backend._bwd_fused restates it.
+bool choose_bwd_path(const ConvShape& s, const BwdGeom& g, int64_t itemsize) {
+  if (s.C_in > kFusedMaxCin || s.bwd_path == BwdPath::Split) return false;
+  if (s.bwd_path == BwdPath::Fused) return true;
+  const int64_t M = s.N * s.H * s.W, KK = (int64_t)s.KH * s.KW;
+  const FusedTiles& f = g.fused_tiles;
+  const int64_t fused_bytes = (2 * f.tiles + f.blocks) * fused_slot_bytes(s, f);
+  const int64_t split_partials = 4 * (g.num_tiles * s.C_out * (KK + 1) + g.splits * s.C_out * s.C_in);
+  const int64_t split_bytes = 3 * M * s.C_out * itemsize + M * s.C_in * itemsize + 2 * split_partials;
+  const int64_t split_blocks = ceil_div64(s.C_out, CB) * g.num_tiles;
+  const bool fills = f.blocks >= (split_blocks < kTargetSms ? split_blocks : kTargetSms);
+  return fills && fused_bytes <= split_bytes;
+}
 
 template <typename T>
 BwdGeom bwd_geom_t(const ConvShape& s) {
@@ -851,6 +1176,8 @@ BwdGeom bwd_geom_t(const ConvShape& s) {
   const int64_t Mo = s.N * s.H_out * s.W_out;
   g.col_rows = ceil_div64(Mo, 32768) > 1024 ? ceil_div64(Mo, 32768) : 1024;  // keeps col_blocks <= 32768
   g.col_blocks = ceil_div64(Mo, g.col_rows);
+  g.fused_tiles = choose_fused_tiles(s);
+  g.fused = choose_bwd_path(s, g, (int64_t)sizeof(T));
   return g;
 }
 
@@ -870,32 +1197,45 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   const bool vec = (s.C_in % Cfg<MT>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
   int rc;
   // a.grad_* is null for a gradient nobody asked for: its launches are skipped. grad_x, grad_pw_weight and
-  // grad_pw_bias all start from gpre; grad_dw_weight needs the tile kernel's partials; grad_dw_bias only grad_y.
+  // grad_pw_bias all start from grad_pre; grad_dw_weight needs the recomputed mid; grad_dw_bias only grad_y.
   const bool need_gpre = a.grad_x || a.grad_pw_w || a.grad_pw_b;
-  // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
-  if (need_gpre || a.grad_dw_w) {
-    const int smem = bwd_smem_bytes<MT, K>();
-    static SmemLimit limit;  // one per kernel instantiation; its shared memory does not depend on the shape
-    rc = limit.allow(bwd_tile_kernel<MT, K>, smem, smem);
-    if (rc != 0) return rc;
-    dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)g.tile.tiles, (unsigned)s.N);
-    bwd_tile_kernel<MT, K><<<grid, kThreads, smem, stream>>>(a, g.tile, vec);
-    if ((rc = (int)cudaGetLastError()) != 0) return rc;
+  if (g.fused) {
+    // 1-2. everything but grad_dw_bias in one kernel, partials per block
+    if (need_gpre || a.grad_dw_w) {
+      constexpr int taps = KSize<K>::kMax * KSize<K>::kMax;
+      const int smem = FusedSmem<MT>(g.fused_tiles.c_in_padded, g.fused_tiles.rows, taps).bytes;
+      static SmemLimit limit;  // one per kernel instantiation
+      rc = limit.allow(bwd_fused_kernel<MT, K>, smem, FusedSmem<MT>(kFusedMaxCin, kFusedMaxRows, taps).bytes);
+      if (rc != 0) return rc;
+      bwd_fused_kernel<MT, K><<<(unsigned)g.fused_tiles.blocks, kThreads, smem, stream>>>(a, g.fused_tiles, vec);
+      if ((rc = (int)cudaGetLastError()) != 0) return rc;
+    }
+  } else {
+    // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
+    if (need_gpre || a.grad_dw_w) {
+      const int smem = bwd_smem_bytes<MT, K>();
+      static SmemLimit limit;  // one per kernel instantiation; its shared memory does not depend on the shape
+      rc = limit.allow(bwd_tile_kernel<MT, K>, smem, smem);
+      if (rc != 0) return rc;
+      dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)g.tile.tiles, (unsigned)s.N);
+      bwd_tile_kernel<MT, K><<<grid, kThreads, smem, stream>>>(a, g.tile, vec);
+      if ((rc = (int)cudaGetLastError()) != 0) return rc;
+    }
+    const int64_t M = s.N * s.H * s.W;
+    const T* gpre = static_cast<const T*>(a.gpre);
+    const T* x = static_cast<const T*>(a.x);
+    const T* pw = static_cast<const T*>(a.pw_w);
+    // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in]
+    if (a.grad_x &&
+        (rc = launch_gemm<MT, false>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out, s.C_out, 1, a.grad_x,
+                                     stream)) != 0)
+      return rc;
+    // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
+    if (a.grad_pw_w &&
+        (rc = launch_gemm<MT, true>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M, g.kchunk, g.splits,
+                                    a.part_gemm, stream)) != 0)
+      return rc;
   }
-  const int64_t M = s.N * s.H * s.W;
-  const T* gpre = static_cast<const T*>(a.gpre);
-  const T* x = static_cast<const T*>(a.x);
-  const T* pw = static_cast<const T*>(a.pw_w);
-  // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in]
-  if (a.grad_x &&
-      (rc = launch_gemm<MT, false>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out, s.C_out, 1, a.grad_x,
-                                   stream)) != 0)
-    return rc;
-  // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
-  if (a.grad_pw_w &&
-      (rc = launch_gemm<MT, true>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M, g.kchunk, g.splits,
-                                  a.part_gemm, stream)) != 0)
-    return rc;
   // 3. partials of grad_dw_bias
   if (a.grad_dw_b) {
     dim3 grid((unsigned)ceil_div64(s.C_out, 32), (unsigned)g.col_blocks, 1);
@@ -907,13 +1247,19 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   if (a.grad_dw_w || a.grad_pw_b) {
     const int64_t L = s.C_out * (KK + 1);
     reduce_tile_kernel<T><<<(unsigned)ceil_div64(L, kThreads), kThreads, 0, stream>>>(
-        a.part_tile, g.num_tiles, s.C_out, KK, static_cast<T*>(a.grad_dw_w), static_cast<T*>(a.grad_pw_b));
+        a.part_tile, g.fused ? g.fused_tiles.blocks : g.num_tiles, s.C_out, KK, static_cast<T*>(a.grad_dw_w),
+        static_cast<T*>(a.grad_pw_b));
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
   if (a.grad_pw_w) {
     const int64_t Lw = s.C_out * s.C_in;
-    reduce_kernel<T><<<(unsigned)ceil_div64(Lw, kThreads), kThreads, 0, stream>>>(a.part_gemm, g.splits, Lw,
-                                                                                  static_cast<T*>(a.grad_pw_w));
+    const unsigned blocks = (unsigned)ceil_div64(Lw, kThreads);
+    if (g.fused)
+      reduce_slots_kernel<T><<<blocks, kThreads, 0, stream>>>(a.part_gemm, g.fused_tiles.blocks, s.C_out, s.C_in,
+                                                              g.fused_tiles.c_out_padded, g.fused_tiles.c_in_padded,
+                                                              static_cast<T*>(a.grad_pw_w));
+    else
+      reduce_kernel<T><<<blocks, kThreads, 0, stream>>>(a.part_gemm, g.splits, Lw, static_cast<T*>(a.grad_pw_w));
     if ((rc = (int)cudaGetLastError()) != 0) return rc;
   }
   if (a.grad_dw_b) {
@@ -987,9 +1333,10 @@ int bwd_launch(const BwdArgs& a, void* stream) {
 BwdWorkspace bwd_workspace(const ConvShape& s) {
   const BwdGeom g = bwd_geom(s);
   BwdWorkspace w;
-  w.gpre_elems = s.N * s.H * s.W * s.C_out;
-  w.part_tile_elems = g.num_tiles * s.C_out * (int64_t)(s.KH * s.KW + 1);
-  w.part_gemm_elems = g.splits * s.C_out * s.C_in;
+  const FusedTiles& f = g.fused_tiles;
+  w.gpre_elems = g.fused ? 0 : s.N * s.H * s.W * s.C_out;
+  w.part_tile_elems = (g.fused ? f.blocks : g.num_tiles) * s.C_out * (int64_t)(s.KH * s.KW + 1);
+  w.part_gemm_elems = g.fused ? f.blocks * f.c_out_padded * f.c_in_padded : g.splits * s.C_out * s.C_in;
   w.part_col_elems = g.col_blocks * s.C_out;
   return w;
 }
@@ -1005,6 +1352,10 @@ TilePlan tile_plan(const ConvShape& s) {
   p.bwd_TH = g.tile.TH; p.bwd_TW = g.tile.TW; p.bwd_tiles = g.tile.tiles;
   p.splits = g.splits; p.kchunk = g.kchunk; p.col_blocks = g.col_blocks;
   p.gemm_block_n = gemm_block_n(s.C_in);
+  p.bwd_fused = g.fused;
+  p.fused_rows = g.fused_tiles.rows;
+  p.fused_tiles = g.fused_tiles.tiles;
+  p.fused_blocks = g.fused_tiles.blocks;
   return p;
 }
 

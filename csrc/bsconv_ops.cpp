@@ -88,6 +88,23 @@ bsconv::DType to_dtype(ScalarType t, const char* op) {
   return bsconv::DType::Float32;
 }
 
+// The backward's path: "auto" (the kernels' traffic model), "fused" or "split" (forced: tests and benchmarks).
+// Returns false for any other name.
+bool to_bwd_path(const std::string& name, bsconv::BwdPath* path) {
+  if (name == "auto") *path = bsconv::BwdPath::Auto;
+  else if (name == "fused") *path = bsconv::BwdPath::Fused;
+  else if (name == "split") *path = bsconv::BwdPath::Split;
+  else return false;
+  return true;
+}
+
+// Why a forced path cannot run this call, or nullptr.
+const char* bwd_path_reason(const bsconv::ConvShape& s) {
+  if (s.bwd_path == bsconv::BwdPath::Fused && s.C_in > bsconv::kFusedMaxCin)
+    return "the fused backward keeps all input channels of a tile in shared memory: C_in > FUSED_MAX_CIN";
+  return nullptr;
+}
+
 bsconv::Act to_act(const std::string& a, const char* op) {
   if (a == "none") return bsconv::Act::None;
   if (a == "relu") return bsconv::Act::ReLU;
@@ -195,6 +212,7 @@ Checked check_args(const Tensor& x, const Tensor& pw_weight, const std::optional
   STD_TORCH_CHECK(s.H_out >= 1 && s.W_out >= 1, op, ": the (padded) input is smaller than the dilated kernel");
   s.act = to_act(activation, op);
   s.tf32 = allow_tf32 && s.dtype == bsconv::DType::Float32;
+  s.bwd_path = bsconv::BwdPath::Auto;  // the backward's caller may force one
   c.pw_w = torch::stable::contiguous(pw_weight);
   c.dw_w = torch::stable::contiguous(dw_weight);
   if (pw_bias.has_value()) c.pw_b = torch::stable::contiguous(*pw_bias);
@@ -274,12 +292,18 @@ Tensor cuda_forward(Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, T
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
     Tensor grad_y, Tensor x, Tensor pw_weight, std::optional<Tensor> pw_bias, Tensor dw_weight,
     std::optional<Tensor> dw_bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
-    std::vector<int64_t> dilation, std::string activation, std::vector<bool> output_mask, bool allow_tf32) {
+    std::vector<int64_t> dilation, std::string activation, std::vector<bool> output_mask, bool allow_tf32,
+    std::string backward_path) {
   const char* op = "bsconv_cuda::cuda_backward";
   STD_TORCH_CHECK(output_mask.size() == 5, op, ": output_mask must hold 5 bools (grad_x, grad_pw_weight, "
                   "grad_pw_bias, grad_dw_weight, grad_dw_bias), got ", output_mask.size());
   Checked c = check_args(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation, activation,
                          allow_tf32, op);
+  STD_TORCH_CHECK(to_bwd_path(backward_path, &c.s.bwd_path), op,
+                  ": backward_path must be one of auto, fused, split; got '", backward_path, "'");
+  const char* path_why = bwd_path_reason(c.s);
+  STD_TORCH_CHECK(path_why == nullptr, op, ": backward_path='fused': ", (path_why ? path_why : ""), " = ",
+                  bsconv::kFusedMaxCin, " (got C_in = ", c.s.C_in, ")");
   const bsconv::ConvShape& s = c.s;
   check_same(grad_y, x, "grad_y", op);
   STD_TORCH_CHECK(grad_y.dim() == 4 && grad_y.size(0) == s.N && grad_y.size(1) == s.C_out &&
@@ -348,14 +372,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_backward(
 // namespace, and only one DEF library per namespace is allowed. This is the only place the schema is written.
 STABLE_TORCH_LIBRARY_FRAGMENT(bsconv_cuda, m) {
   // allow_tf32: float32 matrix stages on TF32 tensor cores (bsconv_cuda.ops passes torch's switch for fp32
-  // convolutions, bsconv_cuda.backends.fp32_uses_tf32(), as the Triton backend and cuDNN follow it)
+  // convolutions, bsconv_cuda.backends.fp32_uses_tf32(), as the Triton backend and cuDNN follow it).
+  // backward_path: "auto", or "fused" / "split" to force one (bsconv_cuda.cuda_backend.force_backward_path).
   m.def(
       "cuda_forward(Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, Tensor? dw_bias, "
       "int[] stride, int[] padding, int[] dilation, str activation, bool allow_tf32=False) -> Tensor");
   m.def(
       "cuda_backward(Tensor grad_y, Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, "
       "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, "
-      "bool[] output_mask=[True, True, True, True, True], bool allow_tf32=False) "
+      "bool[] output_mask=[True, True, True, True, True], bool allow_tf32=False, str backward_path=\"auto\") "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
@@ -368,8 +393,9 @@ STABLE_TORCH_LIBRARY_IMPL(bsconv_cuda, CUDA, m) {
 // bsconv_cuda.cuda_backend asks these (and reads the limits below) instead of keeping its own copy of them.
 namespace {
 
-// Parses (n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype name[, tf32]) into a
-// shape (tf32: float32 on TF32 tensor cores, which the forward's tile choice weighs).
+// Parses (n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype name[, tf32[,
+// backward_path]]) into a shape (tf32: float32 on TF32 tensor cores, which the forward's tile choice weighs;
+// backward_path: "auto", "fused" or "split", as the op takes it).
 // Returns false with a Python exception set on malformed arguments; otherwise *why is nullptr, or why the kernels
 // cannot run the call (then `s` is complete only when the reason came from supported_reason).
 bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
@@ -377,9 +403,10 @@ bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
   int64_t stride[2], padding[4], dilation[2];
   long long st[2], pad[4], dil[2];
   const char* dtype = nullptr;
+  const char* path = "auto";
   int tf32 = 0;
-  if (!PyArg_ParseTuple(args, "LLLLLLL(LL)(LLLL)(LL)s|p", &n, &c_in, &c_out, &h, &w, &kh, &kw, &st[0], &st[1],
-                        &pad[0], &pad[1], &pad[2], &pad[3], &dil[0], &dil[1], &dtype, &tf32))
+  if (!PyArg_ParseTuple(args, "LLLLLLL(LL)(LLLL)(LL)s|ps", &n, &c_in, &c_out, &h, &w, &kh, &kw, &st[0], &st[1],
+                        &pad[0], &pad[1], &pad[2], &pad[3], &dil[0], &dil[1], &dtype, &tf32, &path))
     return false;
   for (int i = 0; i < 2; ++i) stride[i] = st[i], dilation[i] = dil[i];
   for (int i = 0; i < 4; ++i) padding[i] = pad[i];
@@ -389,6 +416,10 @@ bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
     if (std::string(dtype) == d.name) s->dtype = d.dtype, *why = nullptr;
   if (*why != nullptr) return true;
   s->tf32 = tf32 && s->dtype == bsconv::DType::Float32;
+  if (!to_bwd_path(path, &s->bwd_path)) {
+    PyErr_Format(PyExc_ValueError, "backward_path must be one of auto, fused, split; got '%s'", path);
+    return false;
+  }
   if ((*why = conv_params_reason(stride, padding, dilation)) != nullptr) return true;
   s->N = n;
   s->C_in = c_in;
@@ -396,7 +427,7 @@ bool parse_shape(PyObject* args, bsconv::ConvShape* s, const char** why) {
   s->H = h;
   s->W = w;
   set_geometry(s, kh, kw, stride, padding, dilation);
-  *why = bsconv::supported_reason(*s);
+  if ((*why = bsconv::supported_reason(*s)) == nullptr) *why = bwd_path_reason(*s);
   return true;
 }
 
@@ -417,10 +448,12 @@ PyObject* py_tile_plan(PyObject*, PyObject* args) {
     return nullptr;
   }
   const bsconv::TilePlan p = bsconv::tile_plan(s);
-  return Py_BuildValue("{s:(iiii),s:L,s:(ii),s:L,s:L,s:L,s:i,s:L}", "fwd_tile", p.fwd_TH, p.fwd_TW, p.fwd_IH,
-                       p.fwd_IW, "fwd_tiles", (long long)p.fwd_tiles, "bwd_tile", p.bwd_TH, p.bwd_TW, "bwd_tiles",
-                       (long long)p.bwd_tiles, "splits", (long long)p.splits, "kchunk", (long long)p.kchunk,
-                       "gemm_block_n", p.gemm_block_n, "col_blocks", (long long)p.col_blocks);
+  return Py_BuildValue("{s:(iiii),s:L,s:(ii),s:L,s:L,s:L,s:i,s:L,s:s,s:i,s:L,s:L}", "fwd_tile", p.fwd_TH, p.fwd_TW,
+                       p.fwd_IH, p.fwd_IW, "fwd_tiles", (long long)p.fwd_tiles, "bwd_tile", p.bwd_TH, p.bwd_TW,
+                       "bwd_tiles", (long long)p.bwd_tiles, "splits", (long long)p.splits, "kchunk",
+                       (long long)p.kchunk, "gemm_block_n", p.gemm_block_n, "col_blocks", (long long)p.col_blocks,
+                       "bwd_path", p.bwd_fused ? "fused" : "split", "fused_rows", p.fused_rows, "fused_tiles",
+                       (long long)p.fused_tiles, "fused_blocks", (long long)p.fused_blocks);
 }
 
 PyMethodDef bsconv_methods[] = {
@@ -428,10 +461,12 @@ PyMethodDef bsconv_methods[] = {
      "unsupported_reason(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype)\n"
      "None when the CUDA kernels run this call (dtype: 'float32', 'float16' or 'bfloat16'), else why not."},
     {"tile_plan", py_tile_plan, METH_VARARGS,
-     "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype, tf32=False)\n"
+     "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype, tf32=False, "
+     "backward_path='auto')\n"
      "The tiles and GEMM splits the kernels launch for this call, as a dict: fwd_tile (TH, TW, IH, IW), fwd_tiles "
-     "(per image), bwd_tile (TH, TW), bwd_tiles (per image), splits, kchunk, gemm_block_n, col_blocks. ValueError "
-     "for a call unsupported_reason refuses."},
+     "(per image), bwd_tile (TH, TW), bwd_tiles (per image), splits, kchunk, gemm_block_n, col_blocks (the split "
+     "backward), bwd_path ('fused' or 'split'), fused_rows, fused_tiles, fused_blocks (the fused backward). "
+     "ValueError for a call unsupported_reason refuses, or a forced path that cannot run it."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -466,7 +501,9 @@ int add_limits(PyObject* m) {
       add_float(m, "FWD_MAX_MMA_RATIO", bsconv::kFwdMaxMmaRatio) < 0 ||
       PyModule_AddIntConstant(m, "DEPTHWISE_COST_HALF", bsconv::kDepthwiseCostHalf) < 0 ||
       PyModule_AddIntConstant(m, "DEPTHWISE_COST_TF32", bsconv::kDepthwiseCostTf32) < 0 ||
-      PyModule_AddIntConstant(m, "DEPTHWISE_COST_FMA", bsconv::kDepthwiseCostFma) < 0)
+      PyModule_AddIntConstant(m, "DEPTHWISE_COST_FMA", bsconv::kDepthwiseCostFma) < 0 ||
+      PyModule_AddIntConstant(m, "FUSED_MAX_CIN", bsconv::kFusedMaxCin) < 0 ||
+      PyModule_AddIntConstant(m, "L2_RESIDENT_BYTES", (long)bsconv::kL2ResidentBytes) < 0)
     return -1;
   return 0;
 }
@@ -479,7 +516,8 @@ static PyModuleDef bsconv_module = {
     "Compiled CUDA kernels of bsconv_cuda; importing this module registers bsconv_cuda::cuda_forward and "
     "bsconv_cuda::cuda_backward with torch. It also exports the kernels' limits (MAX_KERNEL_SIZE, MAX_TILE_PIXELS, "
     "MAX_STRIDE_OR_DILATION, MAX_PADDING, MAX_GRID_YZ, MAX_SPATIAL_SIZE, SUPPORTED_DTYPES), the forward tile choice's "
-    "cost model (TARGET_SMS, BLOCKS_PER_SM, FWD_MAX_MMA_RATIO, DEPTHWISE_COST_*), their feasibility check "
+    "cost model (TARGET_SMS, BLOCKS_PER_SM, FWD_MAX_MMA_RATIO, DEPTHWISE_COST_*), the fused backward's limits "
+    "(FUSED_MAX_CIN, L2_RESIDENT_BYTES), their feasibility check "
     "(unsupported_reason) and their tile plan (tile_plan); these need no GPU.",
     -1,
     bsconv_methods,

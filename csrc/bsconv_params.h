@@ -28,6 +28,12 @@ constexpr double kFwdMaxMmaRatio = 3.0;  // forward MMA multiply-adds over the p
 // Tensor-core multiply-adds per depthwise FMA in the forward tile cost (H100 peak rates: bf16 / fp16 dense
 // 495 T MAC/s, TF32 247 T, fp32 FMA 33.5 T; an FMA matrix stage: 1). Model weights, not measurements.
 constexpr int kDepthwiseCostHalf = 16, kDepthwiseCostTf32 = 8, kDepthwiseCostFma = 1;
+// A transient buffer up to half of the 50 MB L2 of an H100 / H200 is modeled to stay in L2: the fused backward's
+// weight-gradient partials are bounded by it (bsconv_cuda.plan.L2_RESIDENT_BYTES).
+constexpr int64_t kL2ResidentBytes = int64_t(24) << 20;
+// The fused backward keeps x and grad_x of all input channels of a tile in shared memory up to this many channels;
+// wider layers take the split backward (bwd_tile_kernel writes grad_pre, two GEMMs read it).
+constexpr int kFusedMaxCin = 128;
 
 // Output size along one axis, as torch's convolution gives it (bsconv_cuda.reference.output_size on the Python
 // side); 0 when the padded input is smaller than the dilated kernel.
@@ -37,6 +43,8 @@ inline int64_t conv_output_size(int64_t in, int64_t pad_lo, int64_t pad_hi, int6
   return span < 0 ? 0 : span / stride + 1;
 }
 enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
+// The backward's path: Auto = chosen by the traffic model (choose_bwd_path); Fused / Split: forced (tests, benchmarks).
+enum class BwdPath : int { Auto = 0, Fused = 1, Split = 2 };
 
 // Shapes and hyper-parameters of one BSConv-U call. All tensors handed to the kernels are channels_last
 // (NHWC-contiguous) copies or views: x (N, H, W, C_in), y / grad_y (N, H_out, W_out, C_out), grad_x like x.
@@ -50,6 +58,7 @@ struct ConvShape {
   Act act;
   DType dtype;
   bool tf32;  // Float32 only: the matrix stages on TF32 tensor cores (torch allows TF32 for fp32 convolutions)
+  BwdPath bwd_path;  // the backward only
 };
 
 struct FwdArgs {
@@ -76,9 +85,10 @@ struct BwdArgs {
   void* grad_dw_w;   // (C_out, KH*KW), input dtype
   void* grad_dw_b;   // (C_out,), input dtype
   // scratch, allocated by the host with the sizes that bwd_workspace() reports
-  void* gpre;        // (N*H*W, C_out), input dtype: d loss / d (pre-activation mid)
-  float* part_tile;  // (num_tiles, C_out, KH*KW + 1) fp32 per-tile partials of grad_dw_w and grad_pw_b
-  float* part_gemm;  // (splits, C_out, C_in) fp32 split-K partials of grad_pw_w
+  void* gpre;        // split path: (N*H*W, C_out), input dtype: d loss / d (pre-activation mid)
+  float* part_tile;  // (tiles or fused blocks, C_out, KH*KW + 1) fp32 partials of grad_dw_w and grad_pw_b
+  float* part_gemm;  // split: (splits, C_out, C_in) split-K partials of grad_pw_w; fused: (blocks,
+                     // C_out rounded up to 32, C_in rounded up to 16) per-block slots; fp32
   float* part_col;   // (row_blocks, C_out) fp32 partials of grad_dw_b
 };
 
@@ -93,10 +103,13 @@ struct TilePlan {
   int64_t splits, kchunk;              // split-K count and pixels per split of the grad_pw_weight GEMM
   int gemm_block_n;                    // columns (input channels) of both backward GEMMs' blocks
   int64_t col_blocks;                  // row blocks of the grad_dw_bias partials
+  bool bwd_fused;                      // the backward's path: fused (no grad_pre) or split
+  int fused_rows;                      // fused path: mid pixels per tile ...
+  int64_t fused_tiles, fused_blocks;   // ... tiles over N*H*W, and persistent blocks (one slot of partials each)
 };
 
 struct BwdWorkspace {
-  int64_t gpre_elems;       // elements of the input dtype
+  int64_t gpre_elems;       // elements of the input dtype (0 on the fused path)
   int64_t part_tile_elems;  // floats
   int64_t part_gemm_elems;  // floats
   int64_t part_col_elems;   // floats
