@@ -19,6 +19,7 @@ result copied back.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import sys
@@ -27,8 +28,8 @@ from typing import Sequence
 import torch
 
 from . import reference
-from .plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, TARGET_SMS, Launch, Plan, dram_bytes,
-                   halo_read_factor)
+from .plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDENT_BYTES, TARGET_SMS, Launch, Plan,
+                   dram_bytes, halo_read_factor)
 
 # The limits of the CUDA kernels. Their home is csrc/bsconv_params.h; the compiled module exports them
 # (``_C.MAX_TILE_PIXELS``, ...) and tests/test_cuda_extension.py checks these copies against that export wherever it
@@ -42,6 +43,32 @@ MAX_PADDING = 4096
 MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z: batch, tiles per image, input-channel blocks
 MAX_SPATIAL_SIZE = 1 << 24  # H, W, H_out, W_out
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FUSED_MAX_CIN = 128  # input channels the fused backward keeps on chip per tile (kFusedMaxCin)
+
+# The backward's paths (csrc/bsconv_kernels.cu): "fused" (bwd_fused_kernel, nothing of mid's size written) or
+# "split" (bwd_tile_kernel writes grad_pre, two GEMMs read it); "auto" lets the kernels' traffic model choose.
+BACKWARD_PATHS = ("auto", "fused", "split")
+_forced_backward_path = "auto"
+
+
+@contextlib.contextmanager
+def force_backward_path(path: str):
+    """Runs the CUDA backward on ``path`` (one of :data:`BACKWARD_PATHS`) inside the block, so that tests and
+    benchmarks can run both paths on one shape. The fused path takes at most :data:`FUSED_MAX_CIN` input channels (the
+    op raises for wider layers)."""
+    global _forced_backward_path
+    if path not in BACKWARD_PATHS:
+        raise ValueError(f"force_backward_path: path must be one of {BACKWARD_PATHS}, got {path!r}")
+    saved, _forced_backward_path = _forced_backward_path, path
+    try:
+        yield
+    finally:
+        _forced_backward_path = saved
+
+
+def forced_backward_path() -> str:
+    """The path :func:`force_backward_path` set ("auto" outside it): what :mod:`bsconv_cuda.ops` passes the op."""
+    return _forced_backward_path
 
 
 def _module():
@@ -242,11 +269,32 @@ def _bwd_tile(h: int, w: int) -> tuple[int, int, int]:
     return th, tw, math.ceil(h / th) * math.ceil(w / tw)
 
 
-def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype, tf32=False):
+def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int):
+    """(rows, C_in padded, C_out padded, tiles, blocks) of the fused backward (choose_fused_tiles in csrc): tiles of
+    the largest of 64, 32, 16 pixels that still gives every SM one, and as many persistent blocks as one wave holds
+    and the partials' L2 budget allows; None where C_in > FUSED_MAX_CIN."""
+    if c_in > FUSED_MAX_CIN:
+        return None
+    m = n * h * w
+    rows = next((r for r in (64, 32) if math.ceil(m / r) >= TARGET_SMS), 16)
+    tiles = math.ceil(m / rows)
+    c_in_padded, c_out_padded = _round_up(c_in, 16), _round_up(c_out, _CB)
+    slot = _fused_slot_bytes(c_in_padded, c_out_padded, c_out, taps)
+    blocks = max(1, min(TARGET_SMS * BLOCKS_PER_SM, L2_RESIDENT_BYTES // slot, tiles))
+    return rows, c_in_padded, c_out_padded, tiles, blocks
+
+
+def _fused_slot_bytes(c_in_padded: int, c_out_padded: int, c_out: int, taps: int) -> int:
+    """One fused block's fp32 partials: its grad_pw_weight slot and its grad_dw_weight | grad_pw_bias slot."""
+    return 4 * (c_out_padded * c_in_padded + c_out * (taps + 1))
+
+
+def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype, tf32=False,
+              backward_path="auto"):
     """The forward and backward :class:`bsconv_cuda.plan.Plan` of the CUDA kernels for one call (grids and the
     multiply-adds of their MMA / FMA loops, from the tile plan of ``csrc/bsconv_kernels.cu``). padding: (top,
-    bottom, left, right); dtype: a torch dtype; tf32: float32 on TF32 tensor cores. Pure arithmetic: needs neither
-    the extension nor a GPU."""
+    bottom, left, right); dtype: a torch dtype; tf32: float32 on TF32 tensor cores; backward_path: one of
+    :data:`BACKWARD_PATHS`. Pure arithmetic: needs neither the extension nor a GPU."""
     kh, kw = kernel_size
     itemsize = torch.empty((), dtype=dtype).element_size()
     kc = 16 if dtype == torch.float32 else 32  # KC and the GEMM's BK
@@ -271,26 +319,53 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     m_out = n * h_out * w_out
     col_rows = max(math.ceil(m_out / 32768), 1024)
     col_blocks = math.ceil(m_out / col_rows)
+    colsum = Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)
+    col_bytes = 4 * col_blocks * c_out
+    fused_tiles = _fused_tiles(n, c_in, c_out, h, w, kh * kw)
+    if backward_path == "fused" and fused_tiles is None:
+        raise ValueError(f"the fused backward takes at most {FUSED_MAX_CIN} input channels, got {c_in}")
+    if backward_path not in BACKWARD_PATHS:
+        raise ValueError(f"backward_path must be one of {BACKWARD_PATHS}, got {backward_path!r}")
+
     gw_k = (splits - 1) * kchunk + _round_up(m - (splits - 1) * kchunk, kc)  # each split's K loop, padded to BK
     gemm_mn = math.ceil(m / _GEMM_BLOCK_M), math.ceil(c_in / block_n)
     gpre = m * c_out * itemsize
-    partial = 4 * (n * b_tiles * c_out * (kh * kw + 1) + splits * c_out * c_in + col_blocks * c_out)
-    bwd = Plan(path="cuda", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc, GEMM_N=block_n),
-               launches=(Launch("bwd_tile_kernel", (n_cb, b_tiles, n),
-                                n * b_tiles * n_cb * _round_up(bth * btw, 16) * _CB * _round_up(c_in, kc)),
-                         Launch("gemm_kernel<grad_x>", gemm_mn,
-                                gemm_mn[0] * gemm_mn[1] * _GEMM_BLOCK_M * block_n * _round_up(c_out, kc)),
-                         Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK_M), gemm_mn[1], splits),
-                                mn_tiles * _GEMM_BLOCK_M * block_n * gw_k),
-                         Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)),
-               params=dict(splits=splits, kchunk=kchunk),
-               # gpre written, read by both GEMMs; x read again by the grad_pw GEMM; partials written once and
-               # read by the reductions
-               extra_traffic_bytes=3 * gpre + m * c_in * itemsize + 2 * partial,
-               extra_hbm_bytes=dram_bytes(gpre, 3) + dram_bytes(m * c_in * itemsize, 1) + dram_bytes(partial, 2),
-               partial_bytes=partial,
-               scratch_bytes=gpre)
-    return fwd, bwd
+    split_partials = 4 * (n * b_tiles * c_out * (kh * kw + 1) + splits * c_out * c_in)
+    split = Plan(path="split", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc, GEMM_N=block_n),
+                 launches=(Launch("bwd_tile_kernel", (n_cb, b_tiles, n),
+                                  n * b_tiles * n_cb * _round_up(bth * btw, 16) * _CB * _round_up(c_in, kc)),
+                           Launch("gemm_kernel<grad_x>", gemm_mn,
+                                  gemm_mn[0] * gemm_mn[1] * _GEMM_BLOCK_M * block_n * _round_up(c_out, kc)),
+                           Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK_M), gemm_mn[1], splits),
+                                  mn_tiles * _GEMM_BLOCK_M * block_n * gw_k),
+                           colsum),
+                 params=dict(splits=splits, kchunk=kchunk),
+                 # gpre written, read by both GEMMs; x read again by the grad_pw GEMM; partials written once and
+                 # read by the reductions
+                 extra_traffic_bytes=3 * gpre + m * c_in * itemsize + 2 * (split_partials + col_bytes),
+                 extra_hbm_bytes=(dram_bytes(gpre, 3) + dram_bytes(m * c_in * itemsize, 1)
+                                  + dram_bytes(split_partials + col_bytes, 2)),
+                 partial_bytes=split_partials + col_bytes,
+                 scratch_bytes=gpre)
+    if fused_tiles is None or backward_path == "split":
+        return fwd, split
+    rows, c_in_padded, c_out_padded, f_tiles, blocks = fused_tiles
+    slots = blocks * _fused_slot_bytes(c_in_padded, c_out_padded, c_out, kh * kw)
+    fused = Plan(path="fused", blocks=dict(rows=rows, CB=_CB, c_in_padded=c_in_padded),
+                 # per (tile, C_out block): the recompute, grad_x's and grad_pw's MMAs
+                 launches=(Launch("bwd_fused_kernel", (blocks,), 3 * f_tiles * n_cb * rows * _CB * c_in_padded,
+                                  finest=math.ceil(m / 16)),
+                           colsum),
+                 params=dict(tiles=f_tiles, blocks=blocks),
+                 # every tile reads and writes its block's slots, the reduction reads them once
+                 extra_traffic_bytes=(2 * f_tiles + blocks) * (slots // blocks) + 2 * col_bytes,
+                 extra_hbm_bytes=dram_bytes(slots + col_bytes, 2),
+                 partial_bytes=slots + col_bytes)
+    if backward_path == "fused":
+        return fwd, fused
+    # choose_bwd_path in csrc: the same rule as the Triton backward's (bsconv_cuda.kernels.bsconv_u.backward_plan)
+    fills = blocks >= min(TARGET_SMS, n_cb * n * b_tiles)
+    return fwd, fused if fills and fused.extra_traffic_bytes <= split.extra_traffic_bytes else split
 
 
 def unsupported_reason(

@@ -17,10 +17,12 @@ nothing in backward.
 - ``triton``: ``torch.library.triton_op`` over :mod:`bsconv_cuda.kernels.bsconv_u`, so that ``torch.compile`` sees
   the Triton kernels themselves (on GPU; under Triton's interpreter it can only run them eagerly).
 - ``cuda``: defined and implemented in C++ (``csrc/``, loaded as ``bsconv_cuda._C``), with one more argument,
-  ``bool allow_tf32=False`` (and in C++ ``output_mask`` defaults to all five); here they get their fakes and ``custom_op`` wrappers
+  ``bool allow_tf32=False``, and in the backward another, ``str backward_path="auto"`` (and in C++ ``output_mask``
+  defaults to all five); here they get their fakes and ``custom_op`` wrappers
   (``bsconv_cuda::cuda_with_tf32_switch_forward/_backward``, the schema above) that pass torch's TF32 switch for
   fp32 convolutions (:func:`bsconv_cuda.backends.fp32_uses_tf32`), which the Triton launchers read themselves, so
-  fp32 precision does not depend on which backend ``auto`` picked.
+  fp32 precision does not depend on which backend ``auto`` picked, and the path that
+  :func:`bsconv_cuda.cuda_backend.force_backward_path` forces (tests and benchmarks).
 
 Separate operators per backend (rather than one operator with a backend argument) keep each registration in its
 own mechanism and let the backend be chosen once, in :func:`bsconv_cuda.bsconv_u`, before anything is traced.
@@ -33,7 +35,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, cuda_backend, reference
 
 Launcher = Callable[..., object]
 
@@ -100,7 +102,7 @@ if backends.extension_load_error() is None:
     def _cuda_forward_fake(*args, allow_tf32=False):
         return _forward_fake(*args[:9])
 
-    def _cuda_backward_fake(*args, output_mask=reference.ALL_GRADIENTS, allow_tf32=False):
+    def _cuda_backward_fake(*args, output_mask=reference.ALL_GRADIENTS, allow_tf32=False, backward_path="auto"):
         return _backward_fake(*args[:10], args[10] if len(args) > 10 else output_mask)
 
     torch.library.register_fake("bsconv_cuda::cuda_forward")(_cuda_forward_fake)
@@ -110,7 +112,8 @@ if backends.extension_load_error() is None:
         return torch.ops.bsconv_cuda.cuda_forward.default(*args, backends.fp32_uses_tf32())
 
     def _cuda_backward(*args):
-        return torch.ops.bsconv_cuda.cuda_backward.default(*args, backends.fp32_uses_tf32())
+        return torch.ops.bsconv_cuda.cuda_backward.default(*args, backends.fp32_uses_tf32(),
+                                                           cuda_backend.forced_backward_path())
 
     # The C++ operators behind custom operators that read torch's TF32 switch when the call runs: read in traced
     # code, the flag lookups break torch.compile's graph.

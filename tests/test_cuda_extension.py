@@ -36,7 +36,7 @@ FORWARD_SCHEMA = (
 BACKWARD_SCHEMA = (
     "bsconv_cuda::cuda_backward(Tensor grad_y, Tensor x, Tensor pw_weight, Tensor? pw_bias, Tensor dw_weight, "
     "Tensor? dw_bias, int[] stride, int[] padding, int[] dilation, str activation, "
-    "bool[] output_mask=[True, True, True, True, True], bool allow_tf32=False) "
+    "bool[] output_mask=[True, True, True, True, True], bool allow_tf32=False, str backward_path=\"auto\") "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -158,6 +158,8 @@ def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
                                                                           plan.FWD_MAX_DOT_RATIO)
     assert (ext.DEPTHWISE_COST_HALF, ext.DEPTHWISE_COST_TF32, ext.DEPTHWISE_COST_FMA) == tuple(
         plan.DEPTHWISE_COST[kind] for kind in ("tc", "tf32", "fma"))
+    # the fused backward's limits
+    assert (ext.FUSED_MAX_CIN, ext.L2_RESIDENT_BYTES) == (cuda_backend.FUSED_MAX_CIN, plan.L2_RESIDENT_BYTES)
 
 
 # (n, c_in, h, w, (kh, kw), stride, padding, dilation): inside every limit, on each limit and one past it
@@ -222,8 +224,8 @@ def test_python_feasibility_check_agrees_with_the_compiled_one(ext, dtype):
 
 def test_work_plan_model_matches_the_compiled_tile_plan(ext):
     """cuda_backend.work_plan models the tile plan of csrc (kernel_report accounts work where _C cannot load);
-    _C.tile_plan is what the launches use."""
-    checked = 0
+    _C.tile_plan is what the launches use. The backward's path as the model chooses it and both forced paths."""
+    checked, paths = 0, {"fused": 0, "split": 0}
     for n, c_in, h, w, kernel_size, stride, padding, dilation in _FEASIBILITY_CASES + _TILE_CHOICE_CASES:
         for c_out, dtype, tf32 in ((8, torch.float16, False), (64, torch.float32, True),
                                    (64, torch.float32, False), (1000, torch.bfloat16, False)):
@@ -233,20 +235,36 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
                 continue
             tiles = ext.tile_plan(*args, tf32)
             h_out, w_out = reference.output_size(h, w, kernel_size, stride, padding, dilation)
-            fwd, bwd = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding,
-                                              dilation, dtype, tf32)
-            launches = {launch.kernel: launch for launch in fwd.launches + bwd.launches}
+            conv = (n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype, tf32)
+            fwd, bwd = cuda_backend.work_plan(*conv)
+            _, split = cuda_backend.work_plan(*conv, backward_path="split")
+            launches = {launch.kernel: launch for launch in fwd.launches + split.launches}
             assert (fwd.blocks["TH"], fwd.blocks["TW"]) == tiles["fwd_tile"][:2], (args, tf32)
             assert launches["fwd_kernel"].grid[1] == tiles["fwd_tiles"], args
-            assert (bwd.blocks["TH"], bwd.blocks["TW"]) == tiles["bwd_tile"], args
+            assert (split.blocks["TH"], split.blocks["TW"]) == tiles["bwd_tile"], args
             assert launches["bwd_tile_kernel"].grid[1] == tiles["bwd_tiles"], args
-            assert (bwd.params["splits"], bwd.params["kchunk"]) == (tiles["splits"], tiles["kchunk"]), args
-            assert bwd.blocks["GEMM_N"] == tiles["gemm_block_n"], args
+            assert (split.params["splits"], split.params["kchunk"]) == (tiles["splits"], tiles["kchunk"]), args
+            assert split.blocks["GEMM_N"] == tiles["gemm_block_n"], args
             assert launches["colsum_kernel"].grid[1] == tiles["col_blocks"], args
+            assert bwd.path == tiles["bwd_path"], args
+            paths[bwd.path] += 1
+            if c_in <= cuda_backend.FUSED_MAX_CIN:
+                _, fused = cuda_backend.work_plan(*conv, backward_path="fused")
+                forced = ext.tile_plan(*args, tf32, "fused")
+                assert forced["bwd_path"] == "fused" and ext.tile_plan(*args, tf32, "split")["bwd_path"] == "split"
+                assert ((fused.blocks["rows"], fused.params["tiles"], fused.params["blocks"])
+                        == (forced["fused_rows"], forced["fused_tiles"], forced["fused_blocks"])), args
+                assert fused.launches[0].grid == (forced["fused_blocks"],)
+            else:
+                with pytest.raises(ValueError, match="FUSED_MAX_CIN"):
+                    ext.tile_plan(*args, tf32, "fused")
             checked += 1
     assert checked >= 60  # the supported cases of both grids (68), in four dtype / TF32 settings and widths
+    assert min(paths.values()) >= 10, paths  # the model takes both paths on these layers
     with pytest.raises(ValueError, match="footprint|shared memory"):
         ext.tile_plan(1, 4, 8, 64, 64, 7, 7, (1, 1), (12, 12, 12, 12), (4, 4), "float16")
+    with pytest.raises(ValueError, match="backward_path"):
+        ext.tile_plan(1, 4, 8, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "float16", False, "fast")
 
 
 def test_python_restatement_agrees_on_random_calls(ext):
@@ -255,7 +273,7 @@ def test_python_restatement_agrees_on_random_calls(ext):
     tile plan equal the compiled ones."""
     rng = random.Random(1)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    supported = 0
+    supported = fused_paths = 0
     for _ in range(4000):
         n = rng.choice([1, 1, 2, 3, 8, 32, 64, 128, 1000, 65535])
         c_in = rng.choice([1, 3, 16, 31, 32, 33, 64, 100, 1024])
@@ -279,8 +297,17 @@ def test_python_restatement_agrees_on_random_calls(ext):
         assert fwd == (*tiles["fwd_tile"], tiles["fwd_tiles"]), (args, tf32)
         assert cuda_backend._bwd_tile(h, w) == (*tiles["bwd_tile"], tiles["bwd_tiles"]), args
         assert cuda_backend._gemm_block_n(c_in) == tiles["gemm_block_n"], args
+        fused = cuda_backend._fused_tiles(n, c_in, c_out, h, w, kernel_size[0] * kernel_size[1])
+        if fused is not None:
+            assert (fused[0], fused[3], fused[4]) == (tiles["fused_rows"], tiles["fused_tiles"],
+                                                      tiles["fused_blocks"]), args
         supported += 1
-    assert supported >= 1500
+        if max(h, w) <= 5000:  # (work_plan's halo count walks the tile rows and columns)
+            _, bwd = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding,
+                                            dilation, dtype, tf32)
+            assert bwd.path == tiles["bwd_path"], (args, tf32)
+            fused_paths += bwd.path == "fused"
+    assert supported >= 1500 and fused_paths >= 100, (supported, fused_paths)
 
 
 # ------------------------------------------------------------------------------------------------ GPU checks
@@ -314,7 +341,14 @@ GPU_CASES = [
     (8, 32, 64, 64, 64, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "none", torch.bfloat16, True, True, True),
     (3, 12, 20, 7, 7, (4, 2), [1, 2], [1, 2, 0, 1], [1, 1], "silu", torch.float16, False, True, True),
     (2, 40, 72, 9, 130, (5, 5), [2, 1], [2, 2, 2, 2], [1, 2], "relu6", torch.float32, True, True, False),
+    # fused backward: 89 blocks (the L2 budget of 276 KB slots) over 128 tiles of 16 pixels, so that blocks add
+    # later tiles into their slots; C_in = 128, its largest
+    (2, 128, 512, 32, 32, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "silu", torch.bfloat16, True, True, True),
+    (1, 100, 24, 45, 47, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "relu", torch.bfloat16, True, True, True),  # 64-px tiles
 ]
+# The backward's paths each case runs (the fused one takes at most FUSED_MAX_CIN input channels)
+GPU_PATH_CASES = [(case, path) for case in GPU_CASES for path in ("fused", "split")
+                  if path == "split" or case[1] <= cuda_backend.FUSED_MAX_CIN]
 
 
 def _case_id(case):
@@ -323,8 +357,8 @@ def _case_id(case):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
-def test_gpu_matches_reference(ext, case):
+@pytest.mark.parametrize("case,path", GPU_PATH_CASES, ids=[f"{_case_id(c)}-{p}" for c, p in GPU_PATH_CASES])
+def test_gpu_matches_reference(ext, case, path):
     n, c_in, c_out, h, w, k, stride, padding, dilation, act, dtype, cl, pb, db = case
     x, pw, pwb, dw, dwb = _inputs(n, c_in, c_out, h, w, k, dtype, pb, db, cl)
     assert cuda_backend.unsupported_reason(x, dw.shape[2:], stride, padding, dilation) is None
@@ -335,7 +369,7 @@ def test_gpu_matches_reference(ext, case):
     gen = torch.Generator().manual_seed(1)
     grad_y = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)
     with poisoned_outputs(x.device):
-        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.cuda(), x, pw, pwb, dw, dwb, *args)
+        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.cuda(), x, pw, pwb, dw, dwb, *args, backward_path=path)
     torch.cuda.synchronize()
 
     d64 = [None if t is None else t.detach().cpu().double() for t in (x, pw, pwb, dw, dwb)]
@@ -353,7 +387,8 @@ def test_gpu_matches_reference(ext, case):
 
 
 @pytest.mark.cuda
-def test_gpu_fp32_follows_the_tf32_switch(ext):
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_gpu_fp32_follows_the_tf32_switch(ext, path):
     """fp32 runs on TF32 tensor cores exactly when asked (allow_tf32), and bsconv_u asks exactly when torch allows
     TF32 for fp32 convolutions, as the Triton backend and cuDNN do."""
     x, pw, pwb, dw, dwb = _inputs(2, 64, 96, 20, 20, (3, 3), torch.float32, True, True, True)
@@ -365,7 +400,7 @@ def test_gpu_fp32_follows_the_tf32_switch(ext):
     def run(allow_tf32):
         y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args, allow_tf32)
         grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.float().cuda(), x, pw, pwb, dw, dwb, *args,
-                                                    allow_tf32=allow_tf32)
+                                                    allow_tf32=allow_tf32, backward_path=path)
         return [y, *grads[:2]]
 
     def rel_errors(outs):
@@ -387,14 +422,15 @@ def test_gpu_fp32_follows_the_tf32_switch(ext):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_backward_is_bitwise_deterministic(ext, dtype):
+def test_gpu_backward_is_bitwise_deterministic(ext, dtype, path):
     x, pw, pwb, dw, dwb = _inputs(4, 32, 48, 40, 40, (3, 3), dtype, True, True, True)
     args = ([1, 1], [1, 1, 1, 1], [1, 1], "silu")
     grad_y = torch.randn(4, 48, 40, 40, device="cuda").to(dtype)
-    first = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args)
+    first = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args, backward_path=path)
     for _ in range(3):
-        again = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args)
+        again = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args, backward_path=path)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 
@@ -439,6 +475,15 @@ def test_gpu_bad_arguments_raise_clear_errors(ext):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args[:3], "gelu")
     with pytest.raises(RuntimeError, match="stride"):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, [0, 1], *args[1:])
+    grad_y = torch.ones(1, 8, 8, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="backward_path must be one of auto, fused, split; got 'fast'"):
+        torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args, backward_path="fast")
+    wide = _inputs(1, cuda_backend.FUSED_MAX_CIN + 1, 8, 8, 8, (3, 3), torch.float32, True, True, False)
+    with pytest.raises(RuntimeError, match=r"backward_path='fused'.*FUSED_MAX_CIN = 128 \(got C_in = 129\)"):
+        torch.ops.bsconv_cuda.cuda_backward(grad_y, *wide, *args, backward_path="fused")
+    with cuda_backend.force_backward_path("fused"), pytest.raises(RuntimeError, match="FUSED_MAX_CIN"):
+        bsconv_cuda.bsconv_u(wide[0].requires_grad_(), *wide[1:2], *wide[3:], padding=1, pw_bias=wide[2],
+                             backend="cuda").sum().backward()
 
 
 @pytest.mark.cuda
