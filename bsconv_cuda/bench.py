@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import bench_harness as harness
+from . import bench_harness as harness, cuda_backend
 from .bench_harness import FUSED
 from .shapes import SHAPES, Shape, select
 
@@ -251,6 +251,10 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--triton-depthwise", default=None, choices=["gather", "shifted"],
                    help="the Triton forward's depthwise stage (default: the kernels' DEPTHWISE_STAGE); run once "
                         "with each to measure both")
+    p.add_argument("--cuda-backward", default="auto", choices=cuda_backend.BACKWARD_PATHS,
+                   help="the CUDA backward's path (default: the kernels' traffic model chooses); run once with fused "
+                        "and once with split to measure both (layers wider than FUSED_MAX_CIN input channels have no "
+                        "fused path: their rows say so)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results as JSON")
     p.add_argument("--warmup", type=float, default=harness.GLOBAL_WARMUP_S, metavar="SECONDS",
                    help=f"untimed runs of the first shape's whole plan before any timing (default "
@@ -315,7 +319,8 @@ def _main(argv: list[str]) -> int:
         from .kernels import bsconv_u as triton_kernels
 
         triton_kernels.DEPTHWISE_STAGE = args.triton_depthwise
-    results, meta = run_benchmarks(args)
+    with cuda_backend.force_backward_path(args.cuda_backward):
+        results, meta = run_benchmarks(args)
     print(format_table(results, meta))
     if args.json:
         harness.write_json(args.json, {"meta": meta, "results": [dict(asdict(r), label=r.label) for r in results]})

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cuda_backend
 from .backends import fp32_uses_tf32
 from .functional import bsconv_u
 from .modules import fused_block_forward
@@ -426,7 +427,8 @@ def environment(device: torch.device) -> dict:
     measured copy bandwidth."""
     device = torch.device(device)
     env = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-           "python": platform.python_version(), "fp32_uses_tf32": fp32_uses_tf32()}
+           "python": platform.python_version(), "fp32_uses_tf32": fp32_uses_tf32(),
+           "cuda_backward": cuda_backend.forced_backward_path()}
     try:
         import triton
 

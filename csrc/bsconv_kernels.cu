@@ -541,15 +541,10 @@ __device__ __forceinline__ float pixel_grad_pre(const ConvShape& s, const T* __r
     const int ow = own / s.stride_w;
     owj[j] = (own >= 0 && ow * s.stride_w == own && ow < s.W_out && (K > 0 || j < KW)) ? ow : -1;
   }
-  // Tap rows are unrolled only where gD needs compile-time indices (unrolled in the fused kernel, they pushed its
-  // 5x5 and 7x7 variants past the register cap).
-  constexpr int kRowUnroll = kDwPartials ? KM : 1;
-#pragma unroll kRowUnroll
-  for (int i = 0; i < KM; ++i) {
-    if (K == 0 && i >= KH) break;
+  auto tap_row = [&](int i) {
     const int ohn = h + s.pad_top - i * s.dilation_h;
     const int oh = ohn / s.stride_h;
-    if (ohn < 0 || oh * s.stride_h != ohn || oh >= s.H_out) continue;
+    if (ohn < 0 || oh * s.stride_h != ohn || oh >= s.H_out) return;
     const T* __restrict__ grow = gy + ((n * s.H_out + oh) * s.W_out) * C_out + ch;
 #pragma unroll
     for (int j = 0; j < KM; ++j) {
@@ -558,6 +553,21 @@ __device__ __forceinline__ float pixel_grad_pre(const ConvShape& s, const T* __r
         gm = fmaf(g, dw_c[(i * KW + j) * CB], gm);
         if constexpr (kDwPartials) gD[i * KM + j] = fmaf(g, m, gD[i * KM + j]);
       }
+    }
+  };
+  // Tap rows are unrolled only where gD needs compile-time indices (unrolled in the fused kernel, they pushed its
+  // 5x5 and 7x7 variants past the register cap).
+  if constexpr (kDwPartials) {
+#pragma unroll
+    for (int i = 0; i < KM; ++i) {
+      if (K == 0 && i >= KH) break;
+      tap_row(i);
+    }
+  } else {
+#pragma unroll 1
+    for (int i = 0; i < KM; ++i) {
+      if (K == 0 && i >= KH) break;
+      tap_row(i);
     }
   }
   return act_grad(gm, pre, (int)s.act);

@@ -140,3 +140,26 @@ def test_list_into_a_closed_pipe_ends_quietly():
     status, _, err = _run_cli("--list", close_stdout=True)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert status == 1
+
+
+def test_cuda_backward_path_is_forced_for_the_run_and_recorded(monkeypatch, tmp_path):
+    """--cuda-backward forces the CUDA backward's path while the benchmarks run (and only then), and the JSON
+    records it with the environment."""
+    import json
+
+    from bsconv_cuda import cuda_backend
+
+    seen = []
+
+    def run_benchmarks(args):
+        seen.append(cuda_backend.forced_backward_path())
+        return [], {"env": bench_harness.environment("cpu")}
+
+    monkeypatch.setattr(bench, "run_benchmarks", run_benchmarks)
+    monkeypatch.setattr(bench, "format_table", lambda results, meta: "")
+    out = tmp_path / "results.json"
+    assert bench.main(["--device", "cpu", "--cuda-backward", "split", "--json", str(out)]) == 0
+    assert seen == ["split"] and cuda_backend.forced_backward_path() == "auto"
+    assert json.loads(out.read_text())["meta"]["env"]["cuda_backward"] == "split"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cuda-backward", "fastest"])
