@@ -4,8 +4,9 @@ Importing ``bsconv_cuda._C`` registers ``bsconv_cuda::cuda_forward`` / ``bsconv_
 CUDA kernels in C++, torch stable ABI); :mod:`bsconv_cuda.ops` adds their fake implementations. This module says
 which calls the kernels support (:func:`unsupported_reason`, restating ``supported_reason`` of
 ``csrc/bsconv_kernels.cu``, which ``_C.unsupported_reason`` exports), the work they launch (:func:`work_plan`, a model
-of their tile plan, which ``_C.tile_plan`` exports) and what was built (:func:`build_summary`, for
-``python -m bsconv_cuda.info``). The tests compare both restatements with the exports wherever ``_C`` loads.
+of their tile plan, which ``_C.tile_plan`` exports, including the backward's path: fused or split) and what was
+built (:func:`build_summary`, for ``python -m bsconv_cuda.info``). :func:`force_backward_path` runs the backward on one
+path (tests, ``python -m bsconv_cuda.bench --cuda-backward``). The tests compare both restatements with the exports wherever ``_C`` loads.
 
 What the kernels support: CUDA tensors in float32, float16 or bfloat16 on compute capability >= 8.0 (an
 architecture the build includes, or PTX that the driver can JIT); depthwise kernels of any kh, kw in 1..7 (1x1, 3x3,
