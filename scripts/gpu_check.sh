@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # One command on a GPU machine with no internet (torch, triton, ninja, pytest, pytest-benchmark installed):
-# build the CUDA extension for sm_90, run the whole test suite on the GPU, run the benchmarks and the report.
+# build the CUDA extension for sm_90, run the GPU tests, the whole suite, the benchmarks and the report.
 #
 #   scripts/gpu_check.sh            # results under $OUT (when set) or ./gpu-check-results
 #
+# What it leaves in the results folder is two files, so that a device call that returns at most 8 loses nothing:
+# summary.txt (one line per stage, written as each ends) and logs.tar.gz (every log, the JUnit XML, the benchmark
+# JSON and report, repacked after each stage from a temporary folder). Every stage runs under its own timeout, in order of value, so a run killed at the call's limit
+# still returns the stages it finished.
+#
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores), CUDA_HOME (default
 # /usr/local/cuda), PYTHON (default: python), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,
-# BSCONV_BENCH_SET (quick / default / full) picks the benchmark set; quick here by default, so that the whole script
-# fits one 10-minute device call (run BSCONV_GPU_CHECK_SKIP_BENCH=1 first and the default set separately for more).
+# BSCONV_BENCH_SET (quick / default / full) picks the benchmark set (quick here by default),
+# BSCONV_GPU_CHECK_STAGES: the stages to run, comma-separated (default: all, in this order):
+#   build, gpu_tests (tests marked cuda), grid (the fused backends' shared grid), suite (the other tests),
+#   sass (registers and spills of the built kernels), bench (quick benchmark set + report),
+#   paths (the CUDA backward's fused and split paths timed on the quick shapes).
+# Stage timeouts in seconds: BSCONV_GPU_CHECK_TIMEOUT_<STAGE> (defaults below).
 # WHEEL=path/to/bsconv_cuda-*.whl: test a prebuilt wheel (scripts/build_wheel.sh, e.g. the one CI builds) instead of
 # building, which saves the compile's device time: it is pip-installed (--no-deps --force-reinstall) and pytest runs
 # the repo's tests/ and benchmarks/ from an empty folder, so they import the installed wheel, not the source tree.
@@ -17,21 +26,45 @@ REPO=$PWD
 PY=${PYTHON:-python}
 RESULTS=${OUT:-$REPO/gpu-check-results}
 mkdir -p "$RESULTS"
+LOGS=$(mktemp -d)  # outside $RESULTS: only summary.txt and the archive of this folder go there
+SUMMARY_FILE=$RESULTS/summary.txt
+: >"$SUMMARY_FILE"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export BSCONV_CUDA_BUILD=1
 export BSCONV_BENCH_SET=${BSCONV_BENCH_SET:-quick}
 export PYTHONUNBUFFERED=1
+STAGES=${BSCONV_GPU_CHECK_STAGES:-build,gpu_tests,grid,suite,sass,bench,paths}
+[ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" = "1" ] && STAGES=$(echo "$STAGES" | sed -E 's/(^|,)(bench|paths)//g')
+FAILED=0
 
-declare -a SUMMARY=()
-note() { SUMMARY+=("$1"); echo "== $1"; }
-step_rc() { if [ "$1" -eq 0 ]; then echo "ok"; else echo "FAILED (rc=$1)"; fi; }
+note() { echo "$1" >>"$SUMMARY_FILE"; echo "== $1"; }
+# logs.tar.gz replaced atomically, so that a kill mid-pack leaves the previous one
+pack() { tar czf "$RESULTS/.logs.tar.gz.tmp" -C "$LOGS" . 2>/dev/null && mv -f "$RESULTS/.logs.tar.gz.tmp" "$RESULTS/logs.tar.gz"; }
+wants() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+# stage NAME DEFAULT_TIMEOUT COMMAND...: runs COMMAND under the stage's timeout with output in logs/NAME.log, notes
+# its status and the log's last line, and repacks the logs
+stage() {
+  local name=$1 limit_default=$2
+  shift 2
+  local var="BSCONV_GPU_CHECK_TIMEOUT_$(echo "$name" | tr '[:lower:]' '[:upper:]')"
+  local limit=${!var:-$limit_default}
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local status="ok"
+  [ $rc -ne 0 ] && status="FAILED (rc=$rc$([ $rc -eq 124 ] && echo ", timed out after ${limit} s"))" && FAILED=1
+  note "$name: $status in $(($(date +%s) - t0)) s: $(tail -1 "$LOGS/$name.log" | cut -c1-200)"
+  pack
+  return $rc
+}
 
-echo "== machine"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 || true
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
-  "$CUDA_HOME/bin/nvcc" --version | tail -1; } 2>&1 | tee "$RESULTS/machine.txt"
+  "$CUDA_HOME/bin/nvcc" --version | tail -1
+  git -C "$REPO" log --oneline -1 2>/dev/null; } >"$LOGS/machine.txt" 2>&1
+note "machine: $(head -2 "$LOGS/machine.txt" | tr '\n' ' ')"
 
 # bsconv (pure Python) is a test dependency the offline GPU machine lacks: prepare here with
 # `pip download --no-deps bsconv -d wheelhouse` and carry wheelhouse/ along
@@ -40,65 +73,59 @@ if [ -d wheelhouse ]; then
     && note "bsconv installed from wheelhouse/" || note "bsconv NOT installed (drop-in tests will skip)"
 fi
 
-# 1. build (editable, no build isolation: the build must see the installed torch; no deps: no internet)
-t0=$(date +%s)
+# 1. build (editable, no build isolation: the build must see the installed torch; no deps: no internet) ...
 if [ -n "${WHEEL:-}" ]; then  # ... or install a prebuilt wheel and test it from outside the source tree
-  "$PY" -m pip install --no-deps --force-reinstall -v "$WHEEL" >"$RESULTS/build.log" 2>&1
-  build=$?
-  note "install prebuilt wheel $(basename "$WHEEL"): $(step_rc $build) in $(($(date +%s) - t0)) s (log: build.log)"
-  [ $build -ne 0 ] && tail -40 "$RESULTS/build.log"
+  stage build 300 "$PY" -m pip install --no-deps --force-reinstall -v "$WHEEL"
   cd "$(mktemp -d)"  # from here on, `import bsconv_cuda` finds the installed wheel (python puts the cwd on sys.path)
-  "$PY" -c "import bsconv_cuda; print('testing', bsconv_cuda.__version__, 'from', bsconv_cuda.__file__)" 2>&1 \
-    | tee -a "$RESULTS/machine.txt"
-else
-rm -f bsconv_cuda/_C*.so
-"$PY" -m pip install --no-build-isolation --no-deps -v -e . >"$RESULTS/build.log" 2>&1
-build=$?
-t1=$(date +%s)
-note "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS): $(step_rc $build) in $((t1 - t0)) s (log: build.log)"
-[ $build -ne 0 ] && tail -40 "$RESULTS/build.log"
+elif wants build; then
+  rm -f bsconv_cuda/_C*.so
+  stage build 420 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
+"$PY" -m bsconv_cuda.info >"$LOGS/info.txt" 2>&1
+note "info: $(grep -iE "cuda backend|_C " "$LOGS/info.txt" | head -2 | tr '\n' ' ' | cut -c1-200)"
 
-"$PY" -m bsconv_cuda.info 2>&1 | tee "$RESULTS/info.txt"
+# 2. correctness: the GPU-only tests, then the fused backends' grid on the GPU, then everything else
+PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
+wants gpu_tests && stage gpu_tests 300 "${PYTEST[@]}" "$REPO/tests" -m cuda --junitxml="$LOGS/gpu_tests.xml"
+wants grid && stage grid 300 "${PYTEST[@]}" "$REPO/tests/test_fused_backends.py" -m "not cuda" \
+  --junitxml="$LOGS/grid.xml"
+wants suite && stage suite 420 "${PYTEST[@]}" "$REPO/tests" -m "not cuda" --ignore="$REPO/tests/test_fused_backends.py" \
+  --junitxml="$LOGS/suite.xml"
+for log in gpu_tests grid suite; do
+  [ -f "$LOGS/$log.log" ] && grep -E "^(FAILED|ERROR)" "$LOGS/$log.log" | head -20 | sed "s/^/  $log: /" >>"$SUMMARY_FILE"
+done
 
-# SASS resource usage of the built kernels (registers, spills, shared memory) and tensor-core instructions
-SO=$("$PY" -c "import glob, os, bsconv_cuda; print((glob.glob(os.path.join(os.path.dirname(bsconv_cuda.__file__), '_C*.so')) + [''])[0])" 2>/dev/null)
-if [ -n "$SO" ]; then
-  CUOBJDUMP=$CUDA_HOME/bin/cuobjdump
-  if [ ! -x "$CUOBJDUMP" ]; then  # Triton's wheel carries one
-    CUOBJDUMP=$("$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" 2>/dev/null)
-  fi
-  "$CUOBJDUMP" --dump-resource-usage "$SO" >"$RESULTS/resource_usage.txt" 2>&1
-  "$CUOBJDUMP" --dump-sass "$SO" 2>/dev/null | grep -cE "HMMA|HGMMA" >"$RESULTS/tensor_core_instr_count.txt"
-  note "SASS: $(grep -c 'Function' "$RESULTS/resource_usage.txt") kernels, max REG $(grep -oE 'REG:[0-9]+' "$RESULTS/resource_usage.txt" | cut -d: -f2 | sort -n | tail -1), $(grep -oE 'LOCAL:[0-9]+' "$RESULTS/resource_usage.txt" | grep -vc 'LOCAL:0$') with local memory, $(cat "$RESULTS/tensor_core_instr_count.txt") HMMA/HGMMA instructions"
-fi
+# 3. SASS resource usage of the built kernels (registers, spills, shared memory) and tensor-core instructions
+sass() {
+  local so cuobjdump
+  so=$("$PY" -c "import glob, os, bsconv_cuda; print((glob.glob(os.path.join(os.path.dirname(bsconv_cuda.__file__), '_C*.so')) + [''])[0])")
+  [ -n "$so" ] || { echo "no built extension"; return 1; }
+  cuobjdump=$CUDA_HOME/bin/cuobjdump
+  [ -x "$cuobjdump" ] || cuobjdump=$("$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))")
+  "$cuobjdump" --dump-resource-usage "$so" >"$LOGS/resource_usage.txt" 2>&1 || return 1
+  echo "$(grep -c 'Function' "$LOGS/resource_usage.txt") kernels, max REG $(grep -oE 'REG:[0-9]+' "$LOGS/resource_usage.txt" | cut -d: -f2 | sort -n | tail -1), $(grep -oE 'LOCAL:[0-9]+' "$LOGS/resource_usage.txt" | grep -vc 'LOCAL:0$') with local memory, $("$cuobjdump" --dump-sass "$so" 2>/dev/null | grep -cE "HMMA|HGMMA") HMMA/HGMMA instructions"
+}
+export PY LOGS
+export -f sass
+wants sass && stage sass 120 bash -c sass
 
-# 2. the whole test suite on the GPU
-"$PY" -m pytest "$REPO/tests" -q -rs -p no:cacheprovider --junitxml="$RESULTS/tests.xml" >"$RESULTS/tests.log" 2>&1
-tests=$?
-note "tests: $(step_rc $tests): $(tail -1 "$RESULTS/tests.log")"
-"$PY" -m pytest "$REPO/tests/test_cuda_extension.py" -q -rs -p no:cacheprovider \
-  >"$RESULTS/tests_cuda_extension.log" 2>&1
-note "tests/test_cuda_extension.py: $(tail -1 "$RESULTS/tests_cuda_extension.log")"
-grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -40
-
-# 3. benchmarks + report
-if [ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" != "1" ] && [ -d "$REPO/benchmarks" ]; then
-  export BSCONV_BENCH_JSON="$RESULTS/bsconv-gpu.json"
-  "$PY" -m pytest "$REPO/benchmarks" --benchmark-only -q -p no:cacheprovider >"$RESULTS/benchmarks.log" 2>&1
-  bench=$?
-  note "benchmarks: $(step_rc $bench): $(tail -1 "$RESULTS/benchmarks.log")"
+# 4. benchmarks + report, and the CUDA backward's two paths timed on the same shapes (their choice is a model)
+if wants bench && [ -d "$REPO/benchmarks" ]; then
+  export BSCONV_BENCH_JSON="$LOGS/bsconv-gpu.json"
+  stage bench 300 "${PYTEST[@]}" "$REPO/benchmarks" --benchmark-only
   if [ -f "$REPO/benchmarks/report.py" ] && [ -f "$BSCONV_BENCH_JSON" ]; then
-    "$PY" "$REPO/benchmarks/report.py" "$BSCONV_BENCH_JSON" --out-dir "$RESULTS" >"$RESULTS/report.log" 2>&1
-    note "benchmark report: $(step_rc $?) ($(ls "$RESULTS"/report-*.md 2>/dev/null | xargs -n1 basename 2>/dev/null | tr '\n' ' '))"
-    cat "$RESULTS"/report-*.md 2>/dev/null | head -80
+    stage report 60 "$PY" "$REPO/benchmarks/report.py" "$BSCONV_BENCH_JSON" --out-dir "$LOGS"
   fi
-else
-  bench=0
+fi
+if wants paths; then
+  for path in fused split; do
+    stage "paths_$path" 150 "$PY" -m bsconv_cuda.bench --shapes quick --passes bwd,fwdbwd --dtype bf16 \
+      --cuda-backward "$path" --no-progress --json "$LOGS/cuda-backward-$path.json"
+  done
 fi
 
 echo
 echo "================ gpu_check summary ================"
-for line in "${SUMMARY[@]}"; do echo "  $line"; done
-echo "  results: $RESULTS"
-[ $build -eq 0 ] && [ $tests -eq 0 ] && [ $bench -eq 0 ]
+cat "$SUMMARY_FILE"
+echo "  results: $RESULTS/summary.txt, $RESULTS/logs.tar.gz"
+exit $FAILED
