@@ -6,7 +6,8 @@ which calls the kernels support (:func:`unsupported_reason`, restating ``support
 ``csrc/bsconv_kernels.cu``, which ``_C.unsupported_reason`` exports), the work they launch (:func:`work_plan`, a model
 of their tile plan, which ``_C.tile_plan`` exports, including the backward's path: fused or split) and what was
 built (:func:`build_summary`, for ``python -m bsconv_cuda.info``). :func:`force_backward_path` runs the backward on one
-path (tests, ``python -m bsconv_cuda.bench --cuda-backward``). The tests compare both restatements with the exports wherever ``_C`` loads.
+path (tests, ``python -m bsconv_cuda.bench --cuda-backward``). The tests compare both restatements with the exports
+wherever ``_C`` loads.
 
 What the kernels support: CUDA tensors in float32, float16 or bfloat16 on compute capability >= 8.0 (an
 architecture the build includes, or PTX that the driver can JIT); depthwise kernels of any kh, kw in 1..7 (1x1, 3x3,
@@ -30,7 +31,7 @@ import torch
 
 from . import reference
 from .plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDENT_BYTES, TARGET_SMS, Launch, Plan,
-                   dram_bytes, halo_read_factor)
+                   dram_bytes, halo_extent, halo_read_factor)
 
 # The limits of the CUDA kernels. Their home is csrc/bsconv_params.h; the compiled module exports them
 # (``_C.MAX_TILE_PIXELS``, ...) and tests/test_cuda_extension.py checks these copies against that export wherever it
@@ -207,13 +208,13 @@ def arch_reason(device: torch.device | str | int | None = None) -> str | None:
 def _fwd_tiles(h_out: int, w_out: int, kh: int, kw: int, stride, dilation):
     """The forward's candidate output tiles (TH, TW, IH, IW, tiles per image): halo within MAX_TILE_PIXELS, tile
     count within the grid; TH ascending, then TW."""
-    narrowest_iw = (kw - 1) * dilation[1] + 1
+    narrowest_iw = halo_extent(1, 1, kw, dilation[1])
     for th in range(1, h_out + 1):
-        ih = (th - 1) * stride[0] + (kh - 1) * dilation[0] + 1
+        ih = halo_extent(th, stride[0], kh, dilation[0])
         if ih * narrowest_iw > MAX_TILE_PIXELS:  # taller tiles only have more rows
             break
         for tw in range(1, w_out + 1):
-            iw = (tw - 1) * stride[1] + (kw - 1) * dilation[1] + 1
+            iw = halo_extent(tw, stride[1], kw, dilation[1])
             if ih * iw > MAX_TILE_PIXELS:
                 break
             tiles = math.ceil(h_out / th) * math.ceil(w_out / tw)
@@ -409,7 +410,7 @@ def shape_reason(
         return f"stride / dilation > {MAX_STRIDE_OR_DILATION}"
     if max(padding) > MAX_PADDING:
         return f"padding > {MAX_PADDING}"
-    footprint = ((kh - 1) * dilation[0] + 1) * ((kw - 1) * dilation[1] + 1)
+    footprint = halo_extent(1, 1, kh, dilation[0]) * halo_extent(1, 1, kw, dilation[1])  # a 1 x 1 tile's
     if footprint > MAX_TILE_PIXELS:
         return (f"the dilated kernel covers {footprint} pixels, more than the {MAX_TILE_PIXELS} input pixels a "
                 f"forward block keeps in shared memory")

@@ -78,6 +78,12 @@ class Plan:
         return sum(launch.dot_macs for launch in self.launches)
 
 
+def halo_extent(tile: int, stride: int, kernel: int, dilation: int) -> int:
+    """Input rows (or columns) that ``tile`` output rows (columns) of a depthwise stage read: the tile and its halo
+    (both backends' forward tiles; csrc/bsconv_kernels.cu has the same formula in choose_fwd_tile)."""
+    return (tile - 1) * stride + (kernel - 1) * dilation + 1
+
+
 def halo_read_factor(h, w, h_out, w_out, tile, stride, pad_top_left, halo) -> float:
     """Input pixels that the halos of all output tiles cover inside the image, over H * W (1 when no two tiles
     read the same pixel). tile: (TH, TW); stride; pad_top_left: (top, left); halo: the input rows and columns of

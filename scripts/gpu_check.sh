@@ -6,8 +6,8 @@
 #
 # What it leaves in the results folder is two files, so that a device call that returns at most 8 loses nothing:
 # summary.txt (one line per stage, written as each ends) and logs.tar.gz (every log, the JUnit XML, the benchmark
-# JSON and report, repacked after each stage from a temporary folder). Every stage runs under its own timeout, in order of value, so a run killed at the call's limit
-# still returns the stages it finished.
+# JSON and report, repacked after each stage from a temporary folder). Every stage runs under its own timeout, in
+# order of value, so a run killed at the call's limit still returns the stages it finished.
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores), CUDA_HOME (default
 # /usr/local/cuda), PYTHON (default: python), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,

@@ -83,7 +83,7 @@ from .. import reference
 from ..backends import fp32_uses_tf32, major_minor
 from ..cuda_backend import device_capability
 from ..plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDENT_BYTES, TARGET_SMS, Launch, Plan,
-                    dram_bytes, halo_read_factor)
+                    dram_bytes, halo_extent, halo_read_factor)
 
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -761,11 +761,6 @@ def _dot_kind(dtype, prec) -> str:
     return "tf32" if _dtype_name(dtype) == "fp32" else "tc"
 
 
-def _halo_extent(tile: int, stride: int, kernel: int, dilation: int) -> int:
-    """Input rows (or columns) that ``tile`` output rows (columns) read: MID_H (MID_W) of the forward."""
-    return (tile - 1) * stride + (kernel - 1) * dilation + 1
-
-
 def _mid_rows(mid_h: int, mid_w: int, h: int, w: int) -> int:
     """MID_ROWS of the forward: the tile's halo region clipped to the image, flattened, padded to a power of two
     (and to 16 at least: tl.dot needs M >= 16)."""
@@ -789,9 +784,9 @@ def _fwd_tile(n, c_in, block_ci, c_out, h, w, h_out, w_out, kh, kw, stride_h, st
         for block_co in block_co_choices:
             ctas_per_tile = n * triton.cdiv(c_out, block_co)
             for th in range(1, min(h_out, 64) + 1):
-                mid_h = _halo_extent(th, stride_h, kh, dilation_h)
+                mid_h = halo_extent(th, stride_h, kh, dilation_h)
                 for tw in range(1, min(w_out, 128) + 1):
-                    mid_rows = _mid_rows(mid_h, _halo_extent(tw, stride_w, kw, dilation_w), h, w)
+                    mid_rows = _mid_rows(mid_h, halo_extent(tw, stride_w, kw, dilation_w), h, w)
                     out_pixels = _pow2(th * tw)
                     if mid_rows > max_mid_rows or out_pixels > FWD_MAX_OUT_PIXELS:
                         break
@@ -824,7 +819,7 @@ def forward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, paddin
                                  dilation_h, dilation_w, DEPTHWISE_COST[kind], 1 if kind == "fma" else MIN_DOT_ROWS,
                                  (32, 16))
     th, tw, block_co = forced.pop("TH", th), forced.pop("TW", tw), forced.pop("BLOCK_CO", block_co)
-    mid_h, mid_w = _halo_extent(th, stride_h, kh, dilation_h), _halo_extent(tw, stride_w, kw, dilation_w)
+    mid_h, mid_w = halo_extent(th, stride_h, kh, dilation_h), halo_extent(tw, stride_w, kw, dilation_w)
     mid_rows = _mid_rows(mid_h, mid_w, h, w)
     blk = dict(TH=th, TW=tw, MID_H=mid_h, MID_W=mid_w, OUT_PIXELS=_pow2(th * tw), MID_ROWS=mid_rows,
                BLOCK_CO=block_co, BLOCK_CI=block_ci, num_warps=8 if mid_rows * block_co > 4096 else 4)
@@ -1052,7 +1047,7 @@ def _reduce_launch(c_out, c_in, taps, flags: dict) -> tuple[Launch, ...]:
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
     kh, kw = kernel_size
-    footprint = _halo_extent(1, 1, kh, dilation[0]) * _halo_extent(1, 1, kw, dilation[1])  # a 1 x 1 tile's
+    footprint = halo_extent(1, 1, kh, dilation[0]) * halo_extent(1, 1, kw, dilation[1])  # a 1 x 1 tile's
     if _pow2(footprint) > FWD_MAX_MID_ROWS:
         return (f"the dilated kernel covers {footprint} pixels; the Triton forward keeps at most {FWD_MAX_MID_ROWS} "
                 f"on chip")
