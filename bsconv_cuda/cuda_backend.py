@@ -46,6 +46,7 @@ MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y / gridDim.z: batch, tiles per i
 MAX_SPATIAL_SIZE = 1 << 24  # H, W, H_out, W_out
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FUSED_MAX_CIN = 128  # input channels the fused backward keeps on chip per tile (kFusedMaxCin)
+FUSED_MAX_SMEM_BYTES = 99 * 1024  # shared memory of a fused block on every targeted GPU (sm_86 / sm_89's opt-in)
 
 # The backward's paths (csrc/bsconv_kernels.cu): "fused" (bwd_fused_kernel, nothing of mid's size written) or
 # "split" (bwd_tile_kernel writes grad_pre, two GEMMs read it); "auto" lets the kernels' traffic model choose.
@@ -271,19 +272,32 @@ def _bwd_tile(h: int, w: int) -> tuple[int, int, int]:
     return th, tw, math.ceil(h / th) * math.ceil(w / tw)
 
 
-def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int):
+def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int, itemsize: int):
     """(rows, C_in padded, C_out padded, tiles, blocks) of the fused backward (choose_fused_tiles in csrc): tiles of
-    the largest of 64, 32, 16 pixels that still gives every SM one, and as many persistent blocks as one wave holds
-    and the partials' L2 budget allows; None where C_in > FUSED_MAX_CIN."""
+    the largest of 64, 32, 16 pixels that still gives every SM one and fits FUSED_MAX_SMEM_BYTES, and as many
+    persistent blocks as one wave holds and the partials' L2 budget allows; None where C_in > FUSED_MAX_CIN.
+    itemsize: bytes of the dtype's element."""
     if c_in > FUSED_MAX_CIN:
         return None
     m = n * h * w
-    rows = next((r for r in (64, 32) if math.ceil(m / r) >= TARGET_SMS), 16)
-    tiles = math.ceil(m / rows)
     c_in_padded, c_out_padded = _round_up(c_in, 16), _round_up(c_out, _CB)
+    rows = next((r for r in (64, 32) if math.ceil(m / r) >= TARGET_SMS
+                 and _fused_smem_bytes(c_in_padded, r, itemsize) <= FUSED_MAX_SMEM_BYTES), 16)
+    tiles = math.ceil(m / rows)
     slot = _fused_slot_bytes(c_in_padded, c_out_padded, c_out, taps)
     blocks = max(1, min(TARGET_SMS * BLOCKS_PER_SM, L2_RESIDENT_BYTES // slot, tiles))
     return rows, c_in_padded, c_out_padded, tiles, blocks
+
+
+def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int) -> int:
+    """Shared memory of a fused backward block with room for 7 x 7 taps (FusedSmem in csrc: x and W tiles, grad_pre,
+    pre, the grad_x accumulator, warp sums, pixel coordinates, taps and bias; arrays on 128-byte boundaries)."""
+    pad = 4 if itemsize == 4 else 8
+    ld_x, ld_gp, ld_gx = c_in_padded + pad, _CB + pad, c_in_padded + 4
+    arrays = (rows * ld_x * itemsize, _CB * ld_x * itemsize, rows * ld_gp * itemsize, rows * (_CB + 4) * 4,
+              rows * ld_gx * 4)
+    warp_sums, pixels, taps = 8 * _CB * 4, 3 * rows * 4, (7 * 7 + 1) * _CB * 4
+    return sum(_round_up(a, 128) for a in arrays) + warp_sums + _round_up(pixels, 128) + taps
 
 
 def _fused_slot_bytes(c_in_padded: int, c_out_padded: int, c_out: int, taps: int) -> int:
@@ -323,7 +337,7 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     col_blocks = math.ceil(m_out / col_rows)
     colsum = Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)
     col_bytes = 4 * col_blocks * c_out
-    fused_tiles = _fused_tiles(n, c_in, c_out, h, w, kh * kw)
+    fused_tiles = _fused_tiles(n, c_in, c_out, h, w, kh * kw, itemsize)
     if backward_path == "fused" and fused_tiles is None:
         raise ValueError(f"the fused backward takes at most {FUSED_MAX_CIN} input channels, got {c_in}")
     if backward_path not in BACKWARD_PATHS:

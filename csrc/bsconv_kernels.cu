@@ -694,7 +694,7 @@ struct FusedTiles {
   int rows;          // mid pixels per tile: 64, 32 or 16 (a multiple of the MMA's 16 rows)
   int c_in_padded;   // C_in rounded up to 16 (the MMAs' K and N steps)
   int c_out_padded;  // C_out rounded up to CB (rows of a block's grad_pw_weight slot)
-  int64_t tiles;     // ceil(N*H*W / rows): flat runs of pixels in NHWC order (a tile may span two images)
+  int64_t tiles;     // ceil(N*H*W / rows): flat runs of pixels in NHWC order (a tile may span images)
   int64_t blocks;    // persistent blocks, each striding over the tiles with its own slot of partials
 };
 constexpr int kFusedMaxRows = 64;
@@ -800,11 +800,10 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
     if (want_gx)
       for (int e = tid; e < rows * L.ld_gx; e += kThreads) gxs[e] = 0.f;
     for (int p = tid; p < pixels; p += kThreads) {
-      const int64_t q = q0 + p, n = q / HW;
-      const int hw = (int)(q - n * HW);
+      const int64_t q = q0 + p, n = q / HW, hw = q - n * HW;  // (H * W may exceed the int range)
       pix_n[p] = (int)n;
-      pix_h[p] = hw / (int)s.W;
-      pix_w[p] = hw - pix_h[p] * (int)s.W;
+      pix_h[p] = (int)(hw / s.W);
+      pix_w[p] = (int)(hw - (int64_t)pix_h[p] * s.W);
     }
 
     for (int c0 = 0; c0 < C_out; c0 += CB) {
@@ -1127,8 +1126,10 @@ struct BwdGeom {
 };
 
 // The fused path's tiles: the largest of 64, 32, 16 pixels that still gives every SM a tile (the partials a block
-// rewrites per tile do not depend on the tile's size, so larger tiles move fewer bytes), and as many persistent
-// blocks as one wave holds and the partials' L2 budget allows.
+// rewrites per tile do not depend on the tile's size, so larger tiles move fewer bytes) and whose shared memory (with
+// room for 7x7 taps) fits kFusedMaxSmemBytes, and as many persistent blocks as one wave holds and the partials' L2
+// budget allows.
+template <typename T>
 FusedTiles choose_fused_tiles(const ConvShape& s) {
   FusedTiles f{};
   if (s.C_in > kFusedMaxCin) return f;
@@ -1137,7 +1138,8 @@ FusedTiles choose_fused_tiles(const ConvShape& s) {
   f.c_out_padded = (int)(ceil_div64(s.C_out, CB) * CB);
   f.rows = 16;
   for (int rows : {kFusedMaxRows, 32})
-    if (ceil_div64(M, rows) >= kTargetSms) {
+    if (ceil_div64(M, rows) >= kTargetSms &&
+        FusedSmem<T>(f.c_in_padded, rows, kMaxKernelSize * kMaxKernelSize).bytes <= kFusedMaxSmemBytes) {
       f.rows = rows;
       break;
     }
@@ -1186,7 +1188,7 @@ BwdGeom bwd_geom_t(const ConvShape& s) {
   const int64_t Mo = s.N * s.H_out * s.W_out;
   g.col_rows = ceil_div64(Mo, 32768) > 1024 ? ceil_div64(Mo, 32768) : 1024;  // keeps col_blocks <= 32768
   g.col_blocks = ceil_div64(Mo, g.col_rows);
-  g.fused_tiles = choose_fused_tiles(s);
+  g.fused_tiles = choose_fused_tiles<T>(s);
   g.fused = choose_bwd_path(s, g, (int64_t)sizeof(T));
   return g;
 }
@@ -1215,7 +1217,7 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
       constexpr int taps = KSize<K>::kMax * KSize<K>::kMax;
       const int smem = FusedSmem<MT>(g.fused_tiles.c_in_padded, g.fused_tiles.rows, taps).bytes;
       static SmemLimit limit;  // one per kernel instantiation
-      rc = limit.allow(bwd_fused_kernel<MT, K>, smem, FusedSmem<MT>(kFusedMaxCin, kFusedMaxRows, taps).bytes);
+      rc = limit.allow(bwd_fused_kernel<MT, K>, smem, kFusedMaxSmemBytes);  // choose_fused_tiles keeps it under
       if (rc != 0) return rc;
       bwd_fused_kernel<MT, K><<<(unsigned)g.fused_tiles.blocks, kThreads, smem, stream>>>(a, g.fused_tiles, vec);
       if ((rc = (int)cudaGetLastError()) != 0) return rc;

@@ -458,8 +458,10 @@ PyObject* py_tile_plan(PyObject*, PyObject* args) {
 
 PyMethodDef bsconv_methods[] = {
     {"unsupported_reason", py_unsupported_reason, METH_VARARGS,
-     "unsupported_reason(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype)\n"
-     "None when the CUDA kernels run this call (dtype: 'float32', 'float16' or 'bfloat16'), else why not."},
+     "unsupported_reason(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype, "
+     "tf32=False, backward_path='auto')\n"
+     "None when the CUDA kernels run this call (dtype: 'float32', 'float16' or 'bfloat16'), else why not (a "
+     "backward_path of 'fused' the layer is too wide for is a reason)."},
     {"tile_plan", py_tile_plan, METH_VARARGS,
      "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype, tf32=False, "
      "backward_path='auto')\n"
@@ -503,6 +505,7 @@ int add_limits(PyObject* m) {
       PyModule_AddIntConstant(m, "DEPTHWISE_COST_TF32", bsconv::kDepthwiseCostTf32) < 0 ||
       PyModule_AddIntConstant(m, "DEPTHWISE_COST_FMA", bsconv::kDepthwiseCostFma) < 0 ||
       PyModule_AddIntConstant(m, "FUSED_MAX_CIN", bsconv::kFusedMaxCin) < 0 ||
+      PyModule_AddIntConstant(m, "FUSED_MAX_SMEM_BYTES", bsconv::kFusedMaxSmemBytes) < 0 ||
       PyModule_AddIntConstant(m, "L2_RESIDENT_BYTES", (long)bsconv::kL2ResidentBytes) < 0)
     return -1;
   return 0;
@@ -517,7 +520,7 @@ static PyModuleDef bsconv_module = {
     "bsconv_cuda::cuda_backward with torch. It also exports the kernels' limits (MAX_KERNEL_SIZE, MAX_TILE_PIXELS, "
     "MAX_STRIDE_OR_DILATION, MAX_PADDING, MAX_GRID_YZ, MAX_SPATIAL_SIZE, SUPPORTED_DTYPES), the forward tile choice's "
     "cost model (TARGET_SMS, BLOCKS_PER_SM, FWD_MAX_MMA_RATIO, DEPTHWISE_COST_*), the fused backward's limits "
-    "(FUSED_MAX_CIN, L2_RESIDENT_BYTES), their feasibility check "
+    "(FUSED_MAX_CIN, FUSED_MAX_SMEM_BYTES, L2_RESIDENT_BYTES), their feasibility check "
     "(unsupported_reason) and their tile plan (tile_plan); these need no GPU.",
     -1,
     bsconv_methods,

@@ -34,6 +34,10 @@ constexpr int64_t kL2ResidentBytes = int64_t(24) << 20;
 // The fused backward keeps x and grad_x of all input channels of a tile in shared memory up to this many channels;
 // wider layers take the split backward (bwd_tile_kernel writes grad_pre, two GEMMs read it).
 constexpr int kFusedMaxCin = 128;
+// Shared memory one fused-backward block may use on every GPU the build targets: the opt-in limit of sm_86 / sm_89
+// (99 KB; sm_80 allows 163 KB, sm_90 227 KB). Device-independent, so that the workspace, the tile plan and its Python
+// restatement agree everywhere; fp32 tiles of 64 pixels at more than 112 input channels exceed it and take 32.
+constexpr int kFusedMaxSmemBytes = 99 * 1024;
 
 // Output size along one axis, as torch's convolution gives it (bsconv_cuda.reference.output_size on the Python
 // side); 0 when the padded input is smaller than the dilated kernel.

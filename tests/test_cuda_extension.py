@@ -159,7 +159,21 @@ def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
     assert (ext.DEPTHWISE_COST_HALF, ext.DEPTHWISE_COST_TF32, ext.DEPTHWISE_COST_FMA) == tuple(
         plan.DEPTHWISE_COST[kind] for kind in ("tc", "tf32", "fma"))
     # the fused backward's limits
-    assert (ext.FUSED_MAX_CIN, ext.L2_RESIDENT_BYTES) == (cuda_backend.FUSED_MAX_CIN, plan.L2_RESIDENT_BYTES)
+    assert (ext.FUSED_MAX_CIN, ext.FUSED_MAX_SMEM_BYTES, ext.L2_RESIDENT_BYTES) == (
+        cuda_backend.FUSED_MAX_CIN, cuda_backend.FUSED_MAX_SMEM_BYTES, plan.L2_RESIDENT_BYTES)
+
+
+def test_fused_backward_shared_memory_fits_every_targeted_gpu():
+    """The fused backward's shared memory, worked out from FusedSmem in csrc (x and W tiles, grad_pre, pre, the grad_x
+    accumulator, warp sums, pixel coordinates, 7 x 7 taps; each array on a 128-byte boundary), and the tiles it
+    allows: fp32 at more than 112 input channels does not fit 64-pixel tiles in the 99 KB of sm_86 / sm_89."""
+    # fp32, 128 channels, 64 rows: x 64 x 132 x 4, W 32 x 132 x 4, grad_pre 64 x 36 x 4, pre 64 x 36 x 4,
+    # grad_x 64 x 132 x 4, warp sums 1024, pixels 3 x 64 x 4, taps 50 x 32 x 4
+    assert cuda_backend._fused_smem_bytes(128, 64, 4) == 33792 + 16896 + 9216 + 9216 + 33792 + 1024 + 768 + 6400
+    assert cuda_backend._fused_smem_bytes(128, 64, 2) == 82432 <= cuda_backend.FUSED_MAX_SMEM_BYTES
+    assert cuda_backend._fused_smem_bytes(112, 64, 4) <= cuda_backend.FUSED_MAX_SMEM_BYTES
+    for c_in, itemsize, rows in ((128, 4, 32), (113, 4, 32), (112, 4, 64), (128, 2, 64)):
+        assert cuda_backend._fused_tiles(4, c_in, 64, 56, 56, 9, itemsize)[0] == rows, (c_in, itemsize)
 
 
 # (n, c_in, h, w, (kh, kw), stride, padding, dilation): inside every limit, on each limit and one past it
@@ -203,6 +217,7 @@ _TILE_CHOICE_CASES = [
     (3, 24, 13, 29, (7, 3), (2, 1), (3, 2, 1, 0), (1, 2)),
     (1, 16, 4, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
     (1, 32, 28, 28, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1)),  # fp32: TF32 or not changes the tile
+    (1, 120, 112, 112, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # fused backward: fp32 tiles of 32 pixels, 16-bit 64
     (2, 8, 56, 56, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
 ]
 
@@ -276,7 +291,7 @@ def test_python_restatement_agrees_on_random_calls(ext):
     supported = fused_paths = 0
     for _ in range(4000):
         n = rng.choice([1, 1, 2, 3, 8, 32, 64, 128, 1000, 65535])
-        c_in = rng.choice([1, 3, 16, 31, 32, 33, 64, 100, 1024])
+        c_in = rng.choice([1, 3, 16, 31, 32, 33, 64, 100, 112, 113, 128, 129, 1024])
         c_out = rng.choice([1, 8, 32, 33, 64, 200, 1000, 4096])
         h, w = (rng.choice([1, 2, 4, 7, 13, 28, 31, 33, 37, 56, 112, 224, 1000, 5000, 70000, 1 << 20])
                 for _ in range(2))
@@ -297,7 +312,7 @@ def test_python_restatement_agrees_on_random_calls(ext):
         assert fwd == (*tiles["fwd_tile"], tiles["fwd_tiles"]), (args, tf32)
         assert cuda_backend._bwd_tile(h, w) == (*tiles["bwd_tile"], tiles["bwd_tiles"]), args
         assert cuda_backend._gemm_block_n(c_in) == tiles["gemm_block_n"], args
-        fused = cuda_backend._fused_tiles(n, c_in, c_out, h, w, kernel_size[0] * kernel_size[1])
+        fused = cuda_backend._fused_tiles(n, c_in, c_out, h, w, kernel_size[0] * kernel_size[1], dtype.itemsize)
         if fused is not None:
             assert (fused[0], fused[3], fused[4]) == (tiles["fused_rows"], tiles["fused_tiles"],
                                                       tiles["fused_blocks"]), args
@@ -344,7 +359,10 @@ GPU_CASES = [
     # fused backward: 89 blocks (the L2 budget of 276 KB slots) over 128 tiles of 16 pixels, so that blocks add
     # later tiles into their slots; C_in = 128, its largest
     (2, 128, 512, 32, 32, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "silu", torch.bfloat16, True, True, True),
-    (1, 100, 24, 45, 47, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "relu", torch.bfloat16, True, True, True),  # 64-px tiles
+    # 144 tiles of 64 pixels; C_in = 100: padded to 112, x staged element by element (not a multiple of 8)
+    (4, 100, 24, 48, 48, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "relu", torch.bfloat16, False, True, True),
+    # fp32 (FMA) at 128 channels: tiles of 32 pixels (64 exceed sm_86's shared memory), 384 tiles on 264 blocks
+    (3, 128, 64, 64, 64, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "hardswish", torch.float32, True, True, True),
 ]
 # The backward's paths each case runs (the fused one takes at most FUSED_MAX_CIN input channels)
 GPU_PATH_CASES = [(case, path) for case in GPU_CASES for path in ("fused", "split")
@@ -425,9 +443,10 @@ def test_gpu_fp32_follows_the_tf32_switch(ext, path):
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_backward_is_bitwise_deterministic(ext, dtype, path):
-    x, pw, pwb, dw, dwb = _inputs(4, 32, 48, 40, 40, (3, 3), dtype, True, True, True)
+    # fused: 512 tiles of 64 pixels on 264 blocks, so that slots add later tiles
+    x, pw, pwb, dw, dwb = _inputs(8, 32, 48, 64, 64, (3, 3), dtype, True, True, True)
     args = ([1, 1], [1, 1, 1, 1], [1, 1], "silu")
-    grad_y = torch.randn(4, 48, 40, 40, device="cuda").to(dtype)
+    grad_y = torch.randn(8, 48, 64, 64, device="cuda").to(dtype)
     first = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args, backward_path=path)
     for _ in range(3):
         again = torch.ops.bsconv_cuda.cuda_backward(grad_y, x, pw, pwb, dw, dwb, *args, backward_path=path)

@@ -65,8 +65,8 @@ def _gradients(tensors, wanted, backend, grad_y=None):
 
 
 def _backend_paths():
-    """(backend, forced Triton backward path) for every backend and backward path this machine runs."""
-    return [("reference", None), ("triton", "fused"), ("triton", "split"), ("cuda", None)]
+    """(backend, forced backward path) for every backend and backward path."""
+    return [("reference", None), ("triton", "fused"), ("triton", "split"), ("cuda", "fused"), ("cuda", "split")]
 
 
 @pytest.mark.parametrize("backend,path", _backend_paths(), ids=lambda v: str(v))
@@ -76,10 +76,14 @@ def test_every_subset_gives_the_gradients_of_computing_everything(backend, path,
     skip_unless_available(backend, device)
     tensors = _tensors(device)
     forced = contextlib.nullcontext()
-    if path is not None:
+    if backend == "triton":
         from bsconv_cuda.kernels import bsconv_u as triton_kernels
 
         forced = triton_kernels.force_blocks(backward=dict(PATH=path))
+    elif backend == "cuda":
+        from bsconv_cuda import cuda_backend
+
+        forced = cuda_backend.force_backward_path(path)
     with forced, tf32_convolutions(False):
         everything, grad_y = _gradients(tensors, PARAMS, backend)
         for subset in SUBSETS:
