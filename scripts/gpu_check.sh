@@ -10,12 +10,16 @@
 # order of value, so a run killed at the call's limit still returns the stages it finished.
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores), CUDA_HOME (default
-# /usr/local/cuda), PYTHON (default: python), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,
+# /usr/local/cuda), PYTHON (default: python, else python3), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,
 # BSCONV_BENCH_SET (quick / default / full) picks the benchmark set (quick here by default),
 # BSCONV_GPU_CHECK_STAGES: the stages to run, comma-separated (default: all, in this order):
 #   build, gpu_tests (tests marked cuda), grid (the fused backends' shared grid), suite (the other tests),
 #   sass (registers and spills of the built kernels), bench (quick benchmark set + report),
-#   paths (the CUDA backward's fused and split paths timed on the quick shapes).
+#   paths (the CUDA backward's fused and split paths timed on the quick shapes),
+#   sanitize (compute-sanitizer memcheck and racecheck on one small forward + backward of each backend and path,
+#   scripts/gpu_step.py), ncu (Nsight Compute on the kernels of one larger step, each backend and path).
+# Without the build stage, the extension already in bsconv_cuda/ is used: build copies it into the results, so that a
+# second device call can carry it (`BSCONV_GPU_CHECK_STAGES=sanitize,ncu` with bsconv_cuda/_C.abi3.so carried).
 # Stage timeouts in seconds: BSCONV_GPU_CHECK_TIMEOUT_<STAGE> (defaults below).
 # WHEEL=path/to/bsconv_cuda-*.whl: test a prebuilt wheel (scripts/build_wheel.sh, e.g. the one CI builds) instead of
 # building, which saves the compile's device time: it is pip-installed (--no-deps --force-reinstall) and pytest runs
@@ -23,7 +27,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # the GPU machine's image has python3 only
 RESULTS=${OUT:-$REPO/gpu-check-results}
 mkdir -p "$RESULTS"
 LOGS=$(mktemp -d)  # outside $RESULTS: only summary.txt and the archive of this folder go there
@@ -35,7 +39,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export BSCONV_CUDA_BUILD=1
 export BSCONV_BENCH_SET=${BSCONV_BENCH_SET:-quick}
 export PYTHONUNBUFFERED=1
-STAGES=${BSCONV_GPU_CHECK_STAGES:-build,gpu_tests,grid,suite,sass,bench,paths}
+STAGES=${BSCONV_GPU_CHECK_STAGES:-build,gpu_tests,grid,suite,sass,bench,paths,sanitize,ncu}
 [ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" = "1" ] && STAGES=$(echo "$STAGES" | sed -E 's/(^|,)(bench|paths)//g')
 FAILED=0
 
@@ -79,7 +83,10 @@ if [ -n "${WHEEL:-}" ]; then  # ... or install a prebuilt wheel and test it from
   cd "$(mktemp -d)"  # from here on, `import bsconv_cuda` finds the installed wheel (python puts the cwd on sys.path)
 elif wants build; then
   rm -f bsconv_cuda/_C*.so
-  stage build 420 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+  stage build 420 "$PY" -m pip install --no-build-isolation --no-deps -v -e . && cp bsconv_cuda/_C*.so "$RESULTS/"
+else  # the extension carried in (or none: the CUDA stages then say so)
+  BSCONV_CUDA_BUILD=0 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$LOGS/install.log" 2>&1 \
+    || note "install without build: FAILED (log: install.log)"
 fi
 "$PY" -m bsconv_cuda.info >"$LOGS/info.txt" 2>&1
 note "info: $(grep -iE "cuda backend|_C " "$LOGS/info.txt" | head -2 | tr '\n' ' ' | cut -c1-200)"
@@ -123,6 +130,42 @@ if wants paths; then
       --cuda-backward "$path" --no-progress --json "$LOGS/cuda-backward-$path.json"
   done
 fi
+
+# 5. memory and race checks, then the kernels' hardware counters (Firecracker machines; gVisor refuses both), on
+# scripts/gpu_step.py runs of each backend and CUDA backward path
+tool() {  # the first of: the CUDA toolkit's, the PATH's, Nsight Compute's own folder
+  { ls "$CUDA_HOME/bin/$1" 2>/dev/null; command -v "$1"; ls /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null; } | head -1
+}
+sanitize() {
+  local cs rc=0 run check runs=("cuda --path fused" "cuda --path split" "triton")
+  cs=$(tool compute-sanitizer)
+  [ -n "$cs" ] || { echo "no compute-sanitizer"; return 1; }
+  for run in "${runs[@]}"; do
+    for check in memcheck racecheck; do
+      echo "== $check: $run"
+      "$cs" --tool "$check" --error-exitcode 9 "$PY" "$REPO/scripts/gpu_step.py" $run --k 5 || rc=1
+    done
+  done
+  echo "sanitizer: $([ $rc -eq 0 ] && echo "no error" || echo "ERRORS (above)") in ${#runs[@]} runs x 2 checks"
+  return $rc
+}
+ncu_profile() {
+  local ncu rc=0 run runs=("cuda --path fused" "cuda --path split" "triton")
+  ncu=$(tool ncu)
+  [ -n "$ncu" ] || { echo "no ncu"; return 1; }
+  for run in "${runs[@]}"; do
+    echo "== ncu: $run"
+    "$ncu" --clock-control none --kernel-name regex:'fwd|bwd|gemm|reduce|colsum' --launch-count 12 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis "$PY" "$REPO/scripts/gpu_step.py" $run --shape 8,32,64,56,56 || rc=1
+  done
+  echo "ncu: $([ $rc -eq 0 ] && echo ok || echo FAILED) on ${#runs[@]} runs"
+  return $rc
+}
+export REPO CUDA_HOME
+export -f tool sanitize ncu_profile
+wants sanitize && stage sanitize 300 bash -c sanitize
+wants ncu && stage ncu 240 bash -c ncu_profile
 
 echo
 echo "================ gpu_check summary ================"
