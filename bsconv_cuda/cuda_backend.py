@@ -337,11 +337,11 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     col_blocks = math.ceil(m_out / col_rows)
     colsum = Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)
     col_bytes = 4 * col_blocks * c_out
+    if backward_path not in BACKWARD_PATHS:
+        raise ValueError(f"backward_path must be one of {BACKWARD_PATHS}, got {backward_path!r}")
     fused_tiles = _fused_tiles(n, c_in, c_out, h, w, kh * kw, itemsize)
     if backward_path == "fused" and fused_tiles is None:
         raise ValueError(f"the fused backward takes at most {FUSED_MAX_CIN} input channels, got {c_in}")
-    if backward_path not in BACKWARD_PATHS:
-        raise ValueError(f"backward_path must be one of {BACKWARD_PATHS}, got {backward_path!r}")
 
     gw_k = (splits - 1) * kchunk + _round_up(m - (splits - 1) * kchunk, kc)  # each split's K loop, padded to BK
     gemm_mn = math.ceil(m / _GEMM_BLOCK_M), math.ceil(c_in / block_n)

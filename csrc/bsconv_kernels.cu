@@ -744,8 +744,8 @@ struct FusedSmem {
 //   (one thread per channel and tap, over the tile's pixels in order) added into the block's channel slot.
 // So the pointwise product is computed once per (pixel, output channel) and both gradient MMAs consume it from shared
 // memory: nothing of mid's size is written. The slots are summed in block order afterwards (deterministic).
-// Launch bounds (256 threads, 2 blocks/SM): registers capped at 128; shared memory (FusedSmem, at most 109 KB: fp32,
-// 128 input channels, 64-pixel tiles) also allows two blocks per SM on sm_90.
+// Launch bounds (256 threads, 2 blocks/SM): registers capped at 128; shared memory (FusedSmem, at most
+// kFusedMaxSmemBytes = 99 KB) allows two blocks per SM on sm_90 and sm_80, one on sm_86 / sm_89.
 template <typename MT, int K>
 __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, FusedTiles f, bool vec) {
   using T = Elem<MT>;
@@ -858,9 +858,10 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
               const int own = pix_w[p] + s.pad_left - j * s.dilation_w;
               const int oh = ohn / s.stride_h, ow = own / s.stride_w;
               if (ohn >= 0 && own >= 0 && oh * s.stride_h == ohn && ow * s.stride_w == own && oh < s.H_out &&
-                  ow < s.W_out)
-                sum = fmaf(pre_s[p * LDM + cc], to_f(gy_c[(((int64_t)pix_n[p] * s.H_out + oh) * s.W_out + ow) * C_out]),
-                           sum);
+                  ow < s.W_out) {
+                const int64_t out_pixel = ((int64_t)pix_n[p] * s.H_out + oh) * s.W_out + ow;
+                sum = fmaf(pre_s[p * LDM + cc], to_f(gy_c[out_pixel * C_out]), sum);
+              }
             }
           }
           float* out = channel_slot + (int64_t)(c0 + cc) * (KK + 1) + tap;
@@ -1157,7 +1158,7 @@ FusedTiles choose_fused_tiles(const ConvShape& s) {
 // its slots read and written, and read once more by the reduction, against grad_pre written and read by both GEMMs,
 // x read again and the split partials written and read (the grad_dw_bias partials are the same on both paths).
 // The Triton backward chooses by the same rule (bsconv_cuda.kernels.bsconv_u.backward_plan); both are models, for a
-// GPU run to confirm. bsconv_cuda.cuda_backend._bwd_fused restates it.
+// GPU run to confirm. bsconv_cuda.cuda_backend.work_plan restates it.
 bool choose_bwd_path(const ConvShape& s, const BwdGeom& g, int64_t itemsize) {
   if (s.C_in > kFusedMaxCin || s.bwd_path == BwdPath::Split) return false;
   if (s.bwd_path == BwdPath::Fused) return true;
