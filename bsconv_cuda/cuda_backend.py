@@ -366,7 +366,7 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     if fused_tiles is None or backward_path == "split":
         return fwd, split
     rows, c_in_padded, c_out_padded, f_tiles, blocks = fused_tiles
-    slots = blocks * _fused_slot_bytes(c_in_padded, c_out_padded, c_out, kh * kw)
+    slot = _fused_slot_bytes(c_in_padded, c_out_padded, c_out, kh * kw)
     fused = Plan(path="fused", blocks=dict(rows=rows, CB=_CB, c_in_padded=c_in_padded),
                  # per (tile, C_out block): the recompute, grad_x's and grad_pw's MMAs
                  launches=(Launch("bwd_fused_kernel", (blocks,), 3 * f_tiles * n_cb * rows * _CB * c_in_padded,
@@ -374,9 +374,9 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
                            colsum),
                  params=dict(tiles=f_tiles, blocks=blocks),
                  # every tile reads and writes its block's slots, the reduction reads them once
-                 extra_traffic_bytes=(2 * f_tiles + blocks) * (slots // blocks) + 2 * col_bytes,
-                 extra_hbm_bytes=dram_bytes(slots + col_bytes, 2),
-                 partial_bytes=slots + col_bytes)
+                 extra_traffic_bytes=(2 * f_tiles + blocks) * slot + 2 * col_bytes,
+                 extra_hbm_bytes=dram_bytes(blocks * slot + col_bytes, 2),
+                 partial_bytes=blocks * slot + col_bytes)
     if backward_path == "fused":
         return fwd, fused
     # choose_bwd_path in csrc: the same rule as the Triton backward's (bsconv_cuda.kernels.bsconv_u.backward_plan)
