@@ -223,28 +223,51 @@ def _fwd_tiles(h_out: int, w_out: int, kh: int, kw: int, stride, dilation):
                 yield th, tw, ih, iw, tiles
 
 
-def _fwd_tile(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32=False):
-    """(TH, TW, IH, IW, tiles per image) of the forward kernel: choose_fwd_tile of csrc restated (its comment
-    gives the model; the constants are :mod:`bsconv_cuda.plan`'s), or None when no tile fits. The sums run in
-    floats in the kernel's order, so that ties break alike."""
+# Output channels per forward block, in the model's order of preference (kFwdChannelBlocks in csrc); 16 on tensor
+# cores only (bf16 / fp16 / TF32).
+FWD_CHANNEL_BLOCKS = (32, 16)
+
+
+def _fwd_candidates(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32=False):
+    """The forward's candidate blocks, each as (key, (TH, TW, IH, IW, tiles per image, CB), blocks) with the key
+    (ratio capped below at FWD_MAX_DOT_RATIO, modeled time, MMA multiply-adds, -CB, -TW) that choose_fwd_tile of csrc
+    minimizes (its comment gives the model; the constants are :mod:`bsconv_cuda.plan`'s). The sums run in floats
+    in the kernel's order, so that ties break alike."""
     fp32 = dtype == torch.float32
     k_chunk = 16 if fp32 else 32
     c_in_padded = float(_round_up(c_in, k_chunk))
     depthwise_cost = float(DEPTHWISE_COST["tc" if not fp32 else "tf32" if tf32 else "fma"])
     pointwise = float(n) * h * w * c_in * c_out
-    blocks_per_tile = float(n) * math.ceil(c_out / _CB)
     block_slots = float(TARGET_SMS * BLOCKS_PER_SM)
-    best = None
-    for th, tw, ih, iw, tiles in _fwd_tiles(h_out, w_out, kh, kw, stride, dilation):
-        blocks = blocks_per_tile * tiles
-        block_macs = float(_round_up(ih * iw, 16)) * _CB * c_in_padded
-        macs = blocks * block_macs
-        ratio = max(macs / pointwise, FWD_MAX_DOT_RATIO)
-        time = (block_macs + depthwise_cost * th * tw * kh * kw * _CB) * max(blocks / block_slots, 1.0)
-        key = (ratio, time, macs, -tw)
-        if best is None or key < best[0]:
-            best = key, (th, tw, ih, iw, tiles)
-    return None if best is None else best[1]
+    for cb in FWD_CHANNEL_BLOCKS:
+        if cb == 16 and fp32 and not tf32:
+            continue
+        blocks_per_tile = float(n) * math.ceil(c_out / cb)
+        for th, tw, ih, iw, tiles in _fwd_tiles(h_out, w_out, kh, kw, stride, dilation):
+            blocks = blocks_per_tile * tiles
+            block_macs = float(_round_up(ih * iw, 16)) * cb * c_in_padded
+            macs = blocks * block_macs
+            ratio = max(macs / pointwise, FWD_MAX_DOT_RATIO)
+            time = (block_macs + depthwise_cost * th * tw * kh * kw * cb) * max(blocks / block_slots, 1.0)
+            yield (ratio, time, macs, -cb, -tw), (th, tw, ih, iw, tiles, cb), int(blocks)
+
+
+def _fwd_choice(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32=False):
+    """((TH, TW, IH, IW, tiles per image, CB) of the forward kernel, the most blocks its candidates allow), or
+    (None, 0) when no tile fits. The first is choose_fwd_tile of csrc restated; the second, the most blocks any
+    candidate launches at the least capped work ratio: what the forward's blocks allow without more MMA work than
+    FWD_MAX_DOT_RATIO pointwise stages (or, where no tile stays within it, than the least-work tile)."""
+    candidates = list(_fwd_candidates(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32))
+    if not candidates:
+        return None, 0
+    best = min(candidates, key=lambda candidate: candidate[0])
+    return best[1], max(blocks for key, _, blocks in candidates if key[0] == best[0][0])
+
+
+def _fwd_tile(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32=False):
+    """(TH, TW, IH, IW, tiles per image, CB) of the forward kernel (choose_fwd_tile of csrc restated), or None when
+    no tile fits."""
+    return _fwd_choice(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32)[0]
 
 
 def _round_up(v: int, m: int) -> int:
@@ -259,9 +282,17 @@ _BWD_PIX = 256
 _GEMM_BLOCK_M = 64
 
 
-def _gemm_block_n(c_in: int) -> int:
-    """Columns of the backward GEMMs' blocks (gemm_block_n in csrc; both GEMMs have N = C_in)."""
-    return 32 if c_in <= 32 else 64
+def _gemm_block_n(columns: int) -> int:
+    """Columns of a backward GEMM's blocks (gemm_block_n in csrc): 32 up to 32 columns, else 64."""
+    return 32 if columns <= 32 else 64
+
+
+def _grad_x_transposed(m: int, c_in: int) -> bool:
+    """Whether the grad_x GEMM runs transposed, with the input channels as its rows and the m pixels as its columns
+    (grad_x_transposed in csrc): where that pads strictly less, which only m <= 32 can."""
+    def padded(rows, columns):
+        return _round_up(rows, _GEMM_BLOCK_M) * _round_up(columns, _gemm_block_n(columns))
+    return padded(c_in, m) < padded(m, c_in)
 
 
 def _bwd_tile(h: int, w: int) -> tuple[int, int, int]:
@@ -314,15 +345,17 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     kh, kw = kernel_size
     itemsize = torch.empty((), dtype=dtype).element_size()
     kc = 16 if dtype == torch.float32 else 32  # KC and the GEMM's BK
-    th, tw, ih, iw, tiles = _fwd_tile(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32)
-    n_cb = math.ceil(c_out / _CB)
+    conv = (n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32)
+    (th, tw, ih, iw, tiles, fwd_cb), finest = _fwd_choice(*conv)
+    fwd_n_cb = math.ceil(c_out / fwd_cb)
     halo = halo_read_factor(h, w, h_out, w_out, (th, tw), stride, (padding[0], padding[2]), (ih, iw))
     halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
-    fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, region_rows=_round_up(ih * iw, 16), CB=_CB, KC=kc),
-               launches=(Launch("fwd_kernel", (n_cb, tiles, n),
-                                n * tiles * n_cb * _round_up(ih * iw, 16) * _CB * _round_up(c_in, kc),
-                                finest=n * h_out * w_out * n_cb),),  # 1 x 1 output tiles
+    fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, region_rows=_round_up(ih * iw, 16), CB=fwd_cb, KC=kc),
+               launches=(Launch("fwd_kernel", (fwd_n_cb, tiles, n),
+                                n * tiles * fwd_n_cb * _round_up(ih * iw, 16) * fwd_cb * _round_up(c_in, kc),
+                                finest=finest),),
                params={}, extra_traffic_bytes=halo_bytes, extra_hbm_bytes=halo_bytes)
+    n_cb = math.ceil(c_out / _CB)
 
     # bwd_geom in csrc
     bth, btw, b_tiles = _bwd_tile(h, w)
@@ -344,15 +377,20 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
         raise ValueError(f"the fused backward takes at most {FUSED_MAX_CIN} input channels, got {c_in}")
 
     gw_k = (splits - 1) * kchunk + _round_up(m - (splits - 1) * kchunk, kc)  # each split's K loop, padded to BK
-    gemm_mn = math.ceil(m / _GEMM_BLOCK_M), math.ceil(c_in / block_n)
+    gx_transposed = _grad_x_transposed(m, c_in)
+    gx_rows, gx_columns = (c_in, m) if gx_transposed else (m, c_in)
+    gx_block_n = _gemm_block_n(gx_columns)
+    gx_grid = math.ceil(gx_rows / _GEMM_BLOCK_M), math.ceil(gx_columns / gx_block_n)
     gpre = m * c_out * itemsize
     split_partials = 4 * (n * b_tiles * c_out * (kh * kw + 1) + splits * c_out * c_in)
-    split = Plan(path="split", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc, GEMM_N=block_n),
+    split = Plan(path="split", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc, GEMM_N=block_n,
+                                           grad_x_transposed=gx_transposed),
                  launches=(Launch("bwd_tile_kernel", (n_cb, b_tiles, n),
                                   n * b_tiles * n_cb * _round_up(bth * btw, 16) * _CB * _round_up(c_in, kc)),
-                           Launch("gemm_kernel<grad_x>", gemm_mn,
-                                  gemm_mn[0] * gemm_mn[1] * _GEMM_BLOCK_M * block_n * _round_up(c_out, kc)),
-                           Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK_M), gemm_mn[1], splits),
+                           Launch("gemm_kernel<grad_x>", gx_grid,
+                                  math.prod(gx_grid) * _GEMM_BLOCK_M * gx_block_n * _round_up(c_out, kc)),
+                           Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK_M), math.ceil(c_in / block_n),
+                                                           splits),
                                   mn_tiles * _GEMM_BLOCK_M * block_n * gw_k),
                            colsum),
                  params=dict(splits=splits, kchunk=kchunk),

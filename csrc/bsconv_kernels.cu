@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "bsconv_params.h"
@@ -43,8 +44,10 @@ using namespace nvcuda;
 
 constexpr int kThreads = 256;  // every kernel uses 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int CB = 32;         // output channels per block in the fused kernels
-constexpr int LDM = CB + 4;    // leading dimension (floats) of the fp32 mid / pre tile in shared memory
+constexpr int CB = 32;         // output channels per block in the fused kernels (the forward also runs 16: FwdTile)
+// leading dimension (floats) of the fp32 mid / pre tile of `cb` channels in shared memory
+__host__ __device__ constexpr int mid_ld(int cb) { return cb + 4; }
+constexpr int LDM = mid_ld(CB);
 constexpr int kBwdPix = 256;   // most mid pixels per backward tile block (choose_bwd_tile)
 
 // ----------------------------------------------------------------------------------------------- type helpers
@@ -137,27 +140,30 @@ __host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) { r
 // ------------------------------------------------------------------------------------ pointwise stage (GEMM)
 // Shared-memory layout while the GEMM runs (region 0, reused afterwards for the fp32 result):
 //   xs  [region_rows][LDX] T : x of the region's pixels, KC input channels
-//   ws  [CB][LDW]    T : W rows c0..c0+CB, KC input channels (== B = W^T in column-major order)
+//   ws  [CBT][LDW]   T : W rows c0..c0+CBT, KC input channels (== B = W^T in column-major order)
 // After the GEMM (and a __syncthreads), region 0 holds
-//   acc [region_rows][LDM] float : pre-activation without bias, for pixel p (row) and channel c0 + c (column).
-template <typename M>
+//   acc [region_rows][mid_ld(CBT)] float : pre-activation without bias, for pixel p (row) and channel c0 + c
+//   (column).
+// CBT: the block's output channels, CB (32) or 16 (the forward's narrow channel block).
+template <typename M, int CBT = CB>
 __host__ __device__ __forceinline__ int region0_bytes(int region_rows) {
-  const int gemm = (region_rows * Cfg<M>::LDX + CB * Cfg<M>::LDW) * (int)sizeof(Elem<M>);
-  const int acc = region_rows * LDM * (int)sizeof(float);
+  const int gemm = (region_rows * Cfg<M>::LDX + CBT * Cfg<M>::LDW) * (int)sizeof(Elem<M>);
+  const int acc = region_rows * mid_ld(CBT) * (int)sizeof(float);
   return round_up(gemm > acc ? gemm : acc, 128);
 }
 
 // Region: pixels p in [0, region_pixels) are (r_h0 + p / RW, r_w0 + p % RW) of image n; rows
 // region_pixels..region_rows-1 (padding to the MMA's 16-row step) and pixels outside the image read as zeros.
 // `vec`: C_in % VEC == 0 and x is 16-byte aligned, so 16-byte loads are legal.
-template <typename M>
+template <typename M, int CBT = CB>
 __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, const Elem<M>* __restrict__ pw,
                                                const ConvShape& s, int n, int c0, int r_h0, int r_w0, int RW,
                                                int region_pixels, int region_rows, bool vec,
                                                unsigned char* region0) {
   using C = Cfg<M>;
   using T = Elem<M>;
-  constexpr int KC = C::KC, LDX = C::LDX, LDW = C::LDW, VEC = C::VEC;
+  constexpr int KC = C::KC, LDX = C::LDX, LDW = C::LDW, VEC = C::VEC, LDA = mid_ld(CBT);
+  static_assert(CBT == 32 || (CBT == 16 && C::kTC), "warp layouts below: 16 or 32 channels on tensor cores, 32 on FMA");
   T* xs = reinterpret_cast<T*>(region0);
   T* ws = xs + region_rows * LDX;
   float* acc_s = reinterpret_cast<float*>(region0);
@@ -166,12 +172,13 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
   const int64_t C_in = s.C_in, C_out = s.C_out;
   const int64_t img_pix = (int64_t)n * s.H * s.W;
 
-  constexpr int kMaxFrag = kMaxTilePixels / 16 / (kWarps / 2);  // 6 M-tiles per warp (each warp: one N-tile)
-  constexpr int kMaxRows = kMaxTilePixels / kWarps;             // 48 pixel rows per warp (FMA path)
-
-  // tensor-core accumulators: warp w owns N-tile (w & 1) and M-tiles (w >> 1) + 4 j
+  // tensor cores: warp w owns N-tile w % kNTiles and M-tiles w / kNTiles + kWarpsPerN j (CBT 32: 6 M-tiles per
+  // warp, CBT 16: 3)
+  constexpr int kNTiles = CBT / 16, kWarpsPerN = kWarps / kNTiles;
+  constexpr int kMaxFrag = kMaxTilePixels / 16 / kWarpsPerN;
+  // FMA: lane = channel, rows warp + 8 t (48 pixel rows per warp)
+  constexpr int kMaxRows = kMaxTilePixels / kWarps;
   wmma::fragment<wmma::accumulator, 16, 16, C::MMA_K, float> frag[C::kTC ? kMaxFrag : 1];
-  // FMA accumulators: lane = channel, rows warp + 8 t
   float facc[C::kTC ? 1 : kMaxRows];
   if constexpr (C::kTC) {
 #pragma unroll
@@ -210,7 +217,7 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
       }
     }
     // ---- stage W chunk: ws[c][kk] = W[c0 + c][k0 + kk]
-    for (int e = tid; e < CB * KC; e += kThreads) {
+    for (int e = tid; e < CBT * KC; e += kThreads) {
       const int c = e / KC, kk = e - c * KC;
       const int64_t k = k0 + kk;
       T val = zero_val<T>();
@@ -220,7 +227,7 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
     __syncthreads();
 
     if constexpr (C::kTC) {
-      const int nt = warp & 1;
+      const int nt = warp % kNTiles;
 #pragma unroll
       for (int kk = 0; kk < KC; kk += C::MMA_K) {
         wmma::fragment<wmma::matrix_b, 16, 16, C::MMA_K, typename C::MmaElem, wmma::col_major> bf;
@@ -228,7 +235,7 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
         to_mma_precision<M>(bf);
 #pragma unroll
         for (int j = 0; j < kMaxFrag; ++j) {
-          const int mt = (warp >> 1) + 4 * j;
+          const int mt = warp / kNTiles + kWarpsPerN * j;
           if (mt < m_tiles) {
             wmma::fragment<wmma::matrix_a, 16, 16, C::MMA_K, typename C::MmaElem, wmma::row_major> af;
             wmma::load_matrix_sync(af, xs + mt * 16 * LDX + kk, LDX);
@@ -263,17 +270,17 @@ __device__ __forceinline__ void pointwise_gemm(const Elem<M>* __restrict__ x, co
 
   // ---- write the fp32 result over region 0
   if constexpr (C::kTC) {
-    const int nt = warp & 1;
+    const int nt = warp % kNTiles;
 #pragma unroll
     for (int j = 0; j < kMaxFrag; ++j) {
-      const int mt = (warp >> 1) + 4 * j;
-      if (mt < m_tiles) wmma::store_matrix_sync(acc_s + mt * 16 * LDM + nt * 16, frag[j], LDM, wmma::mem_row_major);
+      const int mt = warp / kNTiles + kWarpsPerN * j;
+      if (mt < m_tiles) wmma::store_matrix_sync(acc_s + mt * 16 * LDA + nt * 16, frag[j], LDA, wmma::mem_row_major);
     }
   } else {
 #pragma unroll
     for (int t = 0; t < kMaxRows; ++t) {
       const int p = warp + kWarps * t;
-      if (p < region_rows) acc_s[p * LDM + lane] = facc[t];
+      if (p < region_rows) acc_s[p * LDA + lane] = facc[t];
     }
   }
   __syncthreads();
@@ -286,16 +293,16 @@ struct KSize {
   static constexpr int kMax = K > 0 ? K : kMaxKernelSize;
 };
 
-// Loads dw_weight[c0 .. c0+CB) as fp32 [kh*kw][CB] and the (optional) biases as fp32 [CB] (0 beyond C_out).
-template <typename T>
+// Loads dw_weight[c0 .. c0+CBT) as fp32 [kh*kw][CBT] and the (optional) biases as fp32 [CBT] (0 beyond C_out).
+template <typename T, int CBT = CB>
 __device__ __forceinline__ void load_channel_params(const T* __restrict__ dw_weight, int KK, const T* __restrict__ b1,
                                                     const T* __restrict__ b2, int64_t C_out, int c0, float* dws,
                                                     float* b1s, float* b2s) {
-  for (int e = threadIdx.x; e < KK * CB; e += kThreads) {
-    const int tap = e / CB, c = e - tap * CB;
+  for (int e = threadIdx.x; e < KK * CBT; e += kThreads) {
+    const int tap = e / CBT, c = e - tap * CBT;
     dws[e] = (c0 + c < C_out) ? to_f(dw_weight[(int64_t)(c0 + c) * KK + tap]) : 0.f;
   }
-  for (int c = threadIdx.x; c < CB; c += kThreads) {
+  for (int c = threadIdx.x; c < CBT; c += kThreads) {
     const bool ok = c0 + c < C_out;
     b1s[c] = (ok && b1 != nullptr) ? to_f(b1[c0 + c]) : 0.f;
     if (b2s != nullptr) b2s[c] = (ok && b2 != nullptr) ? to_f(b2[c0 + c]) : 0.f;
@@ -306,14 +313,21 @@ __device__ __forceinline__ void load_channel_params(const T* __restrict__ dw_wei
 struct FwdTile {
   int TH, TW, IH, IW, region_pixels, region_rows, tiles_w;
   int64_t tiles;
+  int CB;  // output channels per block: 32, or 16 where the model prefers it (narrow layers, few pixels)
 };
-
-template <typename MT, int K>
-__host__ __device__ __forceinline__ int fwd_smem_bytes(int region_rows) {
-  return region0_bytes<MT>(region_rows) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CB * (int)sizeof(float);
+// The forward's channel blocks, in the model's order of preference. 16 runs on tensor cores only: the FMA path's
+// 16-channel variant spilled (sm_90), and IEEE fp32 is the slow path anyway.
+constexpr int kFwdChannelBlocks[] = {32, 16};
+inline bool fwd_channel_block_runs(const ConvShape& s, int cb) {
+  return cb == 32 || s.dtype != DType::Float32 || s.tf32;
 }
 
-template <typename MT, int K>
+template <typename MT, int K, int CBT>
+__host__ __device__ __forceinline__ int fwd_smem_bytes(int region_rows) {
+  return region0_bytes<MT, CBT>(region_rows) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CBT * (int)sizeof(float);
+}
+
+template <typename MT, int K, int CBT>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, bool vec) {
   using T = Elem<MT>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -321,7 +335,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   const T* __restrict__ x = static_cast<const T*>(a.x);
   T* __restrict__ y = static_cast<T*>(a.y);
   const int tid = threadIdx.x;
-  const int c0 = blockIdx.x * CB;
+  constexpr int LDA = mid_ld(CBT);
+  const int c0 = blockIdx.x * CBT;
   const int n = blockIdx.z;
   const int tile = blockIdx.y;
   const int oh0 = (tile / t.tiles_w) * t.TH, ow0 = (tile % t.tiles_w) * t.TW;
@@ -331,21 +346,21 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
 
   float* acc_s = reinterpret_cast<float*>(smem);
-  float* dws = reinterpret_cast<float*>(smem + region0_bytes<MT>(t.region_rows));
-  float* pbs = dws + KM * KM * CB;
-  float* dbs = pbs + CB;
-  load_channel_params<T>(static_cast<const T*>(a.dw_w), KH * KW, static_cast<const T*>(a.pw_b),
-                            static_cast<const T*>(a.dw_b), s.C_out, c0, dws, pbs, dbs);
+  float* dws = reinterpret_cast<float*>(smem + region0_bytes<MT, CBT>(t.region_rows));
+  float* pbs = dws + KM * KM * CBT;
+  float* dbs = pbs + CBT;
+  load_channel_params<T, CBT>(static_cast<const T*>(a.dw_w), KH * KW, static_cast<const T*>(a.pw_b),
+                              static_cast<const T*>(a.dw_b), s.C_out, c0, dws, pbs, dbs);
 
-  pointwise_gemm<MT>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.region_pixels, t.region_rows, vec,
-                     smem);
+  pointwise_gemm<MT, CBT>(x, static_cast<const T*>(a.pw_w), s, n, c0, h0, w0, t.IW, t.region_pixels, t.region_rows,
+                          vec, smem);
 
   // mid = act(pre + b) inside the image, 0 in the padding (and in the unused rows)
-  for (int e = tid; e < t.region_rows * CB; e += kThreads) {
-    const int p = e / CB, c = e - p * CB;
+  for (int e = tid; e < t.region_rows * CBT; e += kThreads) {
+    const int p = e / CBT, c = e - p * CBT;
     const int ih = h0 + p / t.IW, iw = w0 + p % t.IW;
     const bool ok = p < t.region_pixels && ih >= 0 && ih < H && iw >= 0 && iw < W;
-    float* slot = acc_s + p * LDM + c;
+    float* slot = acc_s + p * LDA + c;
     *slot = ok ? act_fwd(*slot + pbs[c], (int)s.act) : 0.f;
   }
   __syncthreads();
@@ -353,20 +368,20 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, boo
   // depthwise stage: thread = (output pixel, channel); lanes run over channels (conflict-free smem reads,
   // coalesced NHWC stores)
   const int64_t C_out = s.C_out;
-  for (int e = tid; e < t.TH * t.TW * CB; e += kThreads) {
-    const int q = e / CB, c = e - q * CB;
+  for (int e = tid; e < t.TH * t.TW * CBT; e += kThreads) {
+    const int q = e / CBT, c = e - q * CBT;
     const int toh = q / t.TW, tow = q - toh * t.TW;
     const int oh = oh0 + toh, ow = ow0 + tow;
     if (oh < s.H_out && ow < s.W_out && c0 + c < C_out) {
       float sum = dbs[c];
-      const float* mrow = acc_s + ((toh * s.stride_h) * t.IW + tow * s.stride_w) * LDM + c;
+      const float* mrow = acc_s + ((toh * s.stride_h) * t.IW + tow * s.stride_w) * LDA + c;
 #pragma unroll
       for (int i = 0; i < KM; ++i) {
         if (K == 0 && i >= KH) break;
 #pragma unroll
         for (int j = 0; j < KM; ++j) {
           if (K == 0 && j >= KW) break;
-          sum = fmaf(mrow[(i * s.dilation_h * t.IW + j * s.dilation_w) * LDM], dws[(i * KW + j) * CB + c], sum);
+          sum = fmaf(mrow[(i * s.dilation_h * t.IW + j * s.dilation_w) * LDA], dws[(i * KW + j) * CBT + c], sum);
         }
       }
       y[(((int64_t)n * s.H_out + oh) * s.W_out + ow) * C_out + c0 + c] = from_f<T>(sum);
@@ -392,45 +407,48 @@ void visit_fwd_tiles(const ConvShape& s, Visit&& visit) {
   }
 }
 
-// The forward's output tile (TH x TW): among the tiles of visit_fwd_tiles, those within kFwdMaxMmaRatio pointwise
-// stages of MMA work (or the least MMA work where none is), then the least modeled time: per block, its MMA rows x
-// CB x C_in (padded to KC) plus kDepthwiseCost* x its depthwise FMAs, times the waves over kTargetSms x kBlocksPerSm
-// blocks, counted fractionally. A full GPU thus gets the least work per image, and a batch too small to fill the GPU
-// gets smaller tiles. bsconv_cuda.cuda_backend._fwd_tile restates it. Returns false when no tile fits. Up to a few
-// thousand candidates (1x1 kernels on large maps): a few microseconds, once per forward launch.
+// The forward's output tile (TH x TW) and channel block (CB 32 or 16): among the tiles of visit_fwd_tiles with
+// either block, those within kFwdMaxMmaRatio pointwise stages of MMA work (or the least MMA work where none is), then
+// the least modeled time: per block, its MMA rows x CB x C_in (padded to KC) plus kDepthwiseCost* x its depthwise
+// FMAs, times the waves over kTargetSms x kBlocksPerSm blocks, counted fractionally. A full GPU thus gets the least
+// work per image, and a batch too small to fill the GPU gets smaller tiles or 16-channel blocks (twice the blocks
+// for the same MMA work, and no padding of a 16-channel layer to 32). Ties go to the 32-channel block, then to the
+// wider tile (longer coalesced rows). bsconv_cuda.cuda_backend._fwd_tile restates it. Returns false when no tile
+// fits. Up to a few thousand candidates per block (1x1 kernels on large maps): a few microseconds, once per forward
+// launch.
 bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   const bool fp32 = s.dtype == DType::Float32;
   const int64_t k_chunk = fp32 ? Cfg<float>::KC : Cfg<__half>::KC;
   const double c_in_padded = (double)(ceil_div64(s.C_in, k_chunk) * k_chunk);
   const double depthwise_cost = !fp32 ? kDepthwiseCostHalf : (s.tf32 ? kDepthwiseCostTf32 : kDepthwiseCostFma);
   const double pointwise = (double)s.N * s.H * s.W * s.C_in * s.C_out;
-  const double blocks_per_tile = (double)s.N * ceil_div64(s.C_out, CB);
   const double block_slots = (double)kTargetSms * kBlocksPerSm;
   bool found = false;
-  double best_ratio = 0, best_time = 0, best_macs = 0;
-  visit_fwd_tiles(s, [&](int th, int tw, int IH, int IW, int64_t tiles) {
-    const int region_rows = round_up(IH * IW, 16);
-    const double blocks = blocks_per_tile * tiles;
-    const double block_macs = (double)region_rows * CB * c_in_padded;
-    const double macs = blocks * block_macs;
-    const double ratio = macs / pointwise > kFwdMaxMmaRatio ? macs / pointwise : kFwdMaxMmaRatio;
-    const double time = (block_macs + depthwise_cost * th * tw * s.KH * s.KW * CB) *
-                        (blocks > block_slots ? blocks / block_slots : 1.0);
-    // compared as (ratio, time, macs, -TW): on a tie, the wider tile (longer coalesced rows)
-    const bool better =
-        !found || ratio < best_ratio ||
-        (ratio == best_ratio &&
-         (time < best_time || (time == best_time && (macs < best_macs || (macs == best_macs && tw > out->TW)))));
-    if (better) {
-      found = true;
-      best_ratio = ratio; best_time = time; best_macs = macs;
-      out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW;
-      out->region_pixels = IH * IW; out->region_rows = region_rows;
-      out->tiles_w = (int)ceil_div64(s.W_out, tw);
-      out->tiles = tiles;
-    }
-    return true;
-  });
+  std::tuple<double, double, double, int, int> best;  // (ratio, time, macs, -CB, -TW)
+  for (const int cb : kFwdChannelBlocks) {
+    if (!fwd_channel_block_runs(s, cb)) continue;
+    const double blocks_per_tile = (double)s.N * ceil_div64(s.C_out, cb);
+    visit_fwd_tiles(s, [&](int th, int tw, int IH, int IW, int64_t tiles) {
+      const int region_rows = round_up(IH * IW, 16);
+      const double blocks = blocks_per_tile * tiles;
+      const double block_macs = (double)region_rows * cb * c_in_padded;
+      const double macs = blocks * block_macs;
+      const double ratio = macs / pointwise > kFwdMaxMmaRatio ? macs / pointwise : kFwdMaxMmaRatio;
+      const double time = (block_macs + depthwise_cost * th * tw * s.KH * s.KW * cb) *
+                          (blocks > block_slots ? blocks / block_slots : 1.0);
+      const auto key = std::make_tuple(ratio, time, macs, -cb, -tw);
+      if (!found || key < best) {
+        found = true;
+        best = key;
+        out->TH = th; out->TW = tw; out->IH = IH; out->IW = IW;
+        out->region_pixels = IH * IW; out->region_rows = region_rows;
+        out->tiles_w = (int)ceil_div64(s.W_out, tw);
+        out->tiles = tiles;
+        out->CB = cb;
+      }
+      return true;
+    });
+  }
   return found;
 }
 
@@ -474,6 +492,17 @@ class SmemLimit {
   std::map<int, int> limit_;  // device -> the limit set for the kernel there
 };
 
+template <typename MT, int K, int CBT>
+int launch_fwd(const FwdArgs& a, const FwdTile& t, bool vec, cudaStream_t stream) {
+  const int smem = fwd_smem_bytes<MT, K, CBT>(t.region_rows);
+  static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps region_rows <= kMaxTilePixels
+  const int rc = limit.allow(fwd_kernel<MT, K, CBT>, smem, fwd_smem_bytes<MT, K, CBT>(kMaxTilePixels));
+  if (rc != 0) return rc;
+  const dim3 grid((unsigned)ceil_div64(a.s.C_out, CBT), (unsigned)t.tiles, (unsigned)a.s.N);
+  fwd_kernel<MT, K, CBT><<<grid, kThreads, smem, stream>>>(a, t, vec);
+  return (int)cudaGetLastError();
+}
+
 template <typename MT, int K>
 int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
   using T = Elem<MT>;
@@ -481,13 +510,10 @@ int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
   FwdTile t;
   if (!choose_fwd_tile(s, &t)) return -1;
   const bool vec = (s.C_in % Cfg<MT>::VEC == 0) && (reinterpret_cast<uintptr_t>(a.x) % 16 == 0);
-  const int smem = fwd_smem_bytes<MT, K>(t.region_rows);
-  static SmemLimit limit;  // one per kernel instantiation; choose_fwd_tile keeps region_rows <= kMaxTilePixels
-  int rc = limit.allow(fwd_kernel<MT, K>, smem, fwd_smem_bytes<MT, K>(kMaxTilePixels));
-  if (rc != 0) return rc;
-  dim3 grid((unsigned)ceil_div64(s.C_out, CB), (unsigned)t.tiles, (unsigned)s.N);
-  fwd_kernel<MT, K><<<grid, kThreads, smem, stream>>>(a, t, vec);
-  return (int)cudaGetLastError();
+  if constexpr (Cfg<MT>::kTC) {
+    if (t.CB == 16) return launch_fwd<MT, K, 16>(a, t, vec, stream);
+  }
+  return launch_fwd<MT, K, 32>(a, t, vec, stream);
 }
 
 // ------------------------------------------------------------------------------------------------ backward
@@ -888,12 +914,22 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
 }
 
 // C = A . B over k in this block's split. A(m, k) = A[m*sAm + k*sAk], B(k, n) = B[k*sBk + n*sBn].
-// PARTIAL: C is float [splits][M][N] (split = blockIdx.z); else C is T [M][N].
-// Blocks of GBM x GBN outputs. Both backward GEMMs have N = C_in: up to 32 input channels take the 32-wide block
-// (gemm_block_n), so that a narrow layer's GEMMs are not padded to 64 columns.
+// PARTIAL: C is float [splits][M][N] (split = blockIdx.z); else C is T [M][N], or [N][M] when c_col_major.
+// Blocks of GBM x GBN outputs: up to 32 columns take the 32-wide block (gemm_block_n), so that a narrow GEMM is not
+// padded to 64 columns.
 constexpr int GBM = 64;
 
-inline int gemm_block_n(int64_t C_in) { return C_in <= 32 ? 32 : 64; }
+inline int gemm_block_n(int64_t N) { return N <= 32 ? 32 : 64; }
+
+// grad_x = grad_pre . W has M = N*H*W pixel rows and C_in columns. With at most 32 pixels (a batch-1 layer on a
+// 4 x 4 map), 64-row blocks are mostly padding: the GEMM then runs transposed, grad_x^T = W^T . grad_pre^T, with
+// the input channels as its rows and the pixels padded only to the 32-wide block (1024 -> 1024 @ 4 x 4, N = 1: 2x
+// the pointwise stage's multiply-adds instead of 4x). Chosen where that pads strictly less (only M <= 32 can).
+// bsconv_cuda.cuda_backend._grad_x_transposed restates it.
+inline bool grad_x_transposed(int64_t M, int64_t C_in) {
+  const int64_t bn = gemm_block_n(C_in), bm = gemm_block_n(M);
+  return ceil_div64(C_in, GBM) * GBM * ceil_div64(M, bm) * bm < ceil_div64(M, GBM) * GBM * ceil_div64(C_in, bn) * bn;
+}
 
 template <typename MT, int GBN>
 struct GemmCfg {
@@ -916,7 +952,7 @@ struct GemmCfg {
 template <typename MT, bool PARTIAL, int GBN>
 __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 4)
     gemm_kernel(const Elem<MT>* __restrict__ A, int64_t sAm, int64_t sAk, const Elem<MT>* __restrict__ B, int64_t sBk,
-                int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout) {
+                int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout, bool c_col_major) {
   using G = GemmCfg<MT, GBN>;
   using C = Cfg<MT>;
   using T = Elem<MT>;
@@ -1012,7 +1048,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 
       if constexpr (PARTIAL)
         static_cast<float*>(Cout)[((int64_t)blockIdx.z * M + m) * N + nq] = v;
       else
-        static_cast<T*>(Cout)[m * N + nq] = from_f<T>(v);
+        static_cast<T*>(Cout)[c_col_major ? nq * M + m : m * N + nq] = from_f<T>(v);
     }
   };
   if constexpr (C::kTC) {
@@ -1021,8 +1057,9 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 
     for (int q = 0; q < NT; ++q)
       wmma::store_matrix_sync(Cs + mt * 16 * LDC + (nt0 + q) * 16, frag[q], LDC, wmma::mem_row_major);
     __syncthreads();
+    const bool m_fast = !PARTIAL && c_col_major;  // consecutive threads along C's contiguous dimension
     for (int e = tid; e < GBM * GBN; e += kThreads) {
-      const int mm = e / GBN, nn = e - mm * GBN;
+      const int mm = m_fast ? e % GBM : e / GBN, nn = m_fast ? e / GBM : e % GBN;
       store(mm, nn, Cs[mm * LDC + nn]);
     }
   } else {
@@ -1037,13 +1074,16 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 
 // One gemm_kernel launch, in blocks of GBM x gemm_block_n(N) outputs, `splits` ways along K.
 template <typename MT, bool PARTIAL>
 int launch_gemm(const Elem<MT>* A, int64_t sAm, int64_t sAk, const Elem<MT>* B, int64_t sBk, int64_t sBn, int64_t M,
-                int64_t N, int64_t Ktot, int64_t kchunk, int64_t splits, void* Cout, cudaStream_t stream) {
+                int64_t N, int64_t Ktot, int64_t kchunk, int64_t splits, void* Cout, bool c_col_major,
+                cudaStream_t stream) {
   const int block_n = gemm_block_n(N);
   const dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(N, block_n), (unsigned)splits);
   if (block_n == 32)
-    gemm_kernel<MT, PARTIAL, 32><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
+    gemm_kernel<MT, PARTIAL, 32><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout,
+                                                                c_col_major);
   else
-    gemm_kernel<MT, PARTIAL, 64><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
+    gemm_kernel<MT, PARTIAL, 64><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout,
+                                                                c_col_major);
   return (int)cudaGetLastError();
 }
 
@@ -1122,6 +1162,7 @@ struct BwdGeom {
   int64_t kchunk;     // pixels per split (multiple of the GEMM's BK)
   int64_t col_rows;   // rows per grad_dw_bias partial (both paths)
   int64_t col_blocks;
+  bool grad_x_transposed;  // split: the grad_x GEMM runs transposed (grad_x_transposed)
   bool fused;         // the path (choose_bwd_path)
   FusedTiles fused_tiles;  // fused path (zeros where C_in > kFusedMaxCin)
 };
@@ -1189,6 +1230,7 @@ BwdGeom bwd_geom_t(const ConvShape& s) {
   const int64_t Mo = s.N * s.H_out * s.W_out;
   g.col_rows = ceil_div64(Mo, 32768) > 1024 ? ceil_div64(Mo, 32768) : 1024;  // keeps col_blocks <= 32768
   g.col_blocks = ceil_div64(Mo, g.col_rows);
+  g.grad_x_transposed = grad_x_transposed(M, s.C_in);
   g.fused_tiles = choose_fused_tiles<T>(s);
   g.fused = choose_bwd_path(s, g, (int64_t)sizeof(T));
   return g;
@@ -1238,15 +1280,19 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
     const T* gpre = static_cast<const T*>(a.gpre);
     const T* x = static_cast<const T*>(a.x);
     const T* pw = static_cast<const T*>(a.pw_w);
-    // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in]
-    if (a.grad_x &&
-        (rc = launch_gemm<MT, false>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out, s.C_out, 1, a.grad_x,
-                                     stream)) != 0)
-      return rc;
+    // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in], or its transpose W^T . gpre^T (grad_x_transposed)
+    if (a.grad_x) {
+      rc = g.grad_x_transposed
+               ? launch_gemm<MT, false>(pw, 1, s.C_in, gpre, 1, s.C_out, s.C_in, M, s.C_out, s.C_out, 1, a.grad_x,
+                                        true, stream)
+               : launch_gemm<MT, false>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out, s.C_out, 1, a.grad_x,
+                                        false, stream);
+      if (rc != 0) return rc;
+    }
     // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
     if (a.grad_pw_w &&
         (rc = launch_gemm<MT, true>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M, g.kchunk, g.splits,
-                                    a.part_gemm, stream)) != 0)
+                                    a.part_gemm, false, stream)) != 0)
       return rc;
   }
   // 3. partials of grad_dw_bias
@@ -1359,12 +1405,13 @@ TilePlan tile_plan(const ConvShape& s) {
   FwdTile t;
   p.fwd_fits = choose_fwd_tile(s, &t);
   if (p.fwd_fits) {
-    p.fwd_TH = t.TH; p.fwd_TW = t.TW; p.fwd_IH = t.IH; p.fwd_IW = t.IW; p.fwd_tiles = t.tiles;
+    p.fwd_TH = t.TH; p.fwd_TW = t.TW; p.fwd_IH = t.IH; p.fwd_IW = t.IW; p.fwd_tiles = t.tiles; p.fwd_CB = t.CB;
   }
   const BwdGeom g = bwd_geom(s);
   p.bwd_TH = g.tile.TH; p.bwd_TW = g.tile.TW; p.bwd_tiles = g.tile.tiles;
   p.splits = g.splits; p.kchunk = g.kchunk; p.col_blocks = g.col_blocks;
   p.gemm_block_n = gemm_block_n(s.C_in);
+  p.grad_x_transposed = g.grad_x_transposed;
   p.bwd_fused = g.fused;
   p.fused_rows = g.fused_tiles.rows;
   p.fused_tiles = g.fused_tiles.tiles;

@@ -101,11 +101,13 @@ struct BwdArgs {
 struct TilePlan {
   bool fwd_fits;                       // false when no forward tile fits kMaxTilePixels and the grid (fwd_* are 0)
   int fwd_TH, fwd_TW, fwd_IH, fwd_IW;  // output tile and its input rows / columns (tile + halo)
+  int fwd_CB;                          // output channels per forward block (32 or 16)
   int64_t fwd_tiles;                   // output tiles per image
   int bwd_TH, bwd_TW;                  // the mid pixels of one backward tile block
   int64_t bwd_tiles;                   // backward tiles per image
   int64_t splits, kchunk;              // split-K count and pixels per split of the grad_pw_weight GEMM
   int gemm_block_n;                    // columns (input channels) of both backward GEMMs' blocks
+  bool grad_x_transposed;              // the grad_x GEMM runs as grad_x^T = W^T . grad_pre^T (few pixels)
   int64_t col_blocks;                  // row blocks of the grad_dw_bias partials
   bool bwd_fused;                      // the backward's path: fused (no grad_pre) or split
   int fused_rows;                      // fused path: mid pixels per tile ...

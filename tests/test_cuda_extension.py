@@ -126,21 +126,24 @@ def test_forward_tile_choice():
     fills the GPU, and smaller tiles (more blocks, within 3 pointwise stages of work) when it does not."""
     bf16 = torch.bfloat16
     # 7x7 with dilation 3 on a 10x10 map padded by 9: footprint 19x19 = 361 <= 384; only the 1x1, 1x2 and 2x1 tiles
-    # fit, and the tie between the last two goes to the wider
-    assert cuda_backend._fwd_tile(1, 4, 8, 10, 10, 10, 10, 7, 7, [1, 1], [3, 3], bf16) == (1, 2, 19, 20, 50)
+    # fit, and the tie between the last two goes to the wider; 8 output channels take the 16-channel block (half the
+    # padding of 32)
+    assert cuda_backend._fwd_tile(1, 4, 8, 10, 10, 10, 10, 7, 7, [1, 1], [3, 3], bf16) == (1, 2, 19, 20, 50, 16)
     # dilation 4: 25x25 > 384, nothing fits
     assert cuda_backend._fwd_tile(1, 4, 8, 10, 10, 10, 10, 7, 7, [1, 1], [4, 4], bf16) is None
 
     def mma_rows_per_pixel(tile):
-        th, tw, ih, iw, tiles = tile
+        th, tw, ih, iw, tiles = tile[:5]
         return -(-ih * iw // 16) * 16 * tiles / (56 * 56)
 
     # 128 -> 128 @ 56: 4 channel blocks per tile
     candidates = list(cuda_backend._fwd_tiles(56, 56, 3, 3, [1, 1], [1, 1]))
     full = cuda_backend._fwd_tile(64, 128, 128, 56, 56, 56, 56, 3, 3, [1, 1], [1, 1], bf16)
     assert mma_rows_per_pixel(full) == min(mma_rows_per_pixel(t) for t in candidates)  # 14 x 19 tiles: 1.29
+    assert full[5] == 32
+    # one image: 7 x 14 tiles of 16 channels, 32 x 8 = 256 blocks at 1.47 (32 channels would halve the blocks)
     single = cuda_backend._fwd_tile(1, 128, 128, 56, 56, 56, 56, 3, 3, [1, 1], [1, 1], bf16)
-    assert 4 * single[4] >= 2 * 132 and mma_rows_per_pixel(single) <= 3.0  # 6 x 8 tiles: 280 blocks, 1.79
+    assert single[5] == 16 and 128 // 16 * single[4] >= 132 and mma_rows_per_pixel(single) <= 3.0
 
 
 def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
@@ -219,6 +222,8 @@ _TILE_CHOICE_CASES = [
     (1, 32, 28, 28, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1)),  # fp32: TF32 or not changes the tile
     (1, 120, 112, 112, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # fused backward: fp32 tiles of 32 pixels, 16-bit 64
     (2, 8, 56, 56, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (1, 1024, 4, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 16 pixels: the grad_x GEMM runs transposed
+    (2, 64, 3, 5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # 30 pixels: so does this one
 ]
 
 
@@ -240,7 +245,7 @@ def test_python_feasibility_check_agrees_with_the_compiled_one(ext, dtype):
 def test_work_plan_model_matches_the_compiled_tile_plan(ext):
     """cuda_backend.work_plan models the tile plan of csrc (kernel_report accounts work where _C cannot load);
     _C.tile_plan is what the launches use. The backward's path as the model chooses it and both forced paths."""
-    checked, paths = 0, {"fused": 0, "split": 0}
+    checked, transposed, paths = 0, 0, {"fused": 0, "split": 0}
     for n, c_in, h, w, kernel_size, stride, padding, dilation in _FEASIBILITY_CASES + _TILE_CHOICE_CASES:
         for c_out, dtype, tf32 in ((8, torch.float16, False), (64, torch.float32, True),
                                    (64, torch.float32, False), (1000, torch.bfloat16, False)):
@@ -254,12 +259,15 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
             fwd, bwd = cuda_backend.work_plan(*conv)
             _, split = cuda_backend.work_plan(*conv, backward_path="split")
             launches = {launch.kernel: launch for launch in fwd.launches + split.launches}
-            assert (fwd.blocks["TH"], fwd.blocks["TW"]) == tiles["fwd_tile"][:2], (args, tf32)
+            assert (fwd.blocks["TH"], fwd.blocks["TW"], fwd.blocks["CB"]) == (*tiles["fwd_tile"][:2], tiles["fwd_cb"]), (
+                args, tf32)
             assert launches["fwd_kernel"].grid[1] == tiles["fwd_tiles"], args
             assert (split.blocks["TH"], split.blocks["TW"]) == tiles["bwd_tile"], args
             assert launches["bwd_tile_kernel"].grid[1] == tiles["bwd_tiles"], args
             assert (split.params["splits"], split.params["kchunk"]) == (tiles["splits"], tiles["kchunk"]), args
             assert split.blocks["GEMM_N"] == tiles["gemm_block_n"], args
+            assert split.blocks["grad_x_transposed"] == tiles["grad_x_transposed"], args
+            transposed += tiles["grad_x_transposed"]
             assert launches["colsum_kernel"].grid[1] == tiles["col_blocks"], args
             assert bwd.path == tiles["bwd_path"], args
             paths[bwd.path] += 1
@@ -276,6 +284,7 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
             checked += 1
     assert checked >= 60  # the supported cases of both grids (68), in four dtype / TF32 settings and widths
     assert min(paths.values()) >= 10, paths  # the model takes both paths on these layers
+    assert transposed >= 4  # and both orientations of the grad_x GEMM
     with pytest.raises(ValueError, match="footprint|shared memory"):
         ext.tile_plan(1, 4, 8, 64, 64, 7, 7, (1, 1), (12, 12, 12, 12), (4, 4), "float16")
     with pytest.raises(ValueError, match="backward_path"):
@@ -289,6 +298,7 @@ def test_python_restatement_agrees_on_random_calls(ext):
     rng = random.Random(1)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     supported = fused_paths = 0
+    channel_blocks = {16: 0, 32: 0}
     for _ in range(4000):
         n = rng.choice([1, 1, 2, 3, 8, 32, 64, 128, 1000, 65535])
         c_in = rng.choice([1, 3, 16, 31, 32, 33, 64, 100, 112, 113, 128, 129, 1024])
@@ -309,9 +319,11 @@ def test_python_restatement_agrees_on_random_calls(ext):
         tiles = ext.tile_plan(*args, tf32)
         h_out, w_out = reference.output_size(h, w, kernel_size, stride, padding, dilation)
         fwd = cuda_backend._fwd_tile(n, c_in, c_out, h, w, h_out, w_out, *kernel_size, stride, dilation, dtype, tf32)
-        assert fwd == (*tiles["fwd_tile"], tiles["fwd_tiles"]), (args, tf32)
+        assert fwd == (*tiles["fwd_tile"], tiles["fwd_tiles"], tiles["fwd_cb"]), (args, tf32)
+        channel_blocks[tiles["fwd_cb"]] += 1
         assert cuda_backend._bwd_tile(h, w) == (*tiles["bwd_tile"], tiles["bwd_tiles"]), args
         assert cuda_backend._gemm_block_n(c_in) == tiles["gemm_block_n"], args
+        assert cuda_backend._grad_x_transposed(n * h * w, c_in) == tiles["grad_x_transposed"], args
         fused = cuda_backend._fused_tiles(n, c_in, c_out, h, w, kernel_size[0] * kernel_size[1], dtype.itemsize)
         if fused is not None:
             assert (fused[0], fused[3], fused[4]) == (tiles["fused_rows"], tiles["fused_tiles"],
@@ -322,7 +334,8 @@ def test_python_restatement_agrees_on_random_calls(ext):
                                             dilation, dtype, tf32)
             assert bwd.path == tiles["bwd_path"], (args, tf32)
             fused_paths += bwd.path == "fused"
-    assert supported >= 1500 and fused_paths >= 100, (supported, fused_paths)
+    assert supported >= 1500 and fused_paths >= 100 and min(channel_blocks.values()) >= 100, (
+        supported, fused_paths, channel_blocks)
 
 
 # ------------------------------------------------------------------------------------------------ GPU checks
@@ -363,10 +376,33 @@ GPU_CASES = [
     (4, 100, 24, 48, 48, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "relu", torch.bfloat16, False, True, True),
     # fp32 (FMA) at 128 channels: tiles of 32 pixels (64 exceed sm_86's shared memory), 384 tiles on 264 blocks
     (3, 128, 64, 64, 64, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "hardswish", torch.float32, True, True, True),
+    # 16 and 30 pixels: the split path's grad_x GEMM runs transposed (tensor cores; FMA, NCHW)
+    (1, 256, 72, 4, 4, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "relu", torch.bfloat16, True, True, True),
+    (2, 96, 40, 3, 5, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "silu", torch.float32, False, True, True),
+    # a forward on tensor cores with 32-channel blocks (the small batches above take 16)
+    (4, 32, 256, 56, 56, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1], "relu6", torch.bfloat16, True, True, True),
 ]
 # The backward's paths each case runs (the fused one takes at most FUSED_MAX_CIN input channels)
 GPU_PATH_CASES = [(case, path) for case in GPU_CASES for path in ("fused", "split")
                   if path == "split" or case[1] <= cuda_backend.FUSED_MAX_CIN]
+
+
+def test_gpu_cases_run_every_kernel_variant():
+    """The GPU cases (checked against the reference on a GPU) run each variant the tile plans choose between: the
+    forward's 16- and 32-channel blocks on tensor cores and 32 on FMA, and the grad_x GEMM of the split path in both
+    orientations."""
+    seen = set()
+    for n, c_in, c_out, h, w, k, stride, padding, dilation, act, dtype, cl, pb, db in GPU_CASES:
+        h_out, w_out = reference.output_size(h, w, k, stride, padding, dilation)
+        fwd, split = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, k, stride, padding, dilation, dtype,
+                                            False, backward_path="split")  # fp32 runs without TF32 there
+        seen |= {("forward", dtype != torch.float32, fwd.blocks["CB"]), ("grad_x", split.blocks["grad_x_transposed"])}
+    assert seen >= {("forward", True, 16), ("forward", True, 32), ("forward", False, 32), ("grad_x", False),
+                    ("grad_x", True)}, seen
+    # the TF32 test's layer takes the 16-channel block on TF32
+    fwd, _ = cuda_backend.work_plan(2, 64, 96, 20, 20, 20, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), torch.float32,
+                                    True)
+    assert fwd.blocks["CB"] == 16
 
 
 def _case_id(case):

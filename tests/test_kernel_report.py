@@ -348,18 +348,25 @@ def test_cuda_work_accounting_by_hand(kr):
     """The CUDA tile plan's counts on a layer worked out by hand from csrc/bsconv_kernels.cu."""
     from bsconv_cuda.shapes import Shape
 
-    # 16 -> 16 @ 32x32, bf16. Forward: the channel padding (C_in 16 -> KC 32, C_out 16 -> CB 32) puts every tile
-    # above the 3-stage cap, so the least MMA work decides: the 16x16 tile has the most output pixels per padded
-    # halo row (18x18 = 324 -> 336 rows: 0.76; 16x32 has 612 > 384 rows, 8x32 340 -> 352: 0.73), 4 tiles x 336 rows
-    # x 32 channels
-    # x 32 (C_in padded to KC). Backward: 4 tiles of 8x32 = 256 pixels x 32 x 32; grad_x GEMM 16 x 1 blocks of
-    # 64 x 32 x 32 (C_in <= 32: 32-wide blocks; C_out padded to BK); grad_pw GEMM: 512 / 1 block pairs capped at
-    # 1024 / 256 = 4 splits of 256 pixels, 64 x 32 each
+    # 16 -> 16 @ 32x32, bf16. Forward: 16-channel blocks (no C_out padding); C_in 16 padded to KC = 32 doubles the
+    # work, so only tiles with at least 2/3 output pixel per padded halo row stay within 3 pointwise stages. Of those,
+    # the least time per block (one wave either way): 8 x 16 tiles, 10 x 18 = 180 -> 192 rows for 128 pixels
+    # (3.00; 16 x 16 tiles: 2.63 but twice the rows per block), 8 tiles x 192 rows x 16 channels x 32.
+    # Backward: 4 tiles of 8x32 = 256 pixels x 32 x 32; grad_x GEMM 16 x 1 blocks of 64 x 32 x 32 (C_in <= 32:
+    # 32-wide blocks; C_out padded to BK); grad_pw GEMM: 512 / 1 block pairs capped at 1024 / 256 = 4 splits of 256
+    # pixels, 64 x 32 each
     fwd, bwd = kr.call_plans(Shape("t", "t", 16, 16, 32, 1), "cuda")
-    assert fwd.blocks["TH"] == 16 and fwd.blocks["TW"] == 16 and fwd.dot_macs == 4 * 336 * 32 * 32
+    assert (fwd.blocks["TH"], fwd.blocks["TW"], fwd.blocks["CB"]) == (8, 16, 16)
+    assert fwd.dot_macs == 8 * 192 * 16 * 32 == 3 * 32 * 32 * 16 * 16
     assert [launch.dot_macs for launch in bwd.launches[:3]] == [4 * 256 * 32 * 32, 16 * 64 * 32 * 32,
                                                                   4 * 64 * 32 * 256]
     assert bwd.path == "split" and bwd.scratch_bytes == 32 * 32 * 16 * 2
+    # 1024 -> 1024 @ 4 x 4, N = 1: 16 pixels. The grad_x GEMM runs transposed: 16 blocks of 64 input channels x 32
+    # pixels (16 real) x C_out 1024, 2 pointwise stages instead of the 4 of 64-pixel blocks.
+    _, bwd = kr.call_plans(Shape("t", "t", 1024, 1024, 4, 1), "cuda")
+    grad_x = next(launch for launch in bwd.launches if launch.kernel == "gemm_kernel<grad_x>")
+    assert bwd.blocks["grad_x_transposed"] and grad_x.grid == (16, 1)
+    assert grad_x.dot_macs == 16 * 64 * 32 * 1024 == 2 * 16 * 1024 * 1024
     # The fused backward of 32 -> 64 @ 112, N = 1, bf16 (the traffic model's choice there): 12544 pixels in 196 tiles
     # of 64 (196 >= 132 SMs), 2 blocks of 32 output channels, C_in 32 (a multiple of 16); three MMAs per (tile,
     # channel block): 3.00 pointwise stages. Slots of 4 x (64 x 32 + 64 x 10) B: the L2 budget allows 2340 blocks, one
