@@ -304,36 +304,45 @@ def _bwd_tile(h: int, w: int) -> tuple[int, int, int]:
 
 
 def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int, itemsize: int):
-    """(rows, C_in padded, C_out padded, tiles, blocks) of the fused backward (choose_fused_tiles in csrc): tiles of
-    the largest of 64, 32, 16 pixels that still gives every SM one and fits FUSED_MAX_SMEM_BYTES, and as many
-    persistent blocks as one wave holds and the partials' L2 budget allows; None where C_in > FUSED_MAX_CIN.
-    itemsize: bytes of the dtype's element."""
+    """(rows, C_in padded, C_out padded, tiles, blocks, slot_in_smem) of the fused backward (choose_fused_tiles in
+    csrc): tiles of the largest of 64, 32, 16 pixels that still gives every SM one and fits FUSED_MAX_SMEM_BYTES, the
+    grad_pw_weight slot in shared memory too where it fits beside them, and as many persistent blocks as one wave
+    holds and the partials' L2 budget allows. None where C_in > FUSED_MAX_CIN. itemsize: bytes of the dtype's
+    element."""
     if c_in > FUSED_MAX_CIN:
         return None
     m = n * h * w
     c_in_padded, c_out_padded = _round_up(c_in, 16), _round_up(c_out, _CB)
     rows = next((r for r in (64, 32) if math.ceil(m / r) >= TARGET_SMS
                  and _fused_smem_bytes(c_in_padded, r, itemsize) <= FUSED_MAX_SMEM_BYTES), 16)
+    slot_in_smem = _fused_smem_bytes(c_in_padded, rows, itemsize, c_out_padded) <= FUSED_MAX_SMEM_BYTES
     tiles = math.ceil(m / rows)
-    slot = _fused_slot_bytes(c_in_padded, c_out_padded, c_out, taps)
+    slot = _fused_weight_slot_bytes(c_in_padded, c_out_padded) + _fused_channel_slot_bytes(c_out, taps)
     blocks = max(1, min(TARGET_SMS * BLOCKS_PER_SM, L2_RESIDENT_BYTES // slot, tiles))
-    return rows, c_in_padded, c_out_padded, tiles, blocks
+    return rows, c_in_padded, c_out_padded, tiles, blocks, slot_in_smem
 
 
-def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int) -> int:
+def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, c_out_slot: int = 0) -> int:
     """Shared memory of a fused backward block with room for 7 x 7 taps (FusedSmem in csrc: x and W tiles, grad_pre,
-    pre, the grad_x accumulator, warp sums, pixel coordinates, taps and bias; arrays on 128-byte boundaries)."""
+    pre, the grad_x accumulator, warp sums, pixel coordinates, taps and bias, and c_out_slot rows of the
+    grad_pw_weight slot; arrays on 128-byte boundaries)."""
     pad = 4 if itemsize == 4 else 8
     ld_x, ld_gp, ld_gx = c_in_padded + pad, _CB + pad, c_in_padded + 4
     arrays = (rows * ld_x * itemsize, _CB * ld_x * itemsize, rows * ld_gp * itemsize, rows * (_CB + 4) * 4,
               rows * ld_gx * 4)
     warp_sums, pixels, taps = 8 * _CB * 4, 3 * rows * 4, (7 * 7 + 1) * _CB * 4
-    return sum(_round_up(a, 128) for a in arrays) + warp_sums + _round_up(pixels, 128) + taps
+    return (sum(_round_up(a, 128) for a in arrays) + warp_sums + _round_up(pixels, 128) + _round_up(taps, 128)
+            + c_out_slot * ld_gx * 4)
 
 
-def _fused_slot_bytes(c_in_padded: int, c_out_padded: int, c_out: int, taps: int) -> int:
-    """One fused block's fp32 partials: its grad_pw_weight slot and its grad_dw_weight | grad_pw_bias slot."""
-    return 4 * (c_out_padded * c_in_padded + c_out * (taps + 1))
+def _fused_weight_slot_bytes(c_in_padded: int, c_out_padded: int) -> int:
+    """One fused block's fp32 grad_pw_weight partials."""
+    return 4 * c_out_padded * c_in_padded
+
+
+def _fused_channel_slot_bytes(c_out: int, taps: int) -> int:
+    """One fused block's fp32 grad_dw_weight and grad_pw_bias partials."""
+    return 4 * c_out * (taps + 1)
 
 
 def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, dilation, dtype, tf32=False,
@@ -403,16 +412,21 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
                  scratch_bytes=gpre)
     if fused_tiles is None or backward_path == "split":
         return fwd, split
-    rows, c_in_padded, c_out_padded, f_tiles, blocks = fused_tiles
-    slot = _fused_slot_bytes(c_in_padded, c_out_padded, c_out, kh * kw)
-    fused = Plan(path="fused", blocks=dict(rows=rows, CB=_CB, c_in_padded=c_in_padded),
+    rows, c_in_padded, c_out_padded, f_tiles, blocks, slot_in_smem = fused_tiles
+    weight_slot, channel_slot = _fused_weight_slot_bytes(c_in_padded, c_out_padded), _fused_channel_slot_bytes(
+        c_out, kh * kw)
+    slot = weight_slot + channel_slot
+    fused = Plan(path="fused", blocks=dict(rows=rows, CB=_CB, c_in_padded=c_in_padded, slot_in_smem=slot_in_smem),
                  # per (tile, C_out block): the recompute, grad_x's and grad_pw's MMAs
                  launches=(Launch("bwd_fused_kernel", (blocks,), 3 * f_tiles * n_cb * rows * _CB * c_in_padded,
                                   finest=math.ceil(m / 16)),
                            colsum),
                  params=dict(tiles=f_tiles, blocks=blocks),
-                 # every tile reads and writes its block's slots, the reduction reads them once
-                 extra_traffic_bytes=(2 * f_tiles + blocks) * slot + 2 * col_bytes,
+                 # fused_partial_traffic in csrc: a slot in global memory is stored by a block's first tile, read
+                 # and stored again by each later one and read once by the reduction; one in shared memory is
+                 # stored once per block and read by the reduction
+                 extra_traffic_bytes=(2 * (blocks if slot_in_smem else f_tiles) * weight_slot
+                                      + 2 * f_tiles * channel_slot + 2 * col_bytes),
                  extra_hbm_bytes=dram_bytes(blocks * slot + col_bytes, 2),
                  partial_bytes=blocks * slot + col_bytes)
     if backward_path == "fused":

@@ -15,7 +15,8 @@
 //      keep x and the grad_x accumulator of all input channels in shared memory and loop over blocks of 32 output
 //      channels: recompute pre, gather grad_pre = grad_mid * act'(pre) from grad_y through the transposed depthwise
 //      stencil, then grad_x += grad_pre . W and the block's fp32 slot of grad_pw_weight partials += grad_pre^T . x,
-//      both MMAs reading grad_pre from shared memory. Nothing of mid's size is written.
+//      both MMAs reading grad_pre from shared memory (the slot too where it fits there). Nothing of mid's size is
+//      written.
 //   split: 1. bwd_tile_kernel: one block = (32 channels, a tile of up to 256 mid pixels, one image): recomputes pre,
 //      gathers grad_mid from grad_y through the transposed depthwise stencil, writes gpre = grad_mid * act'(pre)
 //      (input dtype, scratch of mid's size, lives only during backward) and per-block fp32 partial sums of
@@ -24,6 +25,18 @@
 //      grad_pw_weight = gpre^T . x.
 // Both: colsum_kernel: per-row-block partials of grad_dw_bias = column sums of grad_y; reduce kernels sum the
 // partials in a fixed order (deterministic, bitwise reproducible).
+//
+// The numbers behind the two paths (bytes through L2 beyond the byte floor, per mid pixel; R pixels per fused tile,
+// bf16): the split path writes grad_pre and reads it in both GEMMs and reads x again, 3 * 2 * C_out + 2 * C_in.
+// The fused path writes no grad_pre; its partials cost 8 * C_out * C_in / R where a block adds each tile into a
+// grad_pw_weight slot in global memory, and 8 * C_out * C_in * blocks / pixels (nothing per tile) where the slot
+// fits in shared memory beside the tile (C_out * C_in up to about 16 K at 64-pixel tiles). So the fused path wins
+// on every layer whose slot stays on chip once the batch gives each block several tiles (32 -> 64 @ 112, N = 64:
+// 69 MB against 385), and the split path on small batches of wide-ish layers (128 -> 128 @ 56, N = 1: a tile per
+// block, 28 MB against 5). Layers wider than kFusedMaxCin = 128 take the split path: the tile's x and grad_x of all C_in no longer
+// fit in shared memory with tiles of MMA height (16 pixels x 1024 channels x 6 bytes = 96 KB before W), and
+// keeping the slot off chip instead costs 8 * 1024 * 1024 / 16 = 512 KB per pixel against the split path's 6 KB.
+// These are models: a GPU run measures both paths (scripts/gpu_check.sh) and decides.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -722,13 +735,25 @@ struct FusedTiles {
   int c_out_padded;  // C_out rounded up to CB (rows of a block's grad_pw_weight slot)
   int64_t tiles;     // ceil(N*H*W / rows): flat runs of pixels in NHWC order (a tile may span images)
   int64_t blocks;    // persistent blocks, each striding over the tiles with its own slot of partials
+  bool slot_in_smem;  // the block accumulates its grad_pw_weight slot in shared memory and stores it once at the end
+                      // (else it adds each tile's share into the slot in global memory)
 };
 constexpr int kFusedMaxRows = 64;
 
-// One fused block's fp32 partials: its grad_pw_weight slot (c_out_padded x c_in_padded) and channel slot
-// (C_out x (taps + 1): grad_dw_weight, grad_pw_bias).
+// One fused block's fp32 partials in global memory: its grad_pw_weight slot (c_out_padded x c_in_padded) and its
+// channel slot (C_out x (taps + 1): grad_dw_weight, grad_pw_bias).
+inline int64_t fused_weight_slot_bytes(const FusedTiles& f) { return 4 * (int64_t)f.c_out_padded * f.c_in_padded; }
+inline int64_t fused_channel_slot_bytes(const ConvShape& s) { return 4 * s.C_out * ((int64_t)s.KH * s.KW + 1); }
 inline int64_t fused_slot_bytes(const ConvShape& s, const FusedTiles& f) {
-  return 4 * ((int64_t)f.c_out_padded * f.c_in_padded + s.C_out * ((int64_t)s.KH * s.KW + 1));
+  return fused_weight_slot_bytes(f) + fused_channel_slot_bytes(s);
+}
+
+// Bytes the fused blocks move through L2 for their partials: a slot in global memory is stored by a block's first
+// tile, read and stored again by each later one and read once by the reduction (2 x tiles x slot in all); the
+// grad_pw_weight slot in shared memory is stored once per block and read by the reduction (2 x blocks x slot).
+inline int64_t fused_partial_traffic(const ConvShape& s, const FusedTiles& f) {
+  return 2 * (f.slot_in_smem ? f.blocks : f.tiles) * fused_weight_slot_bytes(f) +
+         2 * f.tiles * fused_channel_slot_bytes(s);
 }
 
 // Shared memory of bwd_fused_kernel (byte offsets; each array starts on a 128-byte boundary). Leading dimensions pad
@@ -741,11 +766,13 @@ inline int64_t fused_slot_bytes(const ConvShape& s, const FusedTiles& f) {
 //   red [kWarps][CB]  float : the warps' grad_pw_bias sums
 //   pix [3][rows]     int   : image, row and column of the tile's pixels
 //   dws [taps][CB], pbs [CB] float : depthwise taps and pw_bias of channels c0 .. c0+CB
+//   gws [c_out_slot][ld_gx] float : the block's grad_pw_weight slot, when it is kept in shared memory
+//                                   (c_out_slot = c_out_padded, else 0)
 template <typename MT>
 struct FusedSmem {
   int ld_x, ld_gp, ld_gx;
-  int xs, ws, gps, pre, gxs, red, pix, dws, bytes;
-  __host__ __device__ FusedSmem(int c_in_padded, int rows, int taps) {
+  int xs, ws, gps, pre, gxs, red, pix, dws, gws, bytes;
+  __host__ __device__ FusedSmem(int c_in_padded, int rows, int taps, int c_out_slot) {
     const int item = (int)sizeof(Elem<MT>), pad = Cfg<MT>::kFloat ? 4 : 8;
     ld_x = c_in_padded + pad;
     ld_gp = CB + pad;
@@ -758,7 +785,8 @@ struct FusedSmem {
     red = gxs + round_up(rows * ld_gx * (int)sizeof(float), 128);
     pix = red + kWarps * CB * (int)sizeof(float);
     dws = pix + round_up(3 * rows * (int)sizeof(int), 128);
-    bytes = dws + (taps + 1) * CB * (int)sizeof(float);
+    gws = dws + round_up((taps + 1) * CB * (int)sizeof(float), 128);
+    bytes = gws + c_out_slot * ld_gx * (int)sizeof(float);
   }
 };
 
@@ -766,8 +794,9 @@ struct FusedSmem {
 // channels in shared memory and loops over blocks of CB output channels:
 //   pre = x . W[c0:c0+CB]^T (MMA), grad_pre = grad_mid * act'(pre + b) (pixel_grad_pre, grad_y gathered per tap),
 //   grad_x += grad_pre . W[c0:c0+CB] (MMA), slot[c0:c0+CB] += grad_pre^T . x (MMA into the block's own fp32 slot of
-//   grad_pw_weight partials in global memory, L2-resident), and the tile's grad_dw_weight / grad_pw_bias partials
-//   (one thread per channel and tap, over the tile's pixels in order) added into the block's channel slot.
+//   grad_pw_weight partials: in shared memory where it fits, stored to global memory once at the end; else in
+//   global memory, L2-resident), and the tile's grad_dw_weight / grad_pw_bias partials (one thread per channel and
+//   tap, over the tile's pixels in order) added into the block's channel slot.
 // So the pointwise product is computed once per (pixel, output channel) and both gradient MMAs consume it from shared
 // memory: nothing of mid's size is written. The slots are summed in block order afterwards (deterministic).
 // Launch bounds (256 threads, 2 blocks/SM): registers capped at 128; shared memory (FusedSmem, at most
@@ -783,7 +812,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
   const int KK = KH * KW;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rows = f.rows, Cp = f.c_in_padded;
-  const FusedSmem<MT> L(Cp, rows, KM * KM);
+  const FusedSmem<MT> L(Cp, rows, KM * KM, f.slot_in_smem ? f.c_out_padded : 0);
   T* xs = reinterpret_cast<T*>(smem + L.xs);
   T* ws = reinterpret_cast<T*>(smem + L.ws);
   T* gps = reinterpret_cast<T*>(smem + L.gps);
@@ -795,6 +824,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
   int* pix_w = pix_h + rows;
   float* dws = reinterpret_cast<float*>(smem + L.dws);
   float* pbs = dws + KM * KM * CB;
+  float* gws = reinterpret_cast<float*>(smem + L.gws);
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ pw = static_cast<const T*>(a.pw_w);
   const T* __restrict__ gy = static_cast<const T*>(a.grad_y);
@@ -803,6 +833,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
   const bool want_channels = a.grad_dw_w != nullptr || a.grad_pw_b != nullptr;
   float* gw_slot = a.part_gemm + (int64_t)blockIdx.x * f.c_out_padded * Cp;  // used only when want_gw
   float* channel_slot = a.part_tile + (int64_t)blockIdx.x * C_out * (KK + 1);
+  // where the grad_pw_weight MMAs accumulate: the shared-memory slot (zeroed here; the first __syncthreads of the
+  // tile loop orders it before them) or the global one
+  float* const gw_acc = f.slot_in_smem ? gws : gw_slot;
+  const int ld_gw = f.slot_in_smem ? L.ld_gx : Cp;
+  if (want_gw && f.slot_in_smem)
+    for (int e = tid; e < f.c_out_padded * L.ld_gx; e += kThreads) gws[e] = 0.f;
 
   for (int64_t tile = blockIdx.x; tile < f.tiles; tile += gridDim.x) {
     const bool first = tile == blockIdx.x;  // the block's first tile stores its slots, later tiles add to them
@@ -897,8 +933,8 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
       // ---- grad_x[rows][C_in] += grad_pre . W;  slot[c0 .. c0+CB][C_in] += grad_pre^T . x
       if (want_gx) block_mma<MT, true, true>(gxs, L.ld_gx, true, gps, L.ld_gp, ws, L.ld_x, rows / 16, Cp / 16, CB);
       if (want_gw)
-        block_mma<MT, false, true>(gw_slot + (int64_t)c0 * Cp, Cp, !first, gps, L.ld_gp, xs, L.ld_x, CB / 16,
-                                   Cp / 16, rows);
+        block_mma<MT, false, true>(gw_acc + (int64_t)c0 * ld_gw, ld_gw, f.slot_in_smem || !first, gps, L.ld_gp, xs,
+                                   L.ld_x, CB / 16, Cp / 16, rows);
       __syncthreads();  // the MMAs are done with ws / gps before the next channel block restages them
     }
     // ---- write the tile's grad_x
@@ -911,6 +947,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
     }
     __syncthreads();  // before the next tile restages xs and zeroes gxs
   }
+  // ---- store the shared-memory slot (the loop's last __syncthreads ordered the MMAs before this)
+  if (want_gw && f.slot_in_smem)
+    for (int e = tid; e < f.c_out_padded * Cp; e += kThreads) {
+      const int c = e / Cp, k = e - c * Cp;
+      gw_slot[e] = gws[c * L.ld_gx + k];
+    }
 }
 
 // C = A . B over k in this block's split. A(m, k) = A[m*sAm + k*sAk], B(k, n) = B[k*sBk + n*sBn].
@@ -1167,10 +1209,11 @@ struct BwdGeom {
   FusedTiles fused_tiles;  // fused path (zeros where C_in > kFusedMaxCin)
 };
 
-// The fused path's tiles: the largest of 64, 32, 16 pixels that still gives every SM a tile (the partials a block
-// rewrites per tile do not depend on the tile's size, so larger tiles move fewer bytes) and whose shared memory (with
-// room for 7x7 taps) fits kFusedMaxSmemBytes, and as many persistent blocks as one wave holds and the partials' L2
-// budget allows.
+// The fused path's tiles: the largest of 64, 32, 16 pixels that still gives every SM a tile (a block rewrites a slot in
+// global memory per tile, so larger tiles move fewer bytes) and whose shared memory (with room for 7x7 taps) fits
+// kFusedMaxSmemBytes; the grad_pw_weight slot in shared memory too where it fits beside them (it then moves no bytes
+// per tile). As many persistent blocks as one wave holds and the partials' L2 budget allows.
+// bsconv_cuda.cuda_backend._fused_tiles restates it.
 template <typename T>
 FusedTiles choose_fused_tiles(const ConvShape& s) {
   FusedTiles f{};
@@ -1178,13 +1221,14 @@ FusedTiles choose_fused_tiles(const ConvShape& s) {
   const int64_t M = s.N * s.H * s.W;
   f.c_in_padded = round_up((int)s.C_in, 16);
   f.c_out_padded = (int)(ceil_div64(s.C_out, CB) * CB);
-  f.rows = 16;
-  for (int rows : {kFusedMaxRows, 32})
-    if (ceil_div64(M, rows) >= kTargetSms &&
-        FusedSmem<T>(f.c_in_padded, rows, kMaxKernelSize * kMaxKernelSize).bytes <= kFusedMaxSmemBytes) {
-      f.rows = rows;
+  constexpr int kTaps = kMaxKernelSize * kMaxKernelSize;
+  for (int rows : {kFusedMaxRows, 32, 16}) {
+    f.rows = rows;
+    if ((ceil_div64(M, rows) >= kTargetSms || rows == 16) &&
+        FusedSmem<T>(f.c_in_padded, rows, kTaps, 0).bytes <= kFusedMaxSmemBytes)
       break;
-    }
+  }
+  f.slot_in_smem = FusedSmem<T>(f.c_in_padded, f.rows, kTaps, f.c_out_padded).bytes <= kFusedMaxSmemBytes;
   f.tiles = ceil_div64(M, f.rows);
   const int64_t slot = fused_slot_bytes(s, f);
   int64_t blocks = (int64_t)kTargetSms * kBlocksPerSm;
@@ -1195,9 +1239,9 @@ FusedTiles choose_fused_tiles(const ConvShape& s) {
 }
 
 // The backward's path, unless the call forces one: fused where C_in allows it, its blocks give every SM work (or as
-// much as the split tile kernel's), and it moves no more bytes beyond the byte floor than the split path: per tile,
-// its slots read and written, and read once more by the reduction, against grad_pre written and read by both GEMMs,
-// x read again and the split partials written and read (the grad_dw_bias partials are the same on both paths).
+// much as the split tile kernel's), and it moves no more bytes beyond the byte floor than the split path: its slots'
+// traffic (fused_partial_traffic) against grad_pre written and read by both GEMMs, x read again and the split
+// partials written and read (the grad_dw_bias partials are the same on both paths).
 // The Triton backward chooses by the same rule (bsconv_cuda.kernels.bsconv_u.backward_plan); both are models, for a
 // GPU run to confirm. bsconv_cuda.cuda_backend.work_plan restates it.
 bool choose_bwd_path(const ConvShape& s, const BwdGeom& g, int64_t itemsize) {
@@ -1205,7 +1249,7 @@ bool choose_bwd_path(const ConvShape& s, const BwdGeom& g, int64_t itemsize) {
   if (s.bwd_path == BwdPath::Fused) return true;
   const int64_t M = s.N * s.H * s.W, KK = (int64_t)s.KH * s.KW;
   const FusedTiles& f = g.fused_tiles;
-  const int64_t fused_bytes = (2 * f.tiles + f.blocks) * fused_slot_bytes(s, f);
+  const int64_t fused_bytes = fused_partial_traffic(s, f);
   const int64_t split_partials = 4 * (g.num_tiles * s.C_out * (KK + 1) + g.splits * s.C_out * s.C_in);
   const int64_t split_bytes = 3 * M * s.C_out * itemsize + M * s.C_in * itemsize + 2 * split_partials;
   const int64_t split_blocks = ceil_div64(s.C_out, CB) * g.num_tiles;
@@ -1258,7 +1302,8 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
     // 1-2. everything but grad_dw_bias in one kernel, partials per block
     if (need_gpre || a.grad_dw_w) {
       constexpr int taps = KSize<K>::kMax * KSize<K>::kMax;
-      const int smem = FusedSmem<MT>(g.fused_tiles.c_in_padded, g.fused_tiles.rows, taps).bytes;
+      const FusedTiles& f = g.fused_tiles;
+      const int smem = FusedSmem<MT>(f.c_in_padded, f.rows, taps, f.slot_in_smem ? f.c_out_padded : 0).bytes;
       static SmemLimit limit;  // one per kernel instantiation
       rc = limit.allow(bwd_fused_kernel<MT, K>, smem, kFusedMaxSmemBytes);  // choose_fused_tiles keeps it under
       if (rc != 0) return rc;
@@ -1416,6 +1461,7 @@ TilePlan tile_plan(const ConvShape& s) {
   p.fused_rows = g.fused_tiles.rows;
   p.fused_tiles = g.fused_tiles.tiles;
   p.fused_blocks = g.fused_tiles.blocks;
+  p.fused_slot_in_smem = g.fused_tiles.slot_in_smem;
   return p;
 }
 

@@ -448,14 +448,14 @@ PyObject* py_tile_plan(PyObject*, PyObject* args) {
     return nullptr;
   }
   const bsconv::TilePlan p = bsconv::tile_plan(s);
-  return Py_BuildValue("{s:(iiii),s:L,s:i,s:(ii),s:L,s:L,s:L,s:i,s:O,s:L,s:s,s:i,s:L,s:L}", "fwd_tile", p.fwd_TH,
-                       p.fwd_TW, p.fwd_IH, p.fwd_IW, "fwd_tiles", (long long)p.fwd_tiles, "fwd_cb", p.fwd_CB,
-                       "bwd_tile", p.bwd_TH,
-                       p.bwd_TW, "bwd_tiles", (long long)p.bwd_tiles, "splits", (long long)p.splits, "kchunk",
-                       (long long)p.kchunk, "gemm_block_n", p.gemm_block_n, "grad_x_transposed",
-                       p.grad_x_transposed ? Py_True : Py_False, "col_blocks", (long long)p.col_blocks,
-                       "bwd_path", p.bwd_fused ? "fused" : "split", "fused_rows", p.fused_rows, "fused_tiles",
-                       (long long)p.fused_tiles, "fused_blocks", (long long)p.fused_blocks);
+  return Py_BuildValue("{s:(iiii),s:L,s:i,s:(ii),s:L,s:L,s:L,s:i,s:O,s:L,s:s,s:i,s:L,s:L,s:O}",
+                       "fwd_tile", p.fwd_TH, p.fwd_TW, p.fwd_IH, p.fwd_IW, "fwd_tiles", (long long)p.fwd_tiles,
+                       "fwd_cb", p.fwd_CB, "bwd_tile", p.bwd_TH, p.bwd_TW, "bwd_tiles", (long long)p.bwd_tiles,
+                       "splits", (long long)p.splits, "kchunk", (long long)p.kchunk, "gemm_block_n", p.gemm_block_n,
+                       "grad_x_transposed", p.grad_x_transposed ? Py_True : Py_False, "col_blocks",
+                       (long long)p.col_blocks, "bwd_path", p.bwd_fused ? "fused" : "split", "fused_rows",
+                       p.fused_rows, "fused_tiles", (long long)p.fused_tiles, "fused_blocks",
+                       (long long)p.fused_blocks, "fused_slot_in_smem", p.fused_slot_in_smem ? Py_True : Py_False);
 }
 
 PyMethodDef bsconv_methods[] = {
@@ -468,8 +468,9 @@ PyMethodDef bsconv_methods[] = {
      "tile_plan(n, c_in, c_out, h, w, kh, kw, (sh, sw), (top, bottom, left, right), (dh, dw), dtype, tf32=False, "
      "backward_path='auto')\n"
      "The tiles and GEMM splits the kernels launch for this call, as a dict: fwd_tile (TH, TW, IH, IW), fwd_tiles "
-     "(per image), fwd_cb (output channels per forward block), bwd_tile (TH, TW), bwd_tiles (per image), splits, kchunk, gemm_block_n, grad_x_transposed, "
-     "col_blocks (the split backward), bwd_path ('fused' or 'split'), fused_rows, fused_tiles, fused_blocks (the fused backward). "
+     "(per image), fwd_cb (output channels per forward block), bwd_tile (TH, TW), bwd_tiles (per image), splits, "
+     "kchunk, gemm_block_n, grad_x_transposed, col_blocks (the split backward), bwd_path ('fused' or 'split'), "
+     "fused_rows, fused_tiles, fused_blocks, fused_slot_in_smem (the fused backward). "
      "ValueError for a call unsupported_reason refuses, or a forced path that cannot run it."},
     {nullptr, nullptr, 0, nullptr},
 };

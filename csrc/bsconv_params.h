@@ -112,6 +112,7 @@ struct TilePlan {
   bool bwd_fused;                      // the backward's path: fused (no grad_pre) or split
   int fused_rows;                      // fused path: mid pixels per tile ...
   int64_t fused_tiles, fused_blocks;   // ... tiles over N*H*W, and persistent blocks (one slot of partials each)
+  bool fused_slot_in_smem;             // ... whose grad_pw_weight slot accumulates in shared memory
 };
 
 struct BwdWorkspace {

@@ -177,6 +177,12 @@ def test_fused_backward_shared_memory_fits_every_targeted_gpu():
     assert cuda_backend._fused_smem_bytes(112, 64, 4) <= cuda_backend.FUSED_MAX_SMEM_BYTES
     for c_in, itemsize, rows in ((128, 4, 32), (113, 4, 32), (112, 4, 64), (128, 2, 64)):
         assert cuda_backend._fused_tiles(4, c_in, 64, 56, 56, 9, itemsize)[0] == rows, (c_in, itemsize)
+    # The grad_pw_weight slot in shared memory as well, C_out padded to 32 rows of ld_gx = C_in + 4 floats: bf16
+    # 64 -> 128 at 64 rows fits (52.5 KB + 34 KB), 128 -> 128 only at 16 rows (32 KB + 66 KB = 98 KB)
+    assert cuda_backend._fused_smem_bytes(64, 64, 2, 128) == cuda_backend._fused_smem_bytes(64, 64, 2) + 128 * 68 * 4
+    assert cuda_backend._fused_tiles(4, 64, 128, 56, 56, 9, 2)[::5] == (64, True)
+    assert cuda_backend._fused_tiles(4, 128, 128, 56, 56, 9, 2)[::5] == (64, False)
+    assert cuda_backend._fused_tiles(1, 128, 128, 16, 16, 9, 2)[::5] == (16, True)
 
 
 # (n, c_in, h, w, (kh, kw), stride, padding, dilation): inside every limit, on each limit and one past it
@@ -275,8 +281,9 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
                 _, fused = cuda_backend.work_plan(*conv, backward_path="fused")
                 forced = ext.tile_plan(*args, tf32, "fused")
                 assert forced["bwd_path"] == "fused" and ext.tile_plan(*args, tf32, "split")["bwd_path"] == "split"
-                assert ((fused.blocks["rows"], fused.params["tiles"], fused.params["blocks"])
-                        == (forced["fused_rows"], forced["fused_tiles"], forced["fused_blocks"])), args
+                assert ((fused.blocks["rows"], fused.params["tiles"], fused.params["blocks"],
+                         fused.blocks["slot_in_smem"]) == (forced["fused_rows"], forced["fused_tiles"],
+                                                           forced["fused_blocks"], forced["fused_slot_in_smem"])), args
                 assert fused.launches[0].grid == (forced["fused_blocks"],)
             else:
                 with pytest.raises(ValueError, match="FUSED_MAX_CIN"):
@@ -299,6 +306,7 @@ def test_python_restatement_agrees_on_random_calls(ext):
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     supported = fused_paths = 0
     channel_blocks = {16: 0, 32: 0}
+    slots_in_smem = 0
     for _ in range(4000):
         n = rng.choice([1, 1, 2, 3, 8, 32, 64, 128, 1000, 65535])
         c_in = rng.choice([1, 3, 16, 31, 32, 33, 64, 100, 112, 113, 128, 129, 1024])
@@ -326,16 +334,17 @@ def test_python_restatement_agrees_on_random_calls(ext):
         assert cuda_backend._grad_x_transposed(n * h * w, c_in) == tiles["grad_x_transposed"], args
         fused = cuda_backend._fused_tiles(n, c_in, c_out, h, w, kernel_size[0] * kernel_size[1], dtype.itemsize)
         if fused is not None:
-            assert (fused[0], fused[3], fused[4]) == (tiles["fused_rows"], tiles["fused_tiles"],
-                                                      tiles["fused_blocks"]), args
+            assert (fused[0], fused[3], fused[4], fused[5]) == (tiles["fused_rows"], tiles["fused_tiles"],
+                                                                tiles["fused_blocks"], tiles["fused_slot_in_smem"]), args
+            slots_in_smem += fused[5]
         supported += 1
         if max(h, w) <= 5000:  # (work_plan's halo count walks the tile rows and columns)
             _, bwd = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding,
                                             dilation, dtype, tf32)
             assert bwd.path == tiles["bwd_path"], (args, tf32)
             fused_paths += bwd.path == "fused"
-    assert supported >= 1500 and fused_paths >= 100 and min(channel_blocks.values()) >= 100, (
-        supported, fused_paths, channel_blocks)
+    assert supported >= 1500 and fused_paths >= 100 and min(channel_blocks.values()) >= 100 and slots_in_smem >= 100, (
+        supported, fused_paths, channel_blocks, slots_in_smem)
 
 
 # ------------------------------------------------------------------------------------------------ GPU checks
@@ -389,16 +398,22 @@ GPU_PATH_CASES = [(case, path) for case in GPU_CASES for path in ("fused", "spli
 
 def test_gpu_cases_run_every_kernel_variant():
     """The GPU cases (checked against the reference on a GPU) run each variant the tile plans choose between: the
-    forward's 16- and 32-channel blocks on tensor cores and 32 on FMA, and the grad_x GEMM of the split path in both
-    orientations."""
+    forward's 16- and 32-channel blocks on tensor cores and 32 on FMA, the grad_x GEMM of the split path in both
+    orientations, and the fused path's grad_pw_weight slot in shared and in global memory, on tensor cores and
+    FMA."""
     seen = set()
     for n, c_in, c_out, h, w, k, stride, padding, dilation, act, dtype, cl, pb, db in GPU_CASES:
         h_out, w_out = reference.output_size(h, w, k, stride, padding, dilation)
-        fwd, split = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, k, stride, padding, dilation, dtype,
-                                            False, backward_path="split")  # fp32 runs without TF32 there
-        seen |= {("forward", dtype != torch.float32, fwd.blocks["CB"]), ("grad_x", split.blocks["grad_x_transposed"])}
+        conv = (n, c_in, c_out, h, w, h_out, w_out, k, stride, padding, dilation, dtype, False)  # fp32: no TF32
+        fwd, split = cuda_backend.work_plan(*conv, backward_path="split")
+        tensor_cores = dtype != torch.float32
+        seen |= {("forward", tensor_cores, fwd.blocks["CB"]), ("grad_x", split.blocks["grad_x_transposed"])}
+        if c_in <= cuda_backend.FUSED_MAX_CIN:
+            seen.add(("slot in smem", tensor_cores, cuda_backend.work_plan(*conv, backward_path="fused")[1]
+                      .blocks["slot_in_smem"]))
     assert seen >= {("forward", True, 16), ("forward", True, 32), ("forward", False, 32), ("grad_x", False),
-                    ("grad_x", True)}, seen
+                    ("grad_x", True), *(("slot in smem", tc, smem) for tc in (True, False) for smem in (True, False))
+                    }, seen
     # the TF32 test's layer takes the 16-channel block on TF32
     fwd, _ = cuda_backend.work_plan(2, 64, 96, 20, 20, 20, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), torch.float32,
                                     True)
