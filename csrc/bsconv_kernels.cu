@@ -340,8 +340,10 @@ __host__ __device__ __forceinline__ int fwd_smem_bytes(int region_rows) {
   return region0_bytes<MT, CBT>(region_rows) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CBT * (int)sizeof(float);
 }
 
+// Launch bounds: the 16-channel variant asks for 2 blocks per SM (registers capped at 128); left to pick its own
+// register target, ptxas spilled the TF32 one with run-time kernel sizes on sm_80.
 template <typename MT, int K, int CBT>
-__global__ void __launch_bounds__(kThreads) fwd_kernel(FwdArgs a, FwdTile t, bool vec) {
+__global__ void __launch_bounds__(kThreads, CBT == 16 ? 2 : 1) fwd_kernel(FwdArgs a, FwdTile t, bool vec) {
   using T = Elem<MT>;
   extern __shared__ __align__(128) unsigned char smem[];
   const ConvShape& s = a.s;
@@ -956,7 +958,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
 }
 
 // C = A . B over k in this block's split. A(m, k) = A[m*sAm + k*sAk], B(k, n) = B[k*sBk + n*sBn].
-// PARTIAL: C is float [splits][M][N] (split = blockIdx.z); else C is T [M][N], or [N][M] when c_col_major.
+// PARTIAL: C is float [splits][M][N] (split = blockIdx.z); else C is T [M][N], or [N][M] when C_COL_MAJOR.
 // Blocks of GBM x GBN outputs: up to 32 columns take the 32-wide block (gemm_block_n), so that a narrow GEMM is not
 // padded to 64 columns.
 constexpr int GBM = 64;
@@ -990,11 +992,13 @@ struct GemmCfg {
 // Launch bounds (256 threads, 4 blocks/SM): caps registers at 64 (9-17 KB static shared memory per block). Without the
 // min-blocks hint ptxas picked a register target by itself and spilled; the TF32 variant of the 32-wide block
 // spilled under that cap (sm_90) and gets 3 blocks/SM, a higher cap (registers, spills and shared memory of every
-// compiled kernel: benchmarks/kernel_report.py).
-template <typename MT, bool PARTIAL, int GBN>
+// compiled kernel: benchmarks/kernel_report.py). C's layout is a template parameter: as a run-time argument it made
+// the TF32 64-wide block spill on sm_80 / sm_86 / sm_89 even at 3 blocks/SM.
+template <typename MT, bool PARTIAL, int GBN, bool C_COL_MAJOR>
 __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 4)
     gemm_kernel(const Elem<MT>* __restrict__ A, int64_t sAm, int64_t sAk, const Elem<MT>* __restrict__ B, int64_t sBk,
-                int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout, bool c_col_major) {
+                int64_t sBn, int64_t M, int64_t N, int64_t Ktot, int64_t kchunk, void* Cout) {
+  static_assert(!(PARTIAL && C_COL_MAJOR), "split-K partials are row-major");
   using G = GemmCfg<MT, GBN>;
   using C = Cfg<MT>;
   using T = Elem<MT>;
@@ -1090,7 +1094,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 
       if constexpr (PARTIAL)
         static_cast<float*>(Cout)[((int64_t)blockIdx.z * M + m) * N + nq] = v;
       else
-        static_cast<T*>(Cout)[c_col_major ? nq * M + m : m * N + nq] = from_f<T>(v);
+        static_cast<T*>(Cout)[C_COL_MAJOR ? nq * M + m : m * N + nq] = from_f<T>(v);
     }
   };
   if constexpr (C::kTC) {
@@ -1099,9 +1103,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 
     for (int q = 0; q < NT; ++q)
       wmma::store_matrix_sync(Cs + mt * 16 * LDC + (nt0 + q) * 16, frag[q], LDC, wmma::mem_row_major);
     __syncthreads();
-    const bool m_fast = !PARTIAL && c_col_major;  // consecutive threads along C's contiguous dimension
-    for (int e = tid; e < GBM * GBN; e += kThreads) {
-      const int mm = m_fast ? e % GBM : e / GBN, nn = m_fast ? e / GBM : e % GBN;
+    for (int e = tid; e < GBM * GBN; e += kThreads) {  // consecutive threads along C's contiguous dimension
+      const int mm = C_COL_MAJOR ? e % GBM : e / GBN, nn = C_COL_MAJOR ? e / GBM : e % GBN;
       store(mm, nn, Cs[mm * LDC + nn]);
     }
   } else {
@@ -1114,18 +1117,17 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 
 }
 
 // One gemm_kernel launch, in blocks of GBM x gemm_block_n(N) outputs, `splits` ways along K.
-template <typename MT, bool PARTIAL>
+template <typename MT, bool PARTIAL, bool C_COL_MAJOR = false>
 int launch_gemm(const Elem<MT>* A, int64_t sAm, int64_t sAk, const Elem<MT>* B, int64_t sBk, int64_t sBn, int64_t M,
-                int64_t N, int64_t Ktot, int64_t kchunk, int64_t splits, void* Cout, bool c_col_major,
-                cudaStream_t stream) {
+                int64_t N, int64_t Ktot, int64_t kchunk, int64_t splits, void* Cout, cudaStream_t stream) {
   const int block_n = gemm_block_n(N);
   const dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(N, block_n), (unsigned)splits);
   if (block_n == 32)
-    gemm_kernel<MT, PARTIAL, 32><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout,
-                                                                c_col_major);
+    gemm_kernel<MT, PARTIAL, 32, C_COL_MAJOR>
+        <<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
   else
-    gemm_kernel<MT, PARTIAL, 64><<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout,
-                                                                c_col_major);
+    gemm_kernel<MT, PARTIAL, 64, C_COL_MAJOR>
+        <<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
   return (int)cudaGetLastError();
 }
 
@@ -1328,16 +1330,16 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
     // 2a. grad_x[M][C_in] = gpre[M][C_out] . W[C_out][C_in], or its transpose W^T . gpre^T (grad_x_transposed)
     if (a.grad_x) {
       rc = g.grad_x_transposed
-               ? launch_gemm<MT, false>(pw, 1, s.C_in, gpre, 1, s.C_out, s.C_in, M, s.C_out, s.C_out, 1, a.grad_x,
-                                        true, stream)
+               ? launch_gemm<MT, false, true>(pw, 1, s.C_in, gpre, 1, s.C_out, s.C_in, M, s.C_out, s.C_out, 1,
+                                              a.grad_x, stream)
                : launch_gemm<MT, false>(gpre, s.C_out, 1, pw, s.C_in, 1, M, s.C_in, s.C_out, s.C_out, 1, a.grad_x,
-                                        false, stream);
+                                        stream);
       if (rc != 0) return rc;
     }
     // 2b. split-K partials of grad_pw_weight[C_out][C_in] = gpre^T . x
     if (a.grad_pw_w &&
         (rc = launch_gemm<MT, true>(gpre, 1, s.C_out, x, s.C_in, 1, s.C_out, s.C_in, M, g.kchunk, g.splits,
-                                    a.part_gemm, false, stream)) != 0)
+                                    a.part_gemm, stream)) != 0)
       return rc;
   }
   // 3. partials of grad_dw_bias
