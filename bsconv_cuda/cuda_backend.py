@@ -424,7 +424,8 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
                  params=dict(tiles=f_tiles, blocks=blocks),
                  # fused_partial_traffic in csrc: a slot in global memory is stored by a block's first tile, read
                  # and stored again by each later one and read once by the reduction; one in shared memory is
-                 # stored once per block and read by the reduction
+                 # stored once per block and read by the reduction (neither path counts its operands staged again
+                 # from L2: W per tile, the GEMMs' operands per block row or column)
                  extra_traffic_bytes=(2 * (blocks if slot_in_smem else f_tiles) * weight_slot
                                       + 2 * f_tiles * channel_slot + 2 * col_bytes),
                  extra_hbm_bytes=dram_bytes(blocks * slot + col_bytes, 2),

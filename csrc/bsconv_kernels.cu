@@ -33,9 +33,11 @@
 // fits in shared memory beside the tile (C_out * C_in up to about 16 K at 64-pixel tiles). So the fused path wins
 // on every layer whose slot stays on chip once the batch gives each block several tiles (32 -> 64 @ 112, N = 64:
 // 69 MB against 385), and the split path on small batches of wide-ish layers (128 -> 128 @ 56, N = 1: a tile per
-// block, 28 MB against 5). Layers wider than kFusedMaxCin = 128 take the split path: the tile's x and grad_x of all C_in no longer
-// fit in shared memory with tiles of MMA height (16 pixels x 1024 channels x 6 bytes = 96 KB before W), and
-// keeping the slot off chip instead costs 8 * 1024 * 1024 / 16 = 512 KB per pixel against the split path's 6 KB.
+// block, 28 MB against 5). Layers wider than kFusedMaxCin = 128 take the split path: the tile's x and grad_x of all
+// C_in no longer fit in shared memory with tiles of MMA height (16 pixels x 1024 channels x 6 bytes = 96 KB before
+// W), and keeping the slot off chip instead costs 8 * 1024 * 1024 / 16 = 512 KB per pixel against the split path's
+// 6 KB. Neither count includes operands staged again from L2 (W per fused tile and per split tile block, the GEMMs'
+// operands per block row or column).
 // These are models: a GPU run measures both paths (scripts/gpu_check.sh) and decides.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -58,8 +60,11 @@ using namespace nvcuda;
 constexpr int kThreads = 256;  // every kernel uses 8 warps
 constexpr int kWarps = kThreads / 32;
 constexpr int CB = 32;         // output channels per block in the fused kernels (the forward also runs 16: FwdTile)
-// leading dimension (floats) of the fp32 mid / pre tile of `cb` channels in shared memory
-__host__ __device__ constexpr int mid_ld(int cb) { return cb + 4; }
+// Leading dimension (floats) of the fp32 mid / pre tile of `cb` channels in shared memory. The forward's depthwise
+// stage reads it with lanes over channels: a warp reads one pixel's 32 channels, or two neighbouring pixels' 16. With
+// 16 channels and no padding the two pixels fall into opposite halves of the 32 banks at stride 1 (padded to 20 they
+// collided 2-way; at stride 2 they collide 2-way either way).
+__host__ __device__ constexpr int mid_ld(int cb) { return cb == 16 ? 16 : cb + 4; }
 constexpr int LDM = mid_ld(CB);
 constexpr int kBwdPix = 256;   // most mid pixels per backward tile block (choose_bwd_tile)
 
@@ -802,7 +807,8 @@ struct FusedSmem {
 // So the pointwise product is computed once per (pixel, output channel) and both gradient MMAs consume it from shared
 // memory: nothing of mid's size is written. The slots are summed in block order afterwards (deterministic).
 // Launch bounds (256 threads, 2 blocks/SM): registers capped at 128; shared memory (FusedSmem, at most
-// kFusedMaxSmemBytes = 99 KB) allows two blocks per SM on sm_90 and sm_80, one on sm_86 / sm_89.
+// kFusedMaxSmemBytes = 99 KB) allows two blocks per SM on sm_90, on sm_80 up to about 81 KB each (a slot in shared
+// memory can take a block past that: 64 -> 128 at 64 pixels needs 87 KB), one on sm_86 / sm_89.
 template <typename MT, int K>
 __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, FusedTiles f, bool vec) {
   using T = Elem<MT>;
@@ -835,12 +841,13 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
   const bool want_channels = a.grad_dw_w != nullptr || a.grad_pw_b != nullptr;
   float* gw_slot = a.part_gemm + (int64_t)blockIdx.x * f.c_out_padded * Cp;  // used only when want_gw
   float* channel_slot = a.part_tile + (int64_t)blockIdx.x * C_out * (KK + 1);
-  // where the grad_pw_weight MMAs accumulate: the shared-memory slot (zeroed here; the first __syncthreads of the
-  // tile loop orders it before them) or the global one
+  // where the grad_pw_weight MMAs accumulate: the shared-memory slot (zeroed here) or the global one
   float* const gw_acc = f.slot_in_smem ? gws : gw_slot;
   const int ld_gw = f.slot_in_smem ? L.ld_gx : Cp;
-  if (want_gw && f.slot_in_smem)
+  if (want_gw && f.slot_in_smem) {
     for (int e = tid; e < f.c_out_padded * L.ld_gx; e += kThreads) gws[e] = 0.f;
+    __syncthreads();
+  }
 
   for (int64_t tile = blockIdx.x; tile < f.tiles; tile += gridDim.x) {
     const bool first = tile == blockIdx.x;  // the block's first tile stores its slots, later tiles add to them
@@ -1117,17 +1124,19 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MT>::kTf32 && GBN == 32) ? 3 : 
 }
 
 // One gemm_kernel launch, in blocks of GBM x gemm_block_n(N) outputs, `splits` ways along K.
+// C_COL_MAJOR (the transposed grad_x GEMM, N <= 32 pixels): the 32-wide block only.
 template <typename MT, bool PARTIAL, bool C_COL_MAJOR = false>
 int launch_gemm(const Elem<MT>* A, int64_t sAm, int64_t sAk, const Elem<MT>* B, int64_t sBk, int64_t sBn, int64_t M,
                 int64_t N, int64_t Ktot, int64_t kchunk, int64_t splits, void* Cout, cudaStream_t stream) {
-  const int block_n = gemm_block_n(N);
+  const int block_n = C_COL_MAJOR ? 32 : gemm_block_n(N);
   const dim3 grid((unsigned)ceil_div64(M, GBM), (unsigned)ceil_div64(N, block_n), (unsigned)splits);
-  if (block_n == 32)
-    gemm_kernel<MT, PARTIAL, 32, C_COL_MAJOR>
-        <<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
+  const dim3 block(kThreads);
+  if constexpr (C_COL_MAJOR)
+    gemm_kernel<MT, PARTIAL, 32, true><<<grid, block, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
+  else if (block_n == 32)
+    gemm_kernel<MT, PARTIAL, 32, false><<<grid, block, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
   else
-    gemm_kernel<MT, PARTIAL, 64, C_COL_MAJOR>
-        <<<grid, kThreads, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
+    gemm_kernel<MT, PARTIAL, 64, false><<<grid, block, 0, stream>>>(A, sAm, sAk, B, sBk, sBn, M, N, Ktot, kchunk, Cout);
   return (int)cudaGetLastError();
 }
 

@@ -106,7 +106,8 @@ struct TilePlan {
   int bwd_TH, bwd_TW;                  // the mid pixels of one backward tile block
   int64_t bwd_tiles;                   // backward tiles per image
   int64_t splits, kchunk;              // split-K count and pixels per split of the grad_pw_weight GEMM
-  int gemm_block_n;                    // columns (input channels) of both backward GEMMs' blocks
+  int gemm_block_n;                    // columns (input channels) of the backward GEMMs' blocks (a transposed
+                                       // grad_x GEMM has the pixels as columns: 32-wide)
   bool grad_x_transposed;              // the grad_x GEMM runs as grad_x^T = W^T . grad_pre^T (few pixels)
   int64_t col_blocks;                  // row blocks of the grad_dw_bias partials
   bool bwd_fused;                      // the backward's path: fused (no grad_pre) or split

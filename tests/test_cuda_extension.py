@@ -455,6 +455,44 @@ def test_gpu_matches_reference(ext, case, path):
         assert_close(name, g, r, strict)
 
 
+# TF32 layers that run the variants the bf16 / fp16 cases run on tensor cores, in TF32: 16 pixels (the transposed
+# grad_x GEMM) and a 3 x 2 kernel (the run-time kernel size) on 16-channel forward blocks. SiLU, no kink: TF32's
+# operand rounding would move relu's kinks (tests/fused_checks.py)
+TF32_CASES = [(1, 64, 40, 4, 4, (3, 3), [1, 1, 1, 1]), (2, 24, 40, 9, 11, (3, 2), [1, 1, 1, 0])]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("case", TF32_CASES)
+def test_gpu_tf32_kernel_variants_match_reference(ext, case, path):
+    n, c_in, c_out, h, w, k, padding = case
+    x, pw, pwb, dw, dwb = _inputs(n, c_in, c_out, h, w, k, torch.float32, True, True, True)
+    args = ([1, 1], padding, [1, 1], "silu")
+    with poisoned_outputs(x.device):
+        y = torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args, True)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with poisoned_outputs(x.device):
+        grads = torch.ops.bsconv_cuda.cuda_backward(grad_y.float().cuda(), x, pw, pwb, dw, dwb, *args,
+                                                    allow_tf32=True, backward_path=path)
+    torch.cuda.synchronize()
+    d64 = [t.detach().cpu().double() for t in (x, pw, pwb, dw, dwb)]
+    refs = [reference.forward(*d64, *args), *reference.backward(grad_y, *d64, *args)]
+    names = ["y", "grad_x", "grad_pw_weight", "grad_pw_bias", "grad_dw_weight", "grad_dw_bias"]
+    for name, out, ref in zip(names, [y, *grads], refs):
+        assert_close(name, out, ref, strict=False)  # TF32's bounds (float32 results of TF32 dots)
+
+
+def test_tf32_cases_run_the_tf32_variants():
+    """The layers of test_gpu_tf32_kernel_variants_match_reference take the variants it names."""
+    plans = []
+    for n, c_in, c_out, h, w, k, padding in TF32_CASES:
+        h_out, w_out = reference.output_size(h, w, k, (1, 1), padding, (1, 1))
+        plans.append(cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, k, (1, 1), padding, (1, 1),
+                                            torch.float32, True, backward_path="split"))
+    assert plans[0][1].blocks["grad_x_transposed"]
+    assert plans[1][0].blocks["CB"] == 16 and TF32_CASES[1][5][0] != TF32_CASES[1][5][1]  # K = 0: run-time size
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_gpu_fp32_follows_the_tf32_switch(ext, path):
