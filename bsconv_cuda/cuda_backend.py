@@ -290,6 +290,7 @@ def _gemm_block_n(columns: int) -> int:
 def _grad_x_transposed(m: int, c_in: int) -> bool:
     """Whether the grad_x GEMM runs transposed, with the input channels as its rows and the m pixels as its columns
     (grad_x_transposed in csrc): where that pads strictly less, which only m <= 32 can."""
+
     def padded(rows, columns):
         return _round_up(rows, _GEMM_BLOCK_M) * _round_up(columns, _gemm_block_n(columns))
     return padded(c_in, m) < padded(m, c_in)
@@ -413,8 +414,8 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     if fused_tiles is None or backward_path == "split":
         return fwd, split
     rows, c_in_padded, c_out_padded, f_tiles, blocks, slot_in_smem = fused_tiles
-    weight_slot, channel_slot = _fused_weight_slot_bytes(c_in_padded, c_out_padded), _fused_channel_slot_bytes(
-        c_out, kh * kw)
+    weight_slot = _fused_weight_slot_bytes(c_in_padded, c_out_padded)
+    channel_slot = _fused_channel_slot_bytes(c_out, kh * kw)
     slot = weight_slot + channel_slot
     fused = Plan(path="fused", blocks=dict(rows=rows, CB=_CB, c_in_padded=c_in_padded, slot_in_smem=slot_in_smem),
                  # per (tile, C_out block): the recompute, grad_x's and grad_pw's MMAs

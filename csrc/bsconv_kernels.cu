@@ -385,8 +385,8 @@ __global__ void __launch_bounds__(kThreads, CBT == 16 ? 2 : 1) fwd_kernel(FwdArg
   }
   __syncthreads();
 
-  // depthwise stage: thread = (output pixel, channel); lanes run over channels (conflict-free smem reads,
-  // coalesced NHWC stores)
+  // depthwise stage: thread = (output pixel, channel); lanes run over channels (coalesced NHWC stores; shared-memory
+  // reads conflict-free with 32 channels, see mid_ld for 16)
   const int64_t C_out = s.C_out;
   for (int e = tid; e < t.TH * t.TW * CBT; e += kThreads) {
     const int q = e / CBT, c = e - q * CBT;
@@ -525,7 +525,6 @@ int launch_fwd(const FwdArgs& a, const FwdTile& t, bool vec, cudaStream_t stream
 
 template <typename MT, int K>
 int fwd_launch_t(const FwdArgs& a, cudaStream_t stream) {
-  using T = Elem<MT>;
   const ConvShape& s = a.s;
   FwdTile t;
   if (!choose_fwd_tile(s, &t)) return -1;

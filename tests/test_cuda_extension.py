@@ -265,8 +265,8 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
             fwd, bwd = cuda_backend.work_plan(*conv)
             _, split = cuda_backend.work_plan(*conv, backward_path="split")
             launches = {launch.kernel: launch for launch in fwd.launches + split.launches}
-            assert (fwd.blocks["TH"], fwd.blocks["TW"], fwd.blocks["CB"]) == (*tiles["fwd_tile"][:2], tiles["fwd_cb"]), (
-                args, tf32)
+            fwd_blocks = (fwd.blocks["TH"], fwd.blocks["TW"], fwd.blocks["CB"])
+            assert fwd_blocks == (*tiles["fwd_tile"][:2], tiles["fwd_cb"]), (args, tf32)
             assert launches["fwd_kernel"].grid[1] == tiles["fwd_tiles"], args
             assert (split.blocks["TH"], split.blocks["TW"]) == tiles["bwd_tile"], args
             assert launches["bwd_tile_kernel"].grid[1] == tiles["bwd_tiles"], args
@@ -334,8 +334,9 @@ def test_python_restatement_agrees_on_random_calls(ext):
         assert cuda_backend._grad_x_transposed(n * h * w, c_in) == tiles["grad_x_transposed"], args
         fused = cuda_backend._fused_tiles(n, c_in, c_out, h, w, kernel_size[0] * kernel_size[1], dtype.itemsize)
         if fused is not None:
-            assert (fused[0], fused[3], fused[4], fused[5]) == (tiles["fused_rows"], tiles["fused_tiles"],
-                                                                tiles["fused_blocks"], tiles["fused_slot_in_smem"]), args
+            compiled_fused = (tiles["fused_rows"], tiles["fused_tiles"], tiles["fused_blocks"],
+                              tiles["fused_slot_in_smem"])
+            assert (fused[0], fused[3], fused[4], fused[5]) == compiled_fused, args
             slots_in_smem += fused[5]
         supported += 1
         if max(h, w) <= 5000:  # (work_plan's halo count walks the tile rows and columns)
