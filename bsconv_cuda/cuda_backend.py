@@ -31,7 +31,7 @@ import torch
 
 from . import reference
 from .plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDENT_BYTES, TARGET_SMS, Launch, Plan,
-                   dram_bytes, halo_extent, halo_read_factor)
+                   dram_bytes, halo_extent, halo_read_factor, prefer_fused_backward)
 
 # The limits of the CUDA kernels. Their home is csrc/bsconv_params.h; the compiled module exports them
 # (``_C.MAX_TILE_PIXELS``, ...) and tests/test_cuda_extension.py checks these copies against that export wherever it
@@ -274,9 +274,15 @@ def _round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-# The kernels' constants (csrc/bsconv_kernels.cu): output channels per fused block (CB), most mid pixels per backward
-# tile block (kBwdPix), the GEMM block's rows (GBM; its columns: _gemm_block_n), input channels per shared-memory
-# chunk (KC) and the GEMM's K step (BK): 32 for fp16 / bf16, 16 for fp32 (TF32 or FMA).
+def _mid_ld(cb: int) -> int:
+    """Leading dimension (floats) of an fp32 tile of cb channels in shared memory (mid_ld in csrc)."""
+    return 16 if cb == 16 else cb + 4
+
+
+# The kernels' constants (csrc/bsconv_kernels.cu): output channels per block of the split backward's tile kernel
+# (CB; the forward and the fused backward also run 16: _fwd_candidates, _fused_channel_block), most mid pixels per
+# backward tile block (kBwdPix), the GEMM block's rows (GBM; its columns: _gemm_block_n), input channels per
+# shared-memory chunk (KC) and the GEMM's K step (BK): 32 for fp16 / bf16, 16 for fp32 (TF32 or FMA).
 _CB = 32
 _BWD_PIX = 256
 _GEMM_BLOCK_M = 64
@@ -304,34 +310,41 @@ def _bwd_tile(h: int, w: int) -> tuple[int, int, int]:
     return th, tw, math.ceil(h / th) * math.ceil(w / tw)
 
 
+def _fused_channel_block(c_out: int) -> int:
+    """Output channels per round of the fused backward (fused_channel_block in csrc): 16 where that pads C_out less
+    than 32 (16 -> 16, 24 -> 144), else 32."""
+    return 16 if _round_up(c_out, 16) < _round_up(c_out, _CB) else _CB
+
+
 def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int, itemsize: int):
-    """(rows, C_in padded, C_out padded, tiles, blocks, slot_in_smem) of the fused backward (choose_fused_tiles in
-    csrc): tiles of the largest of 64, 32, 16 pixels that still gives every SM one and fits FUSED_MAX_SMEM_BYTES, the
-    grad_pw_weight slot in shared memory too where it fits beside them, and as many persistent blocks as one wave
-    holds and the partials' L2 budget allows. None where C_in > FUSED_MAX_CIN. itemsize: bytes of the dtype's
-    element."""
+    """(rows, C_in padded, C_out padded, tiles, blocks, slot_in_smem, CB) of the fused backward (choose_fused_tiles
+    in csrc): rounds of CB output channels (_fused_channel_block), tiles of the largest of 64, 32, 16 pixels that
+    still gives every SM one and fits FUSED_MAX_SMEM_BYTES, the grad_pw_weight slot in shared memory too where it
+    fits beside them, and as many persistent blocks as one wave holds and the partials' L2 budget allows. None where
+    C_in > FUSED_MAX_CIN. itemsize: bytes of the dtype's element."""
     if c_in > FUSED_MAX_CIN:
         return None
     m = n * h * w
-    c_in_padded, c_out_padded = _round_up(c_in, 16), _round_up(c_out, _CB)
+    cb = _fused_channel_block(c_out)
+    c_in_padded, c_out_padded = _round_up(c_in, 16), _round_up(c_out, cb)
     rows = next((r for r in (64, 32) if math.ceil(m / r) >= TARGET_SMS
-                 and _fused_smem_bytes(c_in_padded, r, itemsize) <= FUSED_MAX_SMEM_BYTES), 16)
-    slot_in_smem = _fused_smem_bytes(c_in_padded, rows, itemsize, c_out_padded) <= FUSED_MAX_SMEM_BYTES
+                 and _fused_smem_bytes(c_in_padded, r, itemsize, cb) <= FUSED_MAX_SMEM_BYTES), 16)
+    slot_in_smem = _fused_smem_bytes(c_in_padded, rows, itemsize, cb, c_out_padded) <= FUSED_MAX_SMEM_BYTES
     tiles = math.ceil(m / rows)
     slot = _fused_weight_slot_bytes(c_in_padded, c_out_padded) + _fused_channel_slot_bytes(c_out, taps)
     blocks = max(1, min(TARGET_SMS * BLOCKS_PER_SM, L2_RESIDENT_BYTES // slot, tiles))
-    return rows, c_in_padded, c_out_padded, tiles, blocks, slot_in_smem
+    return rows, c_in_padded, c_out_padded, tiles, blocks, slot_in_smem, cb
 
 
-def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, c_out_slot: int = 0) -> int:
-    """Shared memory of a fused backward block with room for 7 x 7 taps (FusedSmem in csrc: x and W tiles, grad_pre,
-    pre, the grad_x accumulator, warp sums, pixel coordinates, taps and bias, and c_out_slot rows of the
-    grad_pw_weight slot; arrays on 128-byte boundaries)."""
+def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, cb: int = _CB, c_out_slot: int = 0) -> int:
+    """Shared memory of a fused backward block of cb output channels per round with room for 7 x 7 taps (FusedSmem
+    in csrc: x and W tiles, grad_pre, pre, the grad_x accumulator, warp sums, pixel coordinates, taps and bias, and
+    c_out_slot rows of the grad_pw_weight slot; arrays on 128-byte boundaries)."""
     pad = 4 if itemsize == 4 else 8
-    ld_x, ld_gp, ld_gx = c_in_padded + pad, _CB + pad, c_in_padded + 4
-    arrays = (rows * ld_x * itemsize, _CB * ld_x * itemsize, rows * ld_gp * itemsize, rows * (_CB + 4) * 4,
+    ld_x, ld_gp, ld_gx = c_in_padded + pad, cb + pad, c_in_padded + 4
+    arrays = (rows * ld_x * itemsize, cb * ld_x * itemsize, rows * ld_gp * itemsize, rows * _mid_ld(cb) * 4,
               rows * ld_gx * 4)
-    warp_sums, pixels, taps = 8 * _CB * 4, 3 * rows * 4, (7 * 7 + 1) * _CB * 4
+    warp_sums, pixels, taps = 8 * 32 * 4, 3 * rows * 4, (7 * 7 + 1) * cb * 4
     return (sum(_round_up(a, 128) for a in arrays) + warp_sums + _round_up(pixels, 128) + _round_up(taps, 128)
             + c_out_slot * ld_gx * 4)
 
@@ -413,13 +426,13 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
                  scratch_bytes=gpre)
     if fused_tiles is None or backward_path == "split":
         return fwd, split
-    rows, c_in_padded, c_out_padded, f_tiles, blocks, slot_in_smem = fused_tiles
+    rows, c_in_padded, c_out_padded, f_tiles, blocks, slot_in_smem, f_cb = fused_tiles
     weight_slot = _fused_weight_slot_bytes(c_in_padded, c_out_padded)
     channel_slot = _fused_channel_slot_bytes(c_out, kh * kw)
     slot = weight_slot + channel_slot
-    fused = Plan(path="fused", blocks=dict(rows=rows, CB=_CB, c_in_padded=c_in_padded, slot_in_smem=slot_in_smem),
-                 # per (tile, C_out block): the recompute, grad_x's and grad_pw's MMAs
-                 launches=(Launch("bwd_fused_kernel", (blocks,), 3 * f_tiles * n_cb * rows * _CB * c_in_padded,
+    fused = Plan(path="fused", blocks=dict(rows=rows, CB=f_cb, c_in_padded=c_in_padded, slot_in_smem=slot_in_smem),
+                 # per (tile, round of f_cb output channels): the recompute, grad_x's and grad_pw's MMAs
+                 launches=(Launch("bwd_fused_kernel", (blocks,), 3 * f_tiles * rows * c_out_padded * c_in_padded,
                                   finest=math.ceil(m / 16)),
                            colsum),
                  params=dict(tiles=f_tiles, blocks=blocks),
@@ -434,8 +447,7 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     if backward_path == "fused":
         return fwd, fused
     # choose_bwd_path in csrc: the same rule as the Triton backward's (bsconv_cuda.kernels.bsconv_u.backward_plan)
-    fills = blocks >= min(TARGET_SMS, n_cb * n * b_tiles)
-    return fwd, fused if fills and fused.extra_traffic_bytes <= split.extra_traffic_bytes else split
+    return fwd, fused if prefer_fused_backward(fused, split, blocks, n_cb * n * b_tiles) else split
 
 
 def unsupported_reason(

@@ -25,6 +25,13 @@ DEPTHWISE_COST = {"tc": 16, "tf32": 8, "fma": 1}
 # the tensors streaming through); the Triton backward bounds its weight-gradient partials by it.
 L2_RESIDENT_BYTES = 24 << 20
 
+# What one more dependent kernel launch is modeled to cost, as bytes of L2 traffic: about 2 us between small
+# dependent kernels at about 8 TB/s of L2 bandwidth. The backward's split path runs SPLIT_EXTRA_LAUNCHES more than its
+# fused path (the grad_x and grad_pw GEMMs after the grad_pre kernel), which weighs most at batch 1 and 2, where the
+# two paths' bytes differ by a few MB. A model weight, not a measurement: scripts/gpu_check.sh times both paths.
+LAUNCH_L2_BYTES = 16 << 20
+SPLIT_EXTRA_LAUNCHES = 2
+
 
 def dram_bytes(buffer_bytes: int, passes: int) -> int:
     """DRAM traffic of a transient buffer moved ``passes`` times (written once, read back passes - 1 times)."""
@@ -98,3 +105,12 @@ def halo_read_factor(h, w, h_out, w_out, tile, stride, pad_top_left, halo) -> fl
 
     return (covered(h, h_out, tile[0], stride[0], pad_top_left[0], halo[0]) *
             covered(w, w_out, tile[1], stride[1], pad_top_left[1], halo[1])) / (h * w)
+
+
+def prefer_fused_backward(fused: Plan, split: Plan, fused_programs: int, split_programs: int) -> bool:
+    """The backward's path rule, the same for both backends: fused where its programs give every SM work (or as many
+    as the split path's first kernel has) and it moves no more bytes beyond the byte floor than the split path plus
+    that path's extra launches (:data:`LAUNCH_L2_BYTES` each)."""
+    fills = fused_programs >= min(TARGET_SMS, split_programs)
+    return fills and (fused.extra_traffic_bytes
+                      <= split.extra_traffic_bytes + SPLIT_EXTRA_LAUNCHES * LAUNCH_L2_BYTES)

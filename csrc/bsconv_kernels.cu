@@ -12,11 +12,11 @@
 //
 // Backward, one of two paths (choose_bwd_path: a traffic model, or forced by the call):
 //   fused (C_in <= kFusedMaxCin): bwd_fused_kernel. Persistent blocks stride over flat tiles of 16-64 mid pixels,
-//      keep x and the grad_x accumulator of all input channels in shared memory and loop over blocks of 32 output
-//      channels: recompute pre, gather grad_pre = grad_mid * act'(pre) from grad_y through the transposed depthwise
-//      stencil, then grad_x += grad_pre . W and the block's fp32 slot of grad_pw_weight partials += grad_pre^T . x,
-//      both MMAs reading grad_pre from shared memory (the slot too where it fits there). Nothing of mid's size is
-//      written.
+//      keep x and the grad_x accumulator of all input channels in shared memory and loop over rounds of 32 output
+//      channels (16 where that pads C_out less): recompute pre, gather grad_pre = grad_mid * act'(pre) from grad_y
+//      through the transposed depthwise stencil, then grad_x += grad_pre . W and the block's fp32 slot of
+//      grad_pw_weight partials += grad_pre^T . x, both MMAs reading grad_pre from shared memory (the slot too where it
+//      fits there). Nothing of mid's size is written.
 //   split: 1. bwd_tile_kernel: one block = (32 channels, a tile of up to 256 mid pixels, one image): recomputes pre,
 //      gathers grad_mid from grad_y through the transposed depthwise stencil, writes gpre = grad_mid * act'(pre)
 //      (input dtype, scratch of mid's size, lives only during backward) and per-block fp32 partial sums of
@@ -59,7 +59,8 @@ using namespace nvcuda;
 
 constexpr int kThreads = 256;  // every kernel uses 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int CB = 32;         // output channels per block in the fused kernels (the forward also runs 16: FwdTile)
+constexpr int CB = 32;         // output channels per block in the fused kernels (the forward's blocks and the fused
+                               // backward's rounds also run 16: FwdTile, fused_channel_block)
 // Leading dimension (floats) of the fp32 mid / pre tile of `cb` channels in shared memory. The forward's depthwise
 // stage reads it with lanes over channels: a warp reads one pixel's 32 channels, or two neighbouring pixels' 16. With
 // 16 channels and no padding the two pixels fall into opposite halves of the 32 banks at stride 1 (padded to 20 they
@@ -562,11 +563,12 @@ __host__ __device__ __forceinline__ int bwd_smem_bytes() {
 }
 
 // grad_pre of mid pixel (h, w) of image n in channel ch (pre: its pre-activation, bias included): grad_mid gathered
-// from grad_y through the transposed depthwise stencil (dw_c[tap * CB]: the channel's fp32 taps), times act'(pre).
+// from grad_y through the transposed depthwise stencil (dw_c[tap * CBT]: the channel's fp32 taps, CBT the block's
+// channels), times act'(pre).
 // kDwPartials: also adds grad_y * mid of every tap into gD[i * KM + j], the thread's share of
 // grad_dw_weight[ch][i][j]. Per-tap state lives in registers only because every array index is a compile-time
 // constant after full unrolling.
-template <typename T, int K, bool kDwPartials>
+template <typename T, int K, bool kDwPartials, int CBT = CB>
 __device__ __forceinline__ float pixel_grad_pre(const ConvShape& s, const T* __restrict__ gy, int64_t n, int h, int w,
                                                 int64_t ch, float pre, const float* dw_c,
                                                 float (&gD)[KSize<K>::kMax * KSize<K>::kMax]) {
@@ -595,7 +597,7 @@ __device__ __forceinline__ float pixel_grad_pre(const ConvShape& s, const T* __r
     for (int j = 0; j < KM; ++j) {
       if (owj[j] >= 0) {
         const float g = to_f(grow[(int64_t)owj[j] * C_out]);
-        gm = fmaf(g, dw_c[(i * KW + j) * CB], gm);
+        gm = fmaf(g, dw_c[(i * KW + j) * CBT], gm);
         if constexpr (kDwPartials) gD[i * KM + j] = fmaf(g, m, gD[i * KM + j]);
       }
     }
@@ -736,15 +738,24 @@ __device__ __forceinline__ void block_mma(float* C, int ldc, bool accumulate, co
 
 // The fused backward's tiling (choose_bwd_path; bsconv_cuda.cuda_backend._fused_tiles restates it).
 struct FusedTiles {
+  int cb;            // output channels per round: 32, or 16 (fused_channel_block)
   int rows;          // mid pixels per tile: 64, 32 or 16 (a multiple of the MMA's 16 rows)
   int c_in_padded;   // C_in rounded up to 16 (the MMAs' K and N steps)
-  int c_out_padded;  // C_out rounded up to CB (rows of a block's grad_pw_weight slot)
+  int c_out_padded;  // C_out rounded up to cb (rows of a block's grad_pw_weight slot)
   int64_t tiles;     // ceil(N*H*W / rows): flat runs of pixels in NHWC order (a tile may span images)
   int64_t blocks;    // persistent blocks, each striding over the tiles with its own slot of partials
   bool slot_in_smem;  // the block accumulates its grad_pw_weight slot in shared memory and stores it once at the end
                       // (else it adds each tile's share into the slot in global memory)
 };
 constexpr int kFusedMaxRows = 64;
+
+// Output channels per round of the fused backward: 16 where that pads C_out less than 32 (16 -> 16: 3 pointwise
+// stages instead of 6; 24 -> 144: 144 instead of 160 channels), else 32. (Unlike the forward's, the FMA variant of
+// the 16-channel round holds no per-row accumulators in registers: block_mma's FMA loop is the same for both.)
+// bsconv_cuda.cuda_backend._fused_channel_block restates it.
+inline int fused_channel_block(int64_t C_out) {
+  return ceil_div64(C_out, 16) * 16 < ceil_div64(C_out, CB) * CB ? 16 : CB;
+}
 
 // One fused block's fp32 partials in global memory: its grad_pw_weight slot (c_out_padded x c_in_padded) and its
 // channel slot (C_out x (taps + 1): grad_dw_weight, grad_pw_bias).
@@ -762,44 +773,48 @@ inline int64_t fused_partial_traffic(const ConvShape& s, const FusedTiles& f) {
          2 * f.tiles * fused_channel_slot_bytes(s);
 }
 
-// Shared memory of bwd_fused_kernel (byte offsets; each array starts on a 128-byte boundary). Leading dimensions pad
-// rows to a 16-byte multiple (WMMA's ldm rule) that is not a multiple of 128 bytes (fewer bank conflicts):
+// Shared memory of bwd_fused_kernel with cb output channels per round (byte offsets; each array starts on a 128-byte
+// boundary). Leading dimensions pad rows to a 16-byte multiple (WMMA's ldm rule) that is not a multiple of 128 bytes
+// (fewer bank conflicts):
 //   xs  [rows][ld_x]  T     : x of the tile, all C_in (zero beyond C_in and beyond the tile's pixels)
-//   ws  [CB][ld_x]    T     : pw_weight rows c0 .. c0+CB, all C_in
-//   gps [rows][ld_gp] T     : grad_pre of the tile in channels c0 .. c0+CB (the two gradient MMAs' operand)
-//   pre [rows][LDM]   float : the recomputed pre-activation, then mid = act(pre) (the grad_dw_weight partials)
+//   ws  [cb][ld_x]    T     : pw_weight rows c0 .. c0+cb, all C_in
+//   gps [rows][ld_gp] T     : grad_pre of the tile in channels c0 .. c0+cb (the two gradient MMAs' operand)
+//   pre [rows][mid_ld(cb)] float : the recomputed pre-activation, then mid = act(pre) (the grad_dw_weight partials)
 //   gxs [rows][ld_gx] float : grad_x accumulator of the tile, all C_in
-//   red [kWarps][CB]  float : the warps' grad_pw_bias sums
+//   red [kThreads]    float : the threads' grad_pw_bias sums (a warp's lanes cover 32 / cb pixels x cb channels)
 //   pix [3][rows]     int   : image, row and column of the tile's pixels
-//   dws [taps][CB], pbs [CB] float : depthwise taps and pw_bias of channels c0 .. c0+CB
+//   dws [taps][cb], pbs [cb] float : depthwise taps and pw_bias of channels c0 .. c0+cb
 //   gws [c_out_slot][ld_gx] float : the block's grad_pw_weight slot, when it is kept in shared memory
 //                                   (c_out_slot = c_out_padded, else 0)
 template <typename MT>
 struct FusedSmem {
   int ld_x, ld_gp, ld_gx;
   int xs, ws, gps, pre, gxs, red, pix, dws, gws, bytes;
-  __host__ __device__ FusedSmem(int c_in_padded, int rows, int taps, int c_out_slot) {
+  __host__ __device__ FusedSmem(int c_in_padded, int rows, int taps, int cb, int c_out_slot) {
     const int item = (int)sizeof(Elem<MT>), pad = Cfg<MT>::kFloat ? 4 : 8;
     ld_x = c_in_padded + pad;
-    ld_gp = CB + pad;
+    ld_gp = cb + pad;
     ld_gx = c_in_padded + 4;
     xs = 0;
     ws = xs + round_up(rows * ld_x * item, 128);
-    gps = ws + round_up(CB * ld_x * item, 128);
+    gps = ws + round_up(cb * ld_x * item, 128);
     pre = gps + round_up(rows * ld_gp * item, 128);
-    gxs = pre + round_up(rows * LDM * (int)sizeof(float), 128);
+    gxs = pre + round_up(rows * mid_ld(cb) * (int)sizeof(float), 128);
     red = gxs + round_up(rows * ld_gx * (int)sizeof(float), 128);
-    pix = red + kWarps * CB * (int)sizeof(float);
+    pix = red + kThreads * (int)sizeof(float);
     dws = pix + round_up(3 * rows * (int)sizeof(int), 128);
-    gws = dws + round_up((taps + 1) * CB * (int)sizeof(float), 128);
+    gws = dws + round_up((taps + 1) * cb * (int)sizeof(float), 128);
     bytes = gws + c_out_slot * ld_gx * (int)sizeof(float);
   }
+  // the layout of a launch of tiling f (the slot's rows only where it is kept in shared memory)
+  __host__ __device__ FusedSmem(const FusedTiles& f, int taps)
+      : FusedSmem(f.c_in_padded, f.rows, taps, f.cb, f.slot_in_smem ? f.c_out_padded : 0) {}
 };
 
 // One block strides over tiles of f.rows mid pixels; per tile it keeps x and the grad_x accumulator of all input
-// channels in shared memory and loops over blocks of CB output channels:
-//   pre = x . W[c0:c0+CB]^T (MMA), grad_pre = grad_mid * act'(pre + b) (pixel_grad_pre, grad_y gathered per tap),
-//   grad_x += grad_pre . W[c0:c0+CB] (MMA), slot[c0:c0+CB] += grad_pre^T . x (MMA into the block's own fp32 slot of
+// channels in shared memory and loops over rounds of CBT (f.cb) output channels:
+//   pre = x . W[c0:c0+CBT]^T (MMA), grad_pre = grad_mid * act'(pre + b) (pixel_grad_pre, grad_y gathered per tap),
+//   grad_x += grad_pre . W[c0:c0+CBT] (MMA), slot[c0:c0+CBT] += grad_pre^T . x (MMA into the block's own fp32 slot of
 //   grad_pw_weight partials: in shared memory where it fits, stored to global memory once at the end; else in
 //   global memory, L2-resident), and the tile's grad_dw_weight / grad_pw_bias partials (one thread per channel and
 //   tap, over the tile's pixels in order) added into the block's channel slot.
@@ -808,18 +823,21 @@ struct FusedSmem {
 // Launch bounds (256 threads, 2 blocks/SM): registers capped at 128; shared memory (FusedSmem, at most
 // kFusedMaxSmemBytes = 99 KB) allows two blocks per SM on sm_90, on sm_80 up to about 81 KB each (a slot in shared
 // memory can take a block past that: 64 -> 128 at 64 pixels needs 87 KB), one on sm_86 / sm_89.
-template <typename MT, int K>
+template <typename MT, int K, int CBT>
 __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, FusedTiles f, bool vec) {
   using T = Elem<MT>;
   using Cf = Cfg<MT>;
+  static_assert(CBT == 32 || CBT == 16, "rounds of 32 or 16 output channels");
   extern __shared__ __align__(128) unsigned char smem[];
-  constexpr int KM = KSize<K>::kMax, VEC = Cf::VEC;
+  constexpr int KM = KSize<K>::kMax, VEC = Cf::VEC, LDP = mid_ld(CBT);
+  // the grad_pre stage: lane = channel (lane % CBT) of one of a warp's 32 / CBT pixels (lane / CBT)
+  constexpr int kPixPerWarp = 32 / CBT, kPixStep = kWarps * kPixPerWarp;
   const ConvShape& s = a.s;
   const int KH = K > 0 ? K : s.KH, KW = K > 0 ? K : s.KW;
   const int KK = KH * KW;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int rows = f.rows, Cp = f.c_in_padded;
-  const FusedSmem<MT> L(Cp, rows, KM * KM, f.slot_in_smem ? f.c_out_padded : 0);
+  const FusedSmem<MT> L(f, KM * KM);
   T* xs = reinterpret_cast<T*>(smem + L.xs);
   T* ws = reinterpret_cast<T*>(smem + L.ws);
   T* gps = reinterpret_cast<T*>(smem + L.gps);
@@ -830,7 +848,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
   int* pix_h = pix_n + rows;
   int* pix_w = pix_h + rows;
   float* dws = reinterpret_cast<float*>(smem + L.dws);
-  float* pbs = dws + KM * KM * CB;
+  float* pbs = dws + KM * KM * CBT;
   float* gws = reinterpret_cast<float*>(smem + L.gws);
   const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ pw = static_cast<const T*>(a.pw_w);
@@ -876,49 +894,49 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
       pix_w[p] = (int)(hw - (int64_t)pix_h[p] * s.W);
     }
 
-    for (int c0 = 0; c0 < C_out; c0 += CB) {
-      // ---- stage W rows c0 .. c0+CB and the channels' taps and bias
-      for (int e = tid; e < CB * Cp; e += kThreads) {
+    for (int c0 = 0; c0 < C_out; c0 += CBT) {
+      // ---- stage W rows c0 .. c0+CBT and the channels' taps and bias
+      for (int e = tid; e < CBT * Cp; e += kThreads) {
         const int c = e / Cp, k = e - c * Cp;
         ws[c * L.ld_x + k] = (c0 + c < C_out && k < C_in) ? pw[(c0 + c) * C_in + k] : zero_val<T>();
       }
-      load_channel_params<T>(static_cast<const T*>(a.dw_w), KK, static_cast<const T*>(a.pw_b), nullptr, C_out, c0,
-                             dws, pbs, nullptr);
+      load_channel_params<T, CBT>(static_cast<const T*>(a.dw_w), KK, static_cast<const T*>(a.pw_b), nullptr, C_out,
+                                  c0, dws, pbs, nullptr);
       __syncthreads();  // xs, ws, dws, pbs staged (and the previous round's readers of pre / gps are done)
-      // ---- pre[rows][CB] = x . W^T
-      block_mma<MT, true, false>(pre_s, LDM, false, xs, L.ld_x, ws, L.ld_x, rows / 16, CB / 16, Cp);
+      // ---- pre[rows][CBT] = x . W^T
+      block_mma<MT, true, false>(pre_s, LDP, false, xs, L.ld_x, ws, L.ld_x, rows / 16, CBT / 16, Cp);
       __syncthreads();
-      // ---- grad_pre, lane = channel; rows beyond the pixels and channels beyond C_out are zeros. pre is
-      // overwritten by mid = act(pre) (the same thread's element) for the grad_dw_weight partials below.
-      const int c = lane;
+      // ---- grad_pre; rows beyond the pixels and channels beyond C_out are zeros. pre is overwritten by
+      // mid = act(pre) (the same thread's element) for the grad_dw_weight partials below.
+      const int c = lane % CBT;
       const bool cok = c0 + c < C_out;
       float no_dw_partials[KM * KM];  // pixel_grad_pre<.., false> leaves it alone
       float gpb = 0.f;
 #pragma unroll 1
-      for (int p = warp; p < rows; p += kWarps) {
+      for (int p = warp * kPixPerWarp + lane / CBT; p < rows; p += kPixStep) {
         float gp = 0.f;
         if (p < pixels && cok) {
-          const float pre = pre_s[p * LDM + c] + pbs[c];
-          gp = pixel_grad_pre<T, K, false>(s, gy, pix_n[p], pix_h[p], pix_w[p], c0 + c, pre, dws + c,
-                                           no_dw_partials);
-          pre_s[p * LDM + c] = act_fwd(pre, (int)s.act);
+          const float pre = pre_s[p * LDP + c] + pbs[c];
+          gp = pixel_grad_pre<T, K, false, CBT>(s, gy, pix_n[p], pix_h[p], pix_w[p], c0 + c, pre, dws + c,
+                                                no_dw_partials);
+          pre_s[p * LDP + c] = act_fwd(pre, (int)s.act);
           gpb += gp;
         }
         gps[p * L.ld_gp + c] = from_f<T>(gp);
       }
-      red[warp * CB + lane] = gpb;
-      __syncthreads();  // gps, mid and the warps' grad_pw_bias sums complete
+      red[tid] = gpb;  // = red[(pixel lane group) * CBT + c]
+      __syncthreads();  // gps, mid and the threads' grad_pw_bias sums complete
       // ---- the tile's channel partials, one thread per (channel, tap) summing the tile's pixels in order:
       // grad_dw_weight[c][i][j] += sum_p mid[p][c] * grad_y[output pixel that tap (i, j) of p reaches][c];
-      // slot KK: grad_pw_bias[c] += the warps' sums, in warp order. Added into the block's channel slot.
+      // slot KK: grad_pw_bias[c] += the pixel groups' sums, in group order. Added into the block's channel slot.
       if (want_channels) {
-        for (int e = tid; e < CB * (KK + 1); e += kThreads) {
-          const int cc = e % CB, tap = e / CB;
+        for (int e = tid; e < CBT * (KK + 1); e += kThreads) {
+          const int cc = e % CBT, tap = e / CBT;
           if (c0 + cc >= C_out) continue;
           float sum = 0.f;
           if (tap == KK) {
 #pragma unroll
-            for (int w8 = 0; w8 < kWarps; ++w8) sum += red[w8 * CB + cc];
+            for (int g = 0; g < kPixStep; ++g) sum += red[g * CBT + cc];
           } else {
             const int i = tap / KW, j = tap - i * KW;
             const T* __restrict__ gy_c = gy + c0 + cc;
@@ -930,7 +948,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
               if (ohn >= 0 && own >= 0 && oh * s.stride_h == ohn && ow * s.stride_w == own && oh < s.H_out &&
                   ow < s.W_out) {
                 const int64_t out_pixel = ((int64_t)pix_n[p] * s.H_out + oh) * s.W_out + ow;
-                sum = fmaf(pre_s[p * LDM + cc], to_f(gy_c[out_pixel * C_out]), sum);
+                sum = fmaf(pre_s[p * LDP + cc], to_f(gy_c[out_pixel * C_out]), sum);
               }
             }
           }
@@ -938,11 +956,11 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
           *out = first ? sum : *out + sum;
         }
       }
-      // ---- grad_x[rows][C_in] += grad_pre . W;  slot[c0 .. c0+CB][C_in] += grad_pre^T . x
-      if (want_gx) block_mma<MT, true, true>(gxs, L.ld_gx, true, gps, L.ld_gp, ws, L.ld_x, rows / 16, Cp / 16, CB);
+      // ---- grad_x[rows][C_in] += grad_pre . W;  slot[c0 .. c0+CBT][C_in] += grad_pre^T . x
+      if (want_gx) block_mma<MT, true, true>(gxs, L.ld_gx, true, gps, L.ld_gp, ws, L.ld_x, rows / 16, Cp / 16, CBT);
       if (want_gw)
         block_mma<MT, false, true>(gw_acc + (int64_t)c0 * ld_gw, ld_gw, f.slot_in_smem || !first, gps, L.ld_gp, xs,
-                                   L.ld_x, CB / 16, Cp / 16, rows);
+                                   L.ld_x, CBT / 16, Cp / 16, rows);
       __syncthreads();  // the MMAs are done with ws / gps before the next channel block restages them
     }
     // ---- write the tile's grad_x
@@ -1219,26 +1237,27 @@ struct BwdGeom {
   FusedTiles fused_tiles;  // fused path (zeros where C_in > kFusedMaxCin)
 };
 
-// The fused path's tiles: the largest of 64, 32, 16 pixels that still gives every SM a tile (a block rewrites a slot in
-// global memory per tile, so larger tiles move fewer bytes) and whose shared memory (with room for 7x7 taps) fits
-// kFusedMaxSmemBytes; the grad_pw_weight slot in shared memory too where it fits beside them (it then moves no bytes
-// per tile). As many persistent blocks as one wave holds and the partials' L2 budget allows.
-// bsconv_cuda.cuda_backend._fused_tiles restates it.
+// The fused path's tiles: rounds of fused_channel_block output channels; tiles of the largest of 64, 32, 16 pixels
+// that still gives every SM a tile (a block rewrites a slot in global memory per tile, so larger tiles move fewer
+// bytes) and whose shared memory (with room for 7x7 taps) fits kFusedMaxSmemBytes; the grad_pw_weight slot in shared
+// memory too where it fits beside them (it then moves no bytes per tile). As many persistent blocks as one wave holds
+// and the partials' L2 budget allows. bsconv_cuda.cuda_backend._fused_tiles restates it.
 template <typename T>
 FusedTiles choose_fused_tiles(const ConvShape& s) {
   FusedTiles f{};
   if (s.C_in > kFusedMaxCin) return f;
   const int64_t M = s.N * s.H * s.W;
+  f.cb = fused_channel_block(s.C_out);
   f.c_in_padded = round_up((int)s.C_in, 16);
-  f.c_out_padded = (int)(ceil_div64(s.C_out, CB) * CB);
+  f.c_out_padded = (int)(ceil_div64(s.C_out, f.cb) * f.cb);
   constexpr int kTaps = kMaxKernelSize * kMaxKernelSize;
   for (int rows : {kFusedMaxRows, 32, 16}) {
     f.rows = rows;
     if ((ceil_div64(M, rows) >= kTargetSms || rows == 16) &&
-        FusedSmem<T>(f.c_in_padded, rows, kTaps, 0).bytes <= kFusedMaxSmemBytes)
+        FusedSmem<T>(f.c_in_padded, rows, kTaps, f.cb, 0).bytes <= kFusedMaxSmemBytes)
       break;
   }
-  f.slot_in_smem = FusedSmem<T>(f.c_in_padded, f.rows, kTaps, f.c_out_padded).bytes <= kFusedMaxSmemBytes;
+  f.slot_in_smem = FusedSmem<T>(f.c_in_padded, f.rows, kTaps, f.cb, f.c_out_padded).bytes <= kFusedMaxSmemBytes;
   f.tiles = ceil_div64(M, f.rows);
   const int64_t slot = fused_slot_bytes(s, f);
   int64_t blocks = (int64_t)kTargetSms * kBlocksPerSm;
@@ -1249,10 +1268,10 @@ FusedTiles choose_fused_tiles(const ConvShape& s) {
 }
 
 // The backward's path, unless the call forces one: fused where C_in allows it, its blocks give every SM work (or as
-// much as the split tile kernel's), and it moves no more bytes beyond the byte floor than the split path: its slots'
-// traffic (fused_partial_traffic) against grad_pre written and read by both GEMMs, x read again and the split
-// partials written and read (the grad_dw_bias partials are the same on both paths).
-// The Triton backward chooses by the same rule (bsconv_cuda.kernels.bsconv_u.backward_plan); both are models, for a
+// much as the split tile kernel's), and it moves no more bytes beyond the byte floor than the split path plus that
+// path's kSplitExtraLaunches launches at kLaunchL2Bytes each: its slots' traffic (fused_partial_traffic) against
+// grad_pre written and read by both GEMMs, x read again and the split partials written and read (the grad_dw_bias
+// partials are the same on both paths). The Triton backward chooses by the same rule (bsconv_cuda.kernels.bsconv_u.backward_plan); both are models, for a
 // GPU run to confirm. bsconv_cuda.cuda_backend.work_plan restates it.
 bool choose_bwd_path(const ConvShape& s, const BwdGeom& g, int64_t itemsize) {
   if (s.C_in > kFusedMaxCin || s.bwd_path == BwdPath::Split) return false;
@@ -1264,7 +1283,7 @@ bool choose_bwd_path(const ConvShape& s, const BwdGeom& g, int64_t itemsize) {
   const int64_t split_bytes = 3 * M * s.C_out * itemsize + M * s.C_in * itemsize + 2 * split_partials;
   const int64_t split_blocks = ceil_div64(s.C_out, CB) * g.num_tiles;
   const bool fills = f.blocks >= (split_blocks < kTargetSms ? split_blocks : kTargetSms);
-  return fills && fused_bytes <= split_bytes;
+  return fills && fused_bytes <= split_bytes + kSplitExtraLaunches * kLaunchL2Bytes;
 }
 
 template <typename T>
@@ -1297,6 +1316,16 @@ BwdGeom bwd_geom(const ConvShape& s) {
   }
 }
 
+template <typename MT, int K, int CBT>
+int launch_bwd_fused(const BwdArgs& a, const FusedTiles& f, bool vec, cudaStream_t stream) {
+  const int smem = FusedSmem<MT>(f, KSize<K>::kMax * KSize<K>::kMax).bytes;
+  static SmemLimit limit;  // one per kernel instantiation
+  const int rc = limit.allow(bwd_fused_kernel<MT, K, CBT>, smem, kFusedMaxSmemBytes);  // choose_fused_tiles keeps
+  if (rc != 0) return rc;                                                                // it under
+  bwd_fused_kernel<MT, K, CBT><<<(unsigned)f.blocks, kThreads, smem, stream>>>(a, f, vec);
+  return (int)cudaGetLastError();
+}
+
 template <typename MT, int K>
 int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   using T = Elem<MT>;
@@ -1311,14 +1340,9 @@ int bwd_launch_t(const BwdArgs& a, cudaStream_t stream) {
   if (g.fused) {
     // 1-2. everything but grad_dw_bias in one kernel, partials per block
     if (need_gpre || a.grad_dw_w) {
-      constexpr int taps = KSize<K>::kMax * KSize<K>::kMax;
       const FusedTiles& f = g.fused_tiles;
-      const int smem = FusedSmem<MT>(f.c_in_padded, f.rows, taps, f.slot_in_smem ? f.c_out_padded : 0).bytes;
-      static SmemLimit limit;  // one per kernel instantiation
-      rc = limit.allow(bwd_fused_kernel<MT, K>, smem, kFusedMaxSmemBytes);  // choose_fused_tiles keeps it under
+      rc = f.cb == 16 ? launch_bwd_fused<MT, K, 16>(a, f, vec, stream) : launch_bwd_fused<MT, K, CB>(a, f, vec, stream);
       if (rc != 0) return rc;
-      bwd_fused_kernel<MT, K><<<(unsigned)g.fused_tiles.blocks, kThreads, smem, stream>>>(a, g.fused_tiles, vec);
-      if ((rc = (int)cudaGetLastError()) != 0) return rc;
     }
   } else {
     // 1. gpre + per-tile partials of grad_dw_weight / grad_pw_bias
@@ -1422,7 +1446,10 @@ const char* supported_reason(const ConvShape& s) {
   if (footprint > kMaxTilePixels)
     return "the dilated kernel covers more than the 384 input pixels a forward block keeps in shared memory";
   bool fwd_tile_fits = false;
-  visit_fwd_tiles(s, [&](int, int, int, int, int64_t) { return !(fwd_tile_fits = true); });  // the first will do
+  visit_fwd_tiles(s, [&](int, int, int, int, int64_t) {  // the first will do
+    fwd_tile_fits = true;
+    return false;
+  });
   if (!fwd_tile_fits) return "no forward tile fits in shared memory with at most 65535 tiles per image";
   if (choose_bwd_tile(s).tiles > kMaxGridYZ) return "too many backward tiles per image (> 65535)";
   if (ceil_div64(s.C_in, gemm_block_n(s.C_in)) > kMaxGridYZ)
@@ -1468,6 +1495,7 @@ TilePlan tile_plan(const ConvShape& s) {
   p.gemm_block_n = gemm_block_n(s.C_in);
   p.grad_x_transposed = g.grad_x_transposed;
   p.bwd_fused = g.fused;
+  p.fused_cb = g.fused_tiles.cb;
   p.fused_rows = g.fused_tiles.rows;
   p.fused_tiles = g.fused_tiles.tiles;
   p.fused_blocks = g.fused_tiles.blocks;

@@ -448,13 +448,13 @@ PyObject* py_tile_plan(PyObject*, PyObject* args) {
     return nullptr;
   }
   const bsconv::TilePlan p = bsconv::tile_plan(s);
-  return Py_BuildValue("{s:(iiii),s:L,s:i,s:(ii),s:L,s:L,s:L,s:i,s:O,s:L,s:s,s:i,s:L,s:L,s:O}",
+  return Py_BuildValue("{s:(iiii),s:L,s:i,s:(ii),s:L,s:L,s:L,s:i,s:O,s:L,s:s,s:i,s:i,s:L,s:L,s:O}",
                        "fwd_tile", p.fwd_TH, p.fwd_TW, p.fwd_IH, p.fwd_IW, "fwd_tiles", (long long)p.fwd_tiles,
                        "fwd_cb", p.fwd_CB, "bwd_tile", p.bwd_TH, p.bwd_TW, "bwd_tiles", (long long)p.bwd_tiles,
                        "splits", (long long)p.splits, "kchunk", (long long)p.kchunk, "gemm_block_n", p.gemm_block_n,
                        "grad_x_transposed", p.grad_x_transposed ? Py_True : Py_False, "col_blocks",
-                       (long long)p.col_blocks, "bwd_path", p.bwd_fused ? "fused" : "split", "fused_rows",
-                       p.fused_rows, "fused_tiles", (long long)p.fused_tiles, "fused_blocks",
+                       (long long)p.col_blocks, "bwd_path", p.bwd_fused ? "fused" : "split", "fused_cb",
+                       p.fused_cb, "fused_rows", p.fused_rows, "fused_tiles", (long long)p.fused_tiles, "fused_blocks",
                        (long long)p.fused_blocks, "fused_slot_in_smem", p.fused_slot_in_smem ? Py_True : Py_False);
 }
 
@@ -470,7 +470,8 @@ PyMethodDef bsconv_methods[] = {
      "The tiles and GEMM splits the kernels launch for this call, as a dict: fwd_tile (TH, TW, IH, IW), fwd_tiles "
      "(per image), fwd_cb (output channels per forward block), bwd_tile (TH, TW), bwd_tiles (per image), splits, "
      "kchunk, gemm_block_n, grad_x_transposed, col_blocks (the split backward), bwd_path ('fused' or 'split'), "
-     "fused_rows, fused_tiles, fused_blocks, fused_slot_in_smem (the fused backward). "
+     "fused_cb (output channels per round), fused_rows, fused_tiles, fused_blocks, fused_slot_in_smem (the fused "
+     "backward). "
      "ValueError for a call unsupported_reason refuses, or a forced path that cannot run it."},
     {nullptr, nullptr, 0, nullptr},
 };
@@ -509,7 +510,9 @@ int add_limits(PyObject* m) {
       PyModule_AddIntConstant(m, "DEPTHWISE_COST_FMA", bsconv::kDepthwiseCostFma) < 0 ||
       PyModule_AddIntConstant(m, "FUSED_MAX_CIN", bsconv::kFusedMaxCin) < 0 ||
       PyModule_AddIntConstant(m, "FUSED_MAX_SMEM_BYTES", bsconv::kFusedMaxSmemBytes) < 0 ||
-      PyModule_AddIntConstant(m, "L2_RESIDENT_BYTES", (long)bsconv::kL2ResidentBytes) < 0)
+      PyModule_AddIntConstant(m, "L2_RESIDENT_BYTES", (long)bsconv::kL2ResidentBytes) < 0 ||
+      PyModule_AddIntConstant(m, "LAUNCH_L2_BYTES", (long)bsconv::kLaunchL2Bytes) < 0 ||
+      PyModule_AddIntConstant(m, "SPLIT_EXTRA_LAUNCHES", bsconv::kSplitExtraLaunches) < 0)
     return -1;
   return 0;
 }
@@ -523,7 +526,8 @@ static PyModuleDef bsconv_module = {
     "bsconv_cuda::cuda_backward with torch. It also exports the kernels' limits (MAX_KERNEL_SIZE, MAX_TILE_PIXELS, "
     "MAX_STRIDE_OR_DILATION, MAX_PADDING, MAX_GRID_YZ, MAX_SPATIAL_SIZE, SUPPORTED_DTYPES), the forward tile choice's "
     "cost model (TARGET_SMS, BLOCKS_PER_SM, FWD_MAX_MMA_RATIO, DEPTHWISE_COST_*), the fused backward's limits "
-    "(FUSED_MAX_CIN, FUSED_MAX_SMEM_BYTES, L2_RESIDENT_BYTES), their feasibility check "
+    "(FUSED_MAX_CIN, FUSED_MAX_SMEM_BYTES, L2_RESIDENT_BYTES), the backward path rule's launch weight "
+    "(LAUNCH_L2_BYTES, SPLIT_EXTRA_LAUNCHES), their feasibility check "
     "(unsupported_reason) and their tile plan (tile_plan); these need no GPU.",
     -1,
     bsconv_methods,

@@ -31,6 +31,11 @@ constexpr int kDepthwiseCostHalf = 16, kDepthwiseCostTf32 = 8, kDepthwiseCostFma
 // A transient buffer up to half of the 50 MB L2 of an H100 / H200 is modeled to stay in L2: the fused backward's
 // weight-gradient partials are bounded by it (bsconv_cuda.plan.L2_RESIDENT_BYTES).
 constexpr int64_t kL2ResidentBytes = int64_t(24) << 20;
+// What one more dependent kernel launch is modeled to cost, as bytes of L2 traffic (about 2 us between small
+// dependent kernels at about 8 TB/s): the split backward runs kSplitExtraLaunches more than the fused one (its two
+// GEMMs), which weighs most at batch 1 and 2. Model weights, not measurements (bsconv_cuda.plan.LAUNCH_L2_BYTES).
+constexpr int64_t kLaunchL2Bytes = int64_t(16) << 20;
+constexpr int kSplitExtraLaunches = 2;
 // The fused backward keeps x and grad_x of all input channels of a tile in shared memory up to this many channels;
 // wider layers take the split backward (bwd_tile_kernel writes grad_pre, two GEMMs read it).
 constexpr int kFusedMaxCin = 128;
@@ -111,7 +116,8 @@ struct TilePlan {
   bool grad_x_transposed;              // the grad_x GEMM runs as grad_x^T = W^T . grad_pre^T (few pixels)
   int64_t col_blocks;                  // row blocks of the grad_dw_bias partials
   bool bwd_fused;                      // the backward's path: fused (no grad_pre) or split
-  int fused_rows;                      // fused path: mid pixels per tile ...
+  int fused_cb;                        // fused path: output channels per round (32 or 16) ...
+  int fused_rows;                      // ... mid pixels per tile ...
   int64_t fused_tiles, fused_blocks;   // ... tiles over N*H*W, and persistent blocks (one slot of partials each)
   bool fused_slot_in_smem;             // ... whose grad_pw_weight slot accumulates in shared memory
 };

@@ -164,6 +164,7 @@ def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
     # the fused backward's limits
     assert (ext.FUSED_MAX_CIN, ext.FUSED_MAX_SMEM_BYTES, ext.L2_RESIDENT_BYTES) == (
         cuda_backend.FUSED_MAX_CIN, cuda_backend.FUSED_MAX_SMEM_BYTES, plan.L2_RESIDENT_BYTES)
+    assert (ext.LAUNCH_L2_BYTES, ext.SPLIT_EXTRA_LAUNCHES) == (plan.LAUNCH_L2_BYTES, plan.SPLIT_EXTRA_LAUNCHES)
 
 
 def test_fused_backward_shared_memory_fits_every_targeted_gpu():
@@ -179,10 +180,17 @@ def test_fused_backward_shared_memory_fits_every_targeted_gpu():
         assert cuda_backend._fused_tiles(4, c_in, 64, 56, 56, 9, itemsize)[0] == rows, (c_in, itemsize)
     # The grad_pw_weight slot in shared memory as well, C_out padded to 32 rows of ld_gx = C_in + 4 floats: bf16
     # 64 -> 128 at 64 rows fits (52.5 KB + 34 KB), 128 -> 128 only at 16 rows (32 KB + 66 KB = 98 KB)
-    assert cuda_backend._fused_smem_bytes(64, 64, 2, 128) == cuda_backend._fused_smem_bytes(64, 64, 2) + 128 * 68 * 4
+    assert (cuda_backend._fused_smem_bytes(64, 64, 2, c_out_slot=128)
+            == cuda_backend._fused_smem_bytes(64, 64, 2) + 128 * 68 * 4)
     assert cuda_backend._fused_tiles(4, 64, 128, 56, 56, 9, 2)[::5] == (64, True)
     assert cuda_backend._fused_tiles(4, 128, 128, 56, 56, 9, 2)[::5] == (64, False)
     assert cuda_backend._fused_tiles(1, 128, 128, 16, 16, 9, 2)[::5] == (16, True)
+    # Rounds of 16 output channels (bf16, C_in 32, 64 rows): x 64 x 40 x 2, W 16 x 40 x 2, grad_pre 64 x 24 x 2,
+    # pre 64 x 16 x 4, grad_x 64 x 36 x 4, sums 1024, pixels 768, taps 50 x 16 x 4
+    assert cuda_backend._fused_smem_bytes(32, 64, 2, 16) == 5120 + 1280 + 3072 + 4096 + 9216 + 1024 + 768 + 3200
+    # 16 where it pads C_out less than 32: 24 -> 144 runs 9 rounds of 16, not 5 of 32
+    assert cuda_backend._fused_tiles(64, 24, 144, 56, 56, 9, 2)[2::4] == (144, 16)
+    assert [cuda_backend._fused_channel_block(c) for c in (1, 16, 17, 32, 48, 64, 144)] == [16, 16, 32, 32, 16, 32, 16]
 
 
 # (n, c_in, h, w, (kh, kw), stride, padding, dilation): inside every limit, on each limit and one past it
@@ -282,8 +290,9 @@ def test_work_plan_model_matches_the_compiled_tile_plan(ext):
                 forced = ext.tile_plan(*args, tf32, "fused")
                 assert forced["bwd_path"] == "fused" and ext.tile_plan(*args, tf32, "split")["bwd_path"] == "split"
                 assert ((fused.blocks["rows"], fused.params["tiles"], fused.params["blocks"],
-                         fused.blocks["slot_in_smem"]) == (forced["fused_rows"], forced["fused_tiles"],
-                                                           forced["fused_blocks"], forced["fused_slot_in_smem"])), args
+                         fused.blocks["slot_in_smem"], fused.blocks["CB"])
+                        == (forced["fused_rows"], forced["fused_tiles"], forced["fused_blocks"],
+                            forced["fused_slot_in_smem"], forced["fused_cb"])), args
                 assert fused.launches[0].grid == (forced["fused_blocks"],)
             else:
                 with pytest.raises(ValueError, match="FUSED_MAX_CIN"):
@@ -306,6 +315,7 @@ def test_python_restatement_agrees_on_random_calls(ext):
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     supported = fused_paths = 0
     channel_blocks = {16: 0, 32: 0}
+    fused_channel_blocks = {16: 0, 32: 0}
     slots_in_smem = 0
     for _ in range(4000):
         n = rng.choice([1, 1, 2, 3, 8, 32, 64, 128, 1000, 65535])
@@ -335,17 +345,19 @@ def test_python_restatement_agrees_on_random_calls(ext):
         fused = cuda_backend._fused_tiles(n, c_in, c_out, h, w, kernel_size[0] * kernel_size[1], dtype.itemsize)
         if fused is not None:
             compiled_fused = (tiles["fused_rows"], tiles["fused_tiles"], tiles["fused_blocks"],
-                              tiles["fused_slot_in_smem"])
-            assert (fused[0], fused[3], fused[4], fused[5]) == compiled_fused, args
+                              tiles["fused_slot_in_smem"], tiles["fused_cb"])
+            assert (fused[0], *fused[3:]) == compiled_fused, args
             slots_in_smem += fused[5]
+            fused_channel_blocks[fused[6]] += 1
         supported += 1
         if max(h, w) <= 5000:  # (work_plan's halo count walks the tile rows and columns)
             _, bwd = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding,
                                             dilation, dtype, tf32)
             assert bwd.path == tiles["bwd_path"], (args, tf32)
             fused_paths += bwd.path == "fused"
-    assert supported >= 1500 and fused_paths >= 100 and min(channel_blocks.values()) >= 100 and slots_in_smem >= 100, (
-        supported, fused_paths, channel_blocks, slots_in_smem)
+    assert (supported >= 1500 and fused_paths >= 100 and min(channel_blocks.values()) >= 100 and slots_in_smem >= 100
+            and min(fused_channel_blocks.values()) >= 100), (
+        supported, fused_paths, channel_blocks, slots_in_smem, fused_channel_blocks)
 
 
 # ------------------------------------------------------------------------------------------------ GPU checks
@@ -400,8 +412,8 @@ GPU_PATH_CASES = [(case, path) for case in GPU_CASES for path in ("fused", "spli
 def test_gpu_cases_run_every_kernel_variant():
     """The GPU cases (checked against the reference on a GPU) run each variant the tile plans choose between: the
     forward's 16- and 32-channel blocks on tensor cores and 32 on FMA, the grad_x GEMM of the split path in both
-    orientations, and the fused path's grad_pw_weight slot in shared and in global memory, on tensor cores and
-    FMA."""
+    orientations, the fused path's grad_pw_weight slot in shared and in global memory, on tensor cores and FMA, and
+    its rounds of 16 and 32 output channels on tensor cores and FMA."""
     seen = set()
     for n, c_in, c_out, h, w, k, stride, padding, dilation, act, dtype, cl, pb, db in GPU_CASES:
         h_out, w_out = reference.output_size(h, w, k, stride, padding, dilation)
@@ -410,11 +422,12 @@ def test_gpu_cases_run_every_kernel_variant():
         tensor_cores = dtype != torch.float32
         seen |= {("forward", tensor_cores, fwd.blocks["CB"]), ("grad_x", split.blocks["grad_x_transposed"])}
         if c_in <= cuda_backend.FUSED_MAX_CIN:
-            seen.add(("slot in smem", tensor_cores, cuda_backend.work_plan(*conv, backward_path="fused")[1]
-                      .blocks["slot_in_smem"]))
+            fused = cuda_backend.work_plan(*conv, backward_path="fused")[1]
+            seen |= {("slot in smem", tensor_cores, fused.blocks["slot_in_smem"]),
+                     ("fused rounds", tensor_cores, fused.blocks["CB"])}
     assert seen >= {("forward", True, 16), ("forward", True, 32), ("forward", False, 32), ("grad_x", False),
-                    ("grad_x", True), *(("slot in smem", tc, smem) for tc in (True, False) for smem in (True, False))
-                    }, seen
+                    ("grad_x", True), *(("slot in smem", tc, smem) for tc in (True, False) for smem in (True, False)),
+                    *(("fused rounds", tc, cb) for tc in (True, False) for cb in (16, 32))}, seen
     # the TF32 test's layer takes the 16-channel block on TF32
     fwd, _ = cuda_backend.work_plan(2, 64, 96, 20, 20, 20, 20, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), torch.float32,
                                     True)
@@ -457,7 +470,8 @@ def test_gpu_matches_reference(ext, case, path):
 
 
 # TF32 layers that run the variants the bf16 / fp16 cases run on tensor cores, in TF32: 16 pixels (the transposed
-# grad_x GEMM) and a 3 x 2 kernel (the run-time kernel size) on 16-channel forward blocks. SiLU, no kink: TF32's
+# grad_x GEMM) and a 3 x 2 kernel (the run-time kernel size) on 16-channel forward blocks; both run the fused
+# backward in rounds of 16 output channels (40 = 48 - 8). SiLU, no kink: TF32's
 # operand rounding would move relu's kinks (tests/fused_checks.py)
 TF32_CASES = [(1, 64, 40, 4, 4, (3, 3), [1, 1, 1, 1]), (2, 24, 40, 9, 11, (3, 2), [1, 1, 1, 0])]
 
@@ -490,6 +504,9 @@ def test_tf32_cases_run_the_tf32_variants():
         h_out, w_out = reference.output_size(h, w, k, (1, 1), padding, (1, 1))
         plans.append(cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, k, (1, 1), padding, (1, 1),
                                             torch.float32, True, backward_path="split"))
+        fused = cuda_backend.work_plan(n, c_in, c_out, h, w, h_out, w_out, k, (1, 1), padding, (1, 1),
+                                       torch.float32, True, backward_path="fused")[1]
+        assert fused.blocks["CB"] == 16, fused.blocks
     assert plans[0][1].blocks["grad_x_transposed"]
     assert plans[1][0].blocks["CB"] == 16 and TF32_CASES[1][5][0] != TF32_CASES[1][5][1]  # K = 0: run-time size
 

@@ -346,21 +346,31 @@ def test_triton_work_goals(kr):
 
 def test_cuda_work_accounting_by_hand(kr):
     """The CUDA tile plan's counts on a layer worked out by hand from csrc/bsconv_kernels.cu."""
+    import torch
+
+    from bsconv_cuda import cuda_backend
     from bsconv_cuda.shapes import Shape
 
     # 16 -> 16 @ 32x32, bf16. Forward: 16-channel blocks (no C_out padding); C_in 16 padded to KC = 32 doubles the
     # work, so only tiles with at least 2/3 output pixel per padded halo row stay within 3 pointwise stages. Of those,
     # the least time per block (one wave either way): 8 x 16 tiles, 10 x 18 = 180 -> 192 rows for 128 pixels
     # (3.00; 16 x 16 tiles: 2.63 but twice the rows per block), 8 tiles x 192 rows x 16 channels x 32.
-    # Backward: 4 tiles of 8x32 = 256 pixels x 32 x 32; grad_x GEMM 16 x 1 blocks of 64 x 32 x 32 (C_in <= 32:
+    # Backward, fused (the model's choice: the split path's bytes are within its two extra launches' weight):
+    # 1024 pixels in 64 tiles of 16 (fewer than 132 tiles of 32), rounds of 16 output channels, C_in 16: three MMAs
+    # of 16 x 16 x 16 per tile, 3.00 pointwise stages.
+    # Split: 4 tiles of 8x32 = 256 pixels x 32 x 32; grad_x GEMM 16 x 1 blocks of 64 x 32 x 32 (C_in <= 32:
     # 32-wide blocks; C_out padded to BK); grad_pw GEMM: 512 / 1 block pairs capped at 1024 / 256 = 4 splits of 256
-    # pixels, 64 x 32 each
+    # pixels, 64 x 32 each: 16.0 stages
     fwd, bwd = kr.call_plans(Shape("t", "t", 16, 16, 32, 1), "cuda")
     assert (fwd.blocks["TH"], fwd.blocks["TW"], fwd.blocks["CB"]) == (8, 16, 16)
     assert fwd.dot_macs == 8 * 192 * 16 * 32 == 3 * 32 * 32 * 16 * 16
-    assert [launch.dot_macs for launch in bwd.launches[:3]] == [4 * 256 * 32 * 32, 16 * 64 * 32 * 32,
-                                                                  4 * 64 * 32 * 256]
-    assert bwd.path == "split" and bwd.scratch_bytes == 32 * 32 * 16 * 2
+    assert bwd.path == "fused" and (bwd.blocks["rows"], bwd.blocks["CB"], bwd.params["tiles"]) == (16, 16, 64)
+    assert bwd.dot_macs == 3 * 64 * 16 * 16 * 16 == 3 * 32 * 32 * 16 * 16
+    _, split = cuda_backend.work_plan(1, 16, 16, 32, 32, 32, 32, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1),
+                                      torch.bfloat16, backward_path="split")
+    assert [launch.dot_macs for launch in split.launches[:3]] == [4 * 256 * 32 * 32, 16 * 64 * 32 * 32,
+                                                                    4 * 64 * 32 * 256]
+    assert split.scratch_bytes == 32 * 32 * 16 * 2
     # 1024 -> 1024 @ 4 x 4, N = 1: 16 pixels. The grad_x GEMM runs transposed: 16 blocks of 64 input channels x 32
     # pixels (16 real) x C_out 1024, 2 pointwise stages instead of the 4 of 64-pixel blocks.
     _, bwd = kr.call_plans(Shape("t", "t", 1024, 1024, 4, 1), "cuda")
@@ -375,12 +385,18 @@ def test_cuda_work_accounting_by_hand(kr):
     assert fused.path == "fused" and fused.scratch_bytes == 0
     assert fused.launches[0].grid == (196,) and fused.dot_macs == 3 * 196 * 2 * 64 * 32 * 32
     assert fused.partial_bytes == 196 * 4 * (64 * 32 + 64 * 10) + 4 * 64 * 13  # + grad_dw_bias, 13 row blocks
+    # 24 -> 144 @ 56, N = 64, bf16 (fused by the traffic model): rounds of 16 output channels, as 144 = 9 x 16 (32-wide
+    # rounds would pad it to 160); C_in 24 padded to 32 for the MMAs' 16-steps: 3 x 32 / 24 = 4.00 pointwise stages.
+    # 200704 pixels in 3136 tiles of 64; the slot (144 x 36 floats) fits in shared memory beside the tile.
+    _, fused = kr.call_plans(Shape("t", "t", 24, 144, 56, 64), "cuda")
+    assert fused.path == "fused" and fused.blocks["CB"] == 16 and fused.blocks["slot_in_smem"]
+    assert fused.dot_macs == 3 * 3136 * 64 * 144 * 32 == 4 * 64 * 56 * 56 * 24 * 144
 
 
 def test_cuda_fused_backward_writes_no_grad_pre_and_keeps_its_partials_in_l2(kr):
     """The CUDA fused backward, forced on every shape of the table that it takes (C_in <= FUSED_MAX_CIN), at the
     batches of the goals and at 64: nothing of mid's size, partials within the L2 budget, and three MMAs per (tile,
-    channel block), so its work is 3 pointwise stages times the channel padding alone."""
+    round of 16 or 32 output channels), so its work is 3 pointwise stages times the channel padding alone."""
     import torch
 
     from bsconv_cuda import cuda_backend, reference
@@ -395,7 +411,8 @@ def test_cuda_fused_backward_writes_no_grad_pre_and_keeps_its_partials_in_l2(kr)
             h_out, w_out = reference.output_size(shape.hw, shape.hw, k, stride, padding, (1, 1))
             _, bwd = cuda_backend.work_plan(n, shape.c_in, shape.c_out, shape.hw, shape.hw, h_out, w_out, k, stride,
                                             padding, (1, 1), dtype, True, backward_path="fused")
-            padded = (n * shape.hw * shape.hw * math.ceil(shape.c_in / 16) * 16 * math.ceil(shape.c_out / 32) * 32)
+            cb = 16 if math.ceil(shape.c_out / 16) * 16 < math.ceil(shape.c_out / 32) * 32 else 32
+            padded = (n * shape.hw * shape.hw * math.ceil(shape.c_in / 16) * 16 * math.ceil(shape.c_out / cb) * cb)
             assert bwd.path == "fused" and bwd.scratch_bytes == 0, shape
             assert bwd.partial_bytes <= kr.L2_BYTES, (shape, n)
             rows = bwd.blocks["rows"]

@@ -83,7 +83,7 @@ from .. import reference
 from ..backends import fp32_uses_tf32, major_minor
 from ..cuda_backend import device_capability
 from ..plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDENT_BYTES, TARGET_SMS, Launch, Plan,
-                    dram_bytes, halo_extent, halo_read_factor)
+                    dram_bytes, halo_extent, halo_read_factor, prefer_fused_backward)
 
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
 
@@ -885,8 +885,8 @@ def backward_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, dtype=None, p
     split = _split_plan({k: v for k, v in forced.items() if k != "CHUNKS"}, *args)
     if fused is None or path == "split":
         return split
-    fills = fused.launches[0].programs >= min(TARGET_SMS, split.launches[0].programs)
-    return fused if fills and fused.extra_traffic_bytes <= split.extra_traffic_bytes else split
+    fused_wins = prefer_fused_backward(fused, split, fused.launches[0].programs, split.launches[0].programs)
+    return fused if fused_wins else split
 
 
 def _fused_plan(forced, n, c_in, c_out, hw, taps, kind, dtype_name, channels_last, flags) -> Plan | None:
