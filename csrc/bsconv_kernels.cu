@@ -32,8 +32,11 @@
 // grad_pw_weight slot in global memory, and 8 * C_out * C_in * blocks / pixels (nothing per tile) where the slot
 // fits in shared memory beside the tile (C_out * C_in up to about 16 K at 64-pixel tiles). So the fused path wins
 // on every layer whose slot stays on chip once the batch gives each block several tiles (32 -> 64 @ 112, N = 64:
-// 69 MB against 385), and the split path on small batches of wide-ish layers (128 -> 128 @ 56, N = 1: a tile per
-// block, 28 MB against 5). Layers wider than kFusedMaxCin = 128 take the split path: the tile's x and grad_x of all
+// 69 MB against 385). The split path's two extra launches (its GEMMs) are charged kLaunchL2Bytes = 16 MiB each, so
+// at batch 1 and 2, where the bytes differ by a few MB, the fused path takes most layers it can run (128 -> 128 @ 56,
+// N = 1: a tile per block, 28 MB against 5 + 32); the split path keeps the small batches of the widest (128 -> 256
+// @ 56 s2, N = 1: 55 MB against 9 + 32) and the large batches of the wide-ish (128 -> 128 @ 56, N = 64: 443 MB
+// against 232 + 32). Layers wider than kFusedMaxCin = 128 take the split path: the tile's x and grad_x of all
 // C_in no longer fit in shared memory with tiles of MMA height (16 pixels x 1024 channels x 6 bytes = 96 KB before
 // W), and keeping the slot off chip instead costs 8 * 1024 * 1024 / 16 = 512 KB per pixel against the split path's
 // 6 KB. Neither count includes operands staged again from L2 (W per fused tile and per split tile block, the GEMMs'

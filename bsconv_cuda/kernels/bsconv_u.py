@@ -42,14 +42,17 @@ The choice, by the numbers (plan models, bf16; traffic beyond the byte floor tha
 - the fused path keeps C_in x (2 B of x + 4 B of grad_x) per tile pixel on chip: with two programs of 4 warps per
   SM that is 128 channels at MID_PIXELS = 32 (its registers: the kernel report, below); wider layers do not fit,
   and their partial slots (512 x 512 fp32 = 1 MiB per program) would allow only 24 programs;
-- where both fit, the traffic decides (L2 and DRAM bytes alike): 16->96 @ 112 s2 -> fused at every batch;
-  32->64 @ 112, N = 64: fused +532 MiB (all in L2: 32-pixel tiles, as 64-pixel ones spill at 32 channels) vs
-  split +480 MiB (343 MiB of it DRAM: grad_pre is 98 MiB) -> split, narrowly; 128->128 @ 56, N = 64: fused
-  +875 MiB (C_out x C_in x 8 B per 32-pixel tile) vs split +268 MiB -> split; 96->576 @ 14, N = 64: fused +208 MiB
-  vs split +65 MiB -> split. Batch-1/2 layers mostly split too (grad_pre fits in L2 there, while a fused tile of
-  16-32 pixels rewrites a whole slot). A GPU run (``python -m bsconv_cuda.bench``) should confirm the crossover
-  and whether DRAM bytes must weigh more (32->64 @ 112 is the closest case);
-  ``force_blocks(backward=dict(PATH=...))`` runs either path.
+- where both fit and the fused programs fill the GPU, the traffic decides (L2 and DRAM bytes alike), the split
+  path charged ``LAUNCH_L2_BYTES`` (16 MiB) for each of its two extra launches
+  (:func:`bsconv_cuda.plan.prefer_fused_backward`, the CUDA backend's rule too): 16->96 @ 112 s2 -> fused at every
+  batch; 32->64 @ 112, N = 64: fused +532 MiB (all in L2: 32-pixel tiles, as 64-pixel ones spill at 32 channels) vs
+  split +480 MiB (343 MiB of it DRAM: grad_pre is 98 MiB) + 32 -> split, narrowly; 128->128 @ 56, N = 64: fused
+  +875 MiB (C_out x C_in x 8 B per 32-pixel tile) vs split +268 MiB + 32 -> split; 96->576 @ 14, N = 64: fused
+  +208 MiB vs split +65 MiB + 32 -> split. At batch 1 and 2 the bytes differ by a few MB, so the launches decide
+  where the fused programs fill the GPU (32->64 @ 112, 128->128 @ 56, 24->144 @ 56 -> fused); on smaller maps they
+  do not (a program per 16-32 pixels), and the split path stays. A GPU run (``python -m bsconv_cuda.bench``) should
+  confirm the crossover, the launch weight, and whether DRAM bytes must weigh more (32->64 @ 112 is the closest
+  case); ``force_blocks(backward=dict(PATH=...))`` runs either path.
 Dot work in pointwise stages, before -> after, bf16 channels_last, N = 1 (the issue's examples; every shape of
 ``bsconv_cuda.shapes`` at batch 1 and 2 is in BENCHMARKS.md): 32->64 @ 112: forward 2.00 -> 2.00, backward 3.00 ->
 3.00; 128->128 @ 56: 2.29 -> 2.00, 6.00 -> 3.00; 512->512 @ 14: 2.61 -> 2.29, 23.5 -> 3.18; 1024->1024 @ 7:
