@@ -105,13 +105,19 @@ def _cuda_extension():
             f.write(header)
 
     defines = ["-DTORCH_TARGET_VERSION=0x020a000000000000", "-DUSE_CUDA", "-DBSCONV_HAVE_BUILD_INFO"]
+    max_jobs = os.environ.get("MAX_JOBS", "")
+    nvcc_threads = int(max_jobs) if max_jobs.isdigit() and int(max_jobs) > 0 else (os.cpu_count() or 1)
     ext = CUDAExtension(
         name="bsconv_cuda._C",
         sources=["csrc/bsconv_ops.cpp", "csrc/bsconv_kernels.cu"],
         include_dirs=[os.path.join(here, "csrc"), gen_dir],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17", *defines],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", *defines],
+            # --threads: the architectures of TORCH_CUDA_ARCH_LIST compile in parallel, as many at once as MAX_JOBS
+            # (torch's limit on parallel compile jobs) allows (one kernels file: without it the release wheel's four
+            # architectures compile one after another on one core)
+            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", f"--threads={nvcc_threads}",
+                     *defines],
         },
         py_limited_api=True,
     )

@@ -328,15 +328,16 @@ def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int, items
     cb = _fused_channel_block(c_out)
     c_in_padded, c_out_padded = _round_up(c_in, 16), _round_up(c_out, cb)
     rows = next((r for r in (64, 32) if math.ceil(m / r) >= TARGET_SMS
-                 and _fused_smem_bytes(c_in_padded, r, itemsize, cb) <= FUSED_MAX_SMEM_BYTES), 16)
-    slot_in_smem = _fused_smem_bytes(c_in_padded, rows, itemsize, cb, c_out_padded) <= FUSED_MAX_SMEM_BYTES
+                 and _fused_smem_bytes(c_in_padded, r, itemsize, cb=cb) <= FUSED_MAX_SMEM_BYTES), 16)
+    smem_with_slot = _fused_smem_bytes(c_in_padded, rows, itemsize, cb=cb, c_out_slot=c_out_padded)
+    slot_in_smem = smem_with_slot <= FUSED_MAX_SMEM_BYTES
     tiles = math.ceil(m / rows)
     slot = _fused_weight_slot_bytes(c_in_padded, c_out_padded) + _fused_channel_slot_bytes(c_out, taps)
     blocks = max(1, min(TARGET_SMS * BLOCKS_PER_SM, L2_RESIDENT_BYTES // slot, tiles))
     return rows, c_in_padded, c_out_padded, tiles, blocks, slot_in_smem, cb
 
 
-def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, cb: int = _CB, c_out_slot: int = 0) -> int:
+def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, *, cb: int = _CB, c_out_slot: int = 0) -> int:
     """Shared memory of a fused backward block of cb output channels per round with room for 7 x 7 taps (FusedSmem
     in csrc: x and W tiles, grad_pre, pre, the grad_x accumulator, warp sums, pixel coordinates, taps and bias, and
     c_out_slot rows of the grad_pw_weight slot; arrays on 128-byte boundaries)."""

@@ -4,7 +4,7 @@
 // bsconv_ops.cpp. Every tensor the kernels see is channels_last (NHWC-contiguous); the host makes copies
 // for other layouts.
 //
-// Forward (fwd_kernel): one block = (32 output channels, one TH x TW output tile, one image). It computes
+// Forward (fwd_kernel): one block = (32 or 16 output channels, one TH x TW output tile, one image). It computes
 // pre = x . W^T for the (tile + halo) input pixels with tensor cores (WMMA: fp16/bf16, and fp32 as TF32 when
 // ConvShape::tf32 says torch allows it) or fp32 FMA, in chunks of input channels staged in shared memory; then
 // mid = act(pre + pw_bias), zero outside the image (padding applies to mid), kept in shared memory as fp32; then
@@ -34,8 +34,8 @@
 // on every layer whose slot stays on chip once the batch gives each block several tiles (32 -> 64 @ 112, N = 64:
 // 69 MB against 385). The split path's two extra launches (its GEMMs) are charged kLaunchL2Bytes = 16 MiB each, so
 // at batch 1 and 2, where the bytes differ by a few MB, the fused path takes most layers it can run (128 -> 128 @ 56,
-// N = 1: a tile per block, 28 MB against 5 + 32); the split path keeps the small batches of the widest (128 -> 256
-// @ 56 s2, N = 1: 55 MB against 9 + 32) and the large batches of the wide-ish (128 -> 128 @ 56, N = 64: 443 MB
+// N = 1: a tile per block, 28 MiB against 5 + 32); the split path keeps the small batches of the widest (128 -> 256
+// @ 56 s2, N = 1: 55 MiB against 9 + 32) and the large batches of the wide-ish (128 -> 128 @ 56, N = 64: 443 MiB
 // against 232 + 32). Layers wider than kFusedMaxCin = 128 take the split path: the tile's x and grad_x of all
 // C_in no longer fit in shared memory with tiles of MMA height (16 pixels x 1024 channels x 6 bytes = 96 KB before
 // W), and keeping the slot off chip instead costs 8 * 1024 * 1024 / 16 = 512 KB per pixel against the split path's
@@ -964,7 +964,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_fused_kernel(BwdArgs a, Fused
       if (want_gw)
         block_mma<MT, false, true>(gw_acc + (int64_t)c0 * ld_gw, ld_gw, f.slot_in_smem || !first, gps, L.ld_gp, xs,
                                    L.ld_x, CBT / 16, Cp / 16, rows);
-      __syncthreads();  // the MMAs are done with ws / gps before the next channel block restages them
+      __syncthreads();  // the MMAs are done with ws / gps before the next round restages them
     }
     // ---- write the tile's grad_x
     if (want_gx) {
@@ -1274,8 +1274,8 @@ FusedTiles choose_fused_tiles(const ConvShape& s) {
 // much as the split tile kernel's), and it moves no more bytes beyond the byte floor than the split path plus that
 // path's kSplitExtraLaunches launches at kLaunchL2Bytes each: its slots' traffic (fused_partial_traffic) against
 // grad_pre written and read by both GEMMs, x read again and the split partials written and read (the grad_dw_bias
-// partials are the same on both paths). The Triton backward chooses by the same rule (bsconv_cuda.kernels.bsconv_u.backward_plan); both are models, for a
-// GPU run to confirm. bsconv_cuda.cuda_backend.work_plan restates it.
+// partials are the same on both paths). The Triton backward chooses by the same rule (bsconv_cuda.plan.
+// prefer_fused_backward); both are models, for a GPU run to confirm. bsconv_cuda.cuda_backend.work_plan restates it.
 bool choose_bwd_path(const ConvShape& s, const BwdGeom& g, int64_t itemsize) {
   if (s.C_in > kFusedMaxCin || s.bwd_path == BwdPath::Split) return false;
   if (s.bwd_path == BwdPath::Fused) return true;

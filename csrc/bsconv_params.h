@@ -97,7 +97,8 @@ struct BwdArgs {
   void* gpre;        // split path: (N*H*W, C_out), input dtype: d loss / d (pre-activation mid)
   float* part_tile;  // (tiles or fused blocks, C_out, KH*KW + 1) fp32 partials of grad_dw_w and grad_pw_b
   float* part_gemm;  // split: (splits, C_out, C_in) split-K partials of grad_pw_w; fused: (blocks,
-                     // C_out rounded up to 32, C_in rounded up to 16) per-block slots; fp32
+                     // C_out rounded up to the round of 16 or 32 channels, C_in rounded up to 16) per-block slots;
+                     // fp32
   float* part_col;   // (row_blocks, C_out) fp32 partials of grad_dw_b
 };
 

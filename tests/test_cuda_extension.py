@@ -187,7 +187,7 @@ def test_fused_backward_shared_memory_fits_every_targeted_gpu():
     assert cuda_backend._fused_tiles(1, 128, 128, 16, 16, 9, 2)[::5] == (16, True)
     # Rounds of 16 output channels (bf16, C_in 32, 64 rows): x 64 x 40 x 2, W 16 x 40 x 2, grad_pre 64 x 24 x 2,
     # pre 64 x 16 x 4, grad_x 64 x 36 x 4, sums 1024, pixels 768, taps 50 x 16 x 4
-    assert cuda_backend._fused_smem_bytes(32, 64, 2, 16) == 5120 + 1280 + 3072 + 4096 + 9216 + 1024 + 768 + 3200
+    assert cuda_backend._fused_smem_bytes(32, 64, 2, cb=16) == 5120 + 1280 + 3072 + 4096 + 9216 + 1024 + 768 + 3200
     # 16 where it pads C_out less than 32: 24 -> 144 runs 9 rounds of 16, not 5 of 32
     assert cuda_backend._fused_tiles(64, 24, 144, 56, 56, 9, 2)[2::4] == (144, 16)
     assert [cuda_backend._fused_channel_block(c) for c in (1, 16, 17, 32, 48, 64, 144)] == [16, 16, 32, 32, 16, 32, 16]
