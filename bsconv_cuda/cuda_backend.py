@@ -339,14 +339,14 @@ def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int, items
 
 def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, *, cb: int = _CB, c_out_slot: int = 0) -> int:
     """Shared memory of a fused backward block of cb output channels per round with room for 7 x 7 taps (FusedSmem
-    in csrc: x and W tiles, grad_pre, pre, the grad_x accumulator, warp sums, pixel coordinates, taps and bias, and
-    c_out_slot rows of the grad_pw_weight slot; arrays on 128-byte boundaries)."""
+    in csrc: x and W tiles, grad_pre, pre, the grad_x accumulator, 256 threads' sums, pixel coordinates, taps and
+    bias, and c_out_slot rows of the grad_pw_weight slot; arrays on 128-byte boundaries)."""
     pad = 4 if itemsize == 4 else 8
     ld_x, ld_gp, ld_gx = c_in_padded + pad, cb + pad, c_in_padded + 4
     arrays = (rows * ld_x * itemsize, cb * ld_x * itemsize, rows * ld_gp * itemsize, rows * _mid_ld(cb) * 4,
               rows * ld_gx * 4)
-    warp_sums, pixels, taps = 8 * 32 * 4, 3 * rows * 4, (7 * 7 + 1) * cb * 4
-    return (sum(_round_up(a, 128) for a in arrays) + warp_sums + _round_up(pixels, 128) + _round_up(taps, 128)
+    thread_sums, pixels, taps = 256 * 4, 3 * rows * 4, (7 * 7 + 1) * cb * 4
+    return (sum(_round_up(a, 128) for a in arrays) + thread_sums + _round_up(pixels, 128) + _round_up(taps, 128)
             + c_out_slot * ld_gx * 4)
 
 
