@@ -1322,9 +1322,9 @@ BwdGeom bwd_geom(const ConvShape& s) {
 template <typename MT, int K, int CBT>
 int launch_bwd_fused(const BwdArgs& a, const FusedTiles& f, bool vec, cudaStream_t stream) {
   const int smem = FusedSmem<MT>(f, KSize<K>::kMax * KSize<K>::kMax).bytes;
-  static SmemLimit limit;  // one per kernel instantiation
-  const int rc = limit.allow(bwd_fused_kernel<MT, K, CBT>, smem, kFusedMaxSmemBytes);  // choose_fused_tiles keeps
-  if (rc != 0) return rc;                                                                // it under
+  static SmemLimit limit;  // one per kernel instantiation; choose_fused_tiles keeps smem under kFusedMaxSmemBytes
+  const int rc = limit.allow(bwd_fused_kernel<MT, K, CBT>, smem, kFusedMaxSmemBytes);
+  if (rc != 0) return rc;
   bwd_fused_kernel<MT, K, CBT><<<(unsigned)f.blocks, kThreads, smem, stream>>>(a, f, vec);
   return (int)cudaGetLastError();
 }
