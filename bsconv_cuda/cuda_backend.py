@@ -230,9 +230,9 @@ FWD_CHANNEL_BLOCKS = (32, 16)
 
 def _fwd_candidates(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32=False):
     """The forward's candidate blocks, each as (key, (TH, TW, IH, IW, tiles per image, CB), blocks) with the key
-    (ratio capped below at FWD_MAX_DOT_RATIO, modeled time, MMA multiply-adds, -CB, -TW) that choose_fwd_tile of csrc
-    minimizes (its comment gives the model; the constants are :mod:`bsconv_cuda.plan`'s). The sums run in floats
-    in the kernel's order, so that ties break alike."""
+    (ratio capped below at FWD_MAX_DOT_RATIO, modeled time, -SMs occupied, MMA multiply-adds, -CB, -TW) that
+    choose_fwd_tile of csrc minimizes (its comment gives the model; the constants are :mod:`bsconv_cuda.plan`'s). The
+    sums run in floats in the kernel's order, so that ties break alike."""
     fp32 = dtype == torch.float32
     k_chunk = 16 if fp32 else 32
     c_in_padded = float(_round_up(c_in, k_chunk))
@@ -249,7 +249,8 @@ def _fwd_candidates(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation
             macs = blocks * block_macs
             ratio = max(macs / pointwise, FWD_MAX_DOT_RATIO)
             time = (block_macs + depthwise_cost * th * tw * kh * kw * cb) * max(blocks / block_slots, 1.0)
-            yield (ratio, time, macs, -cb, -tw), (th, tw, ih, iw, tiles, cb), int(blocks)
+            sms = min(blocks, float(TARGET_SMS))
+            yield (ratio, time, -sms, macs, -cb, -tw), (th, tw, ih, iw, tiles, cb), int(blocks)
 
 
 def _fwd_choice(n, c_in, c_out, h, w, h_out, w_out, kh, kw, stride, dilation, dtype, tf32=False):

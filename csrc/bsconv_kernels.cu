@@ -436,8 +436,10 @@ void visit_fwd_tiles(const ConvShape& s, Visit&& visit) {
 // the least modeled time: per block, its MMA rows x CB x C_in (padded to KC) plus kDepthwiseCost* x its depthwise
 // FMAs, times the waves over kTargetSms x kBlocksPerSm blocks, counted fractionally. A full GPU thus gets the least
 // work per image, and a batch too small to fill the GPU gets smaller tiles or 16-channel blocks (twice the blocks
-// for the same MMA work, and no padding of a 16-channel layer to 32). Ties go to the 32-channel block, then to the
-// wider tile (longer coalesced rows). bsconv_cuda.cuda_backend._fwd_tile restates it. Returns false when no tile
+// for the same MMA work, and no padding of a 16-channel layer to 32). At equal modeled time the candidate that
+// occupies more SMs (blocks, up to kTargetSms) wins: the model counts MMA and depthwise work, not the loads and
+// stores that more SMs issue side by side (16->16 @ 32, N = 1, TF32: 96 blocks of 2x6 pixels, not 88 of 3x4 with
+// less padding). Then the least MMA work, the 32-channel block, and the wider tile (longer coalesced rows). bsconv_cuda.cuda_backend._fwd_tile restates it. Returns false when no tile
 // fits. Up to a few thousand candidates per block (1x1 kernels on large maps): a few microseconds, once per forward
 // launch.
 bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
@@ -448,7 +450,7 @@ bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   const double pointwise = (double)s.N * s.H * s.W * s.C_in * s.C_out;
   const double block_slots = (double)kTargetSms * kBlocksPerSm;
   bool found = false;
-  std::tuple<double, double, double, int, int> best;  // (ratio, time, macs, -CB, -TW)
+  std::tuple<double, double, double, double, int, int> best;  // (ratio, time, -SMs occupied, macs, -CB, -TW)
   for (const int cb : kFwdChannelBlocks) {
     if (!fwd_channel_block_runs(s, cb)) continue;
     const double blocks_per_tile = (double)s.N * ceil_div64(s.C_out, cb);
@@ -460,7 +462,8 @@ bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
       const double ratio = macs / pointwise > kFwdMaxMmaRatio ? macs / pointwise : kFwdMaxMmaRatio;
       const double time = (block_macs + depthwise_cost * th * tw * s.KH * s.KW * cb) *
                           (blocks > block_slots ? blocks / block_slots : 1.0);
-      const auto key = std::make_tuple(ratio, time, macs, -cb, -tw);
+      const double sms = blocks < kTargetSms ? blocks : (double)kTargetSms;
+      const auto key = std::make_tuple(ratio, time, -sms, macs, -cb, -tw);
       if (!found || key < best) {
         found = true;
         best = key;

@@ -15,7 +15,7 @@
 # BSCONV_GPU_CHECK_STAGES: the stages to run, comma-separated (default: all, in this order):
 #   build, gpu_tests (tests marked cuda), grid (the fused backends' shared grid), suite (the other tests),
 #   sass (registers and spills of the built kernels), bench (quick benchmark set + report),
-#   paths (the CUDA backward's fused and split paths timed on the quick shapes),
+#   paths (the CUDA backward's fused and split paths timed on the quick and the batch-1 latency shapes),
 #   sanitize (compute-sanitizer memcheck and racecheck on one small forward + backward of each backend and path,
 #   scripts/gpu_step.py), ncu (Nsight Compute on the kernels of one larger step, each backend and path).
 # Without the build stage, the extension already in bsconv_cuda/ is used: build copies it into the results, so that a
@@ -116,7 +116,8 @@ export PY LOGS
 export -f sass
 wants sass && stage sass 120 bash -c sass
 
-# 4. benchmarks + report, and the CUDA backward's two paths timed on the same shapes (their choice is a model)
+# 4. benchmarks + report, and the CUDA backward's two paths timed on the same shapes and at batch 1, where the path
+# rule's launch weight decides (their choice is a model)
 if wants bench && [ -d "$REPO/benchmarks" ]; then
   export BSCONV_BENCH_JSON="$LOGS/bsconv-gpu.json"
   stage bench 300 "${PYTEST[@]}" "$REPO/benchmarks" --benchmark-only
@@ -126,7 +127,7 @@ if wants bench && [ -d "$REPO/benchmarks" ]; then
 fi
 if wants paths; then
   for path in fused split; do
-    stage "paths_$path" 150 "$PY" -m bsconv_cuda.bench --shapes quick --passes bwd,fwdbwd --dtype bf16 \
+    stage "paths_$path" 150 "$PY" -m bsconv_cuda.bench --shapes quick,latency --passes bwd,fwdbwd --dtype bf16 \
       --cuda-backward "$path" --no-progress --json "$LOGS/cuda-backward-$path.json"
   done
 fi

@@ -146,6 +146,16 @@ def test_forward_tile_choice():
     assert single[5] == 16 and 128 // 16 * single[4] >= 132 and mma_rows_per_pixel(single) <= 3.0
 
 
+def test_forward_tile_choice_gives_equal_time_to_the_tile_on_more_sms(ext):
+    """16 -> 16 @ 32, TF32, N = 1: 3 x 4 tiles (88 blocks) and 2 x 6 tiles (96) have the same modeled time (one wave,
+    the same MMA rows per block); the one that occupies more SMs wins although it pads a little more, in the compiled
+    choice and its Python restatement alike."""
+    conv = (1, 16, 16, 32, 32)
+    assert cuda_backend._fwd_tile(*conv, 32, 32, 3, 3, [1, 1], [1, 1], torch.float32, True) == (2, 6, 4, 8, 96, 16)
+    tiles = ext.tile_plan(*conv, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "float32", True)
+    assert (tiles["fwd_tile"][:2], tiles["fwd_tiles"], tiles["fwd_cb"]) == ((2, 6), 96, 16)
+
+
 def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
     """csrc/bsconv_params.h is the home of the kernels' limits; the Python copies (needed under torch.compile and
     where _C cannot load) must say the same."""

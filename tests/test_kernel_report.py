@@ -430,12 +430,11 @@ def test_cuda_work_goals(kr):
 
 
 def test_cuda_work_goals_besides_the_grad_pre_buffer(kr):
-    """What test_cuda_work_goals still fails on is the split path's grad_pre buffer (wide layers, small maps), and one
-    forward grid: 16 -> 16 @ 32 in TF32 at N = 1 runs 88 blocks where a tile within the 3-stage cap gives 96 (both
-    under one wave; the model takes the one with fewer multiply-adds at the same block latency). Every other goal
-    holds on every row, the narrow layers' backward included (rounds of 16 output channels)."""
+    """What test_cuda_work_goals still fails on is the split path's grad_pre buffer (wide layers, small maps) alone.
+    Every other goal holds on every row: the narrow layers' backward (rounds of 16 output channels), and the batch-1
+    forward grids (16 -> 16 @ 32 in TF32 takes 96 blocks of 2 x 6 pixels, where 88 of 3 x 4 have the same modeled
+    time and a little less padding: equal time goes to the candidate that occupies more SMs)."""
     rows = _goal_rows(kr, "cuda")
     problems = [p for p in kr.work_problems(rows) if "grad_pre buffer" not in p]
-    assert problems == ["cuda 16->16@32 N=1: fwd_kernel runs 88 programs on 132 SMs, its blocks allow 96"], (
-        _grouped(problems))
+    assert not problems, _grouped(problems)
     assert max(r.bwd_macs - r.fwd_macs for r in rows) <= kr.BWD_EXTRA_MACS
