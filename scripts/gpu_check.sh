@@ -16,10 +16,13 @@
 #   build, gpu_tests (tests marked cuda), grid (the fused backends' shared grid), suite (the other tests),
 #   sass (registers and spills of the built kernels), bench (quick benchmark set + report),
 #   paths (the CUDA backward's fused and split paths timed on the quick and the batch-1 latency shapes),
+#   kernels (each kernel's time in the CUDA backward's paths, torch.profiler over scripts/gpu_step.py, on the layers
+#   where the split path keeps its grad_pre buffer),
 #   sanitize (compute-sanitizer memcheck and racecheck on one small forward + backward of each backend and path,
 #   scripts/gpu_step.py), ncu (Nsight Compute on the kernels of one larger step, each backend and path).
 # Without the build stage, the extension already in bsconv_cuda/ is used: build copies it into the results, so that a
-# second device call can carry it (`BSCONV_GPU_CHECK_STAGES=sanitize,ncu` with bsconv_cuda/_C.abi3.so carried).
+# second device call can carry it (`BSCONV_GPU_CHECK_STAGES=kernels,sanitize,ncu` with bsconv_cuda/_C.abi3.so
+# carried).
 # Stage timeouts in seconds: BSCONV_GPU_CHECK_TIMEOUT_<STAGE> (defaults below).
 # WHEEL=path/to/bsconv_cuda-*.whl: test a prebuilt wheel (scripts/build_wheel.sh, e.g. the one CI builds) instead of
 # building, which saves the compile's device time: it is pip-installed (--no-deps --force-reinstall) and pytest runs
@@ -39,8 +42,8 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export BSCONV_CUDA_BUILD=1
 export BSCONV_BENCH_SET=${BSCONV_BENCH_SET:-quick}
 export PYTHONUNBUFFERED=1
-STAGES=${BSCONV_GPU_CHECK_STAGES:-build,gpu_tests,grid,suite,sass,bench,paths,sanitize,ncu}
-[ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" = "1" ] && STAGES=$(echo "$STAGES" | sed -E 's/(^|,)(bench|paths)//g')
+STAGES=${BSCONV_GPU_CHECK_STAGES:-build,gpu_tests,grid,suite,sass,bench,paths,kernels,sanitize,ncu}
+[ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" = "1" ] && STAGES=$(echo "$STAGES" | sed -E 's/(^|,)(bench|paths|kernels)//g')
 FAILED=0
 
 note() { echo "$1" >>"$SUMMARY_FILE"; echo "== $1"; }
@@ -112,7 +115,7 @@ sass() {
   "$cuobjdump" --dump-resource-usage "$so" >"$LOGS/resource_usage.txt" 2>&1 || return 1
   echo "$(grep -c 'Function' "$LOGS/resource_usage.txt") kernels, max REG $(grep -oE 'REG:[0-9]+' "$LOGS/resource_usage.txt" | cut -d: -f2 | sort -n | tail -1), $(grep -oE 'LOCAL:[0-9]+' "$LOGS/resource_usage.txt" | grep -vc 'LOCAL:0$') with local memory, $("$cuobjdump" --dump-sass "$so" 2>/dev/null | grep -cE "HMMA|HGMMA") HMMA/HGMMA instructions"
 }
-export PY LOGS
+export PY LOGS REPO
 export -f sass
 wants sass && stage sass 120 bash -c sass
 
@@ -131,6 +134,28 @@ if wants paths; then
       --cuda-backward "$path" --no-progress --json "$LOGS/cuda-backward-$path.json"
   done
 fi
+
+# Where the time of the split path goes on the layers that keep its grad_pre buffer (wider than 128 input channels:
+# no fused path; small maps and large batches: the fused path for comparison), kernel by kernel: the measured reason
+# to keep the buffer, or to replace it, comes from these (the grad_pre kernel's time against a GEMM's).
+kernel_times() {
+  local spec shape k stride rc=0 path
+  # N,C_in,C_out,H,W k stride
+  for spec in "1,512,512,14,14 3 1" "64,512,512,14,14 3 1" "64,1024,1024,7,7 3 1" "1,96,576,14,14 3 1" \
+              "1,112,672,14,14 5 2" "1,128,256,56,56 3 2" "64,128,128,56,56 3 1"; do
+    read -r shape k stride <<<"$spec"
+    for path in split fused; do
+      [ "$path" = fused ] && [ "$(echo "$shape" | cut -d, -f2)" -gt 128 ] && continue
+      echo "== $shape k$k s$stride $path"
+      "$PY" "$REPO/scripts/gpu_step.py" cuda --path "$path" --shape "$shape" --k "$k" --stride "$stride" \
+        --repeat 3 --profile 20 || rc=1
+    done
+  done
+  echo "kernel times: $([ $rc -eq 0 ] && echo ok || echo FAILED) (per-kernel table in kernels.log)"
+  return $rc
+}
+export -f kernel_times
+wants kernels && stage kernels 180 bash -c kernel_times
 
 # 5. memory and race checks, then the kernels' hardware counters (Firecracker machines; gVisor refuses both), on
 # scripts/gpu_step.py runs of each backend and CUDA backward path
@@ -163,7 +188,6 @@ ncu_profile() {
   echo "ncu: $([ $rc -eq 0 ] && echo ok || echo FAILED) on ${#runs[@]} runs"
   return $rc
 }
-export REPO CUDA_HOME
 export -f tool sanitize ncu_profile
 wants sanitize && stage sanitize 300 bash -c sanitize
 wants ncu && stage ncu 240 bash -c ncu_profile
