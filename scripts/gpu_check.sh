@@ -133,6 +133,8 @@ if wants paths; then
     stage "paths_$path" 150 "$PY" -m bsconv_cuda.bench --shapes quick,latency --passes bwd,fwdbwd --dtype bf16 \
       --cuda-backward "$path" --no-progress --json "$LOGS/cuda-backward-$path.json"
   done
+  stage paths_report 60 "$PY" "$REPO/benchmarks/paths_report.py" "$LOGS/cuda-backward-fused.json" \
+    "$LOGS/cuda-backward-split.json" --out "$LOGS/paths.md"
 fi
 
 # Where the time of the split path goes on the layers that keep its grad_pre buffer (wider than 128 input channels:
