@@ -439,9 +439,9 @@ void visit_fwd_tiles(const ConvShape& s, Visit&& visit) {
 // for the same MMA work, and no padding of a 16-channel layer to 32). At equal modeled time the candidate that
 // occupies more SMs (blocks, up to kTargetSms) wins: the model counts MMA and depthwise work, not the loads and
 // stores that more SMs issue side by side (16->16 @ 32, N = 1, TF32: 96 blocks of 2x6 pixels, not 88 of 3x4 with
-// less padding). Then the least MMA work, the 32-channel block, and the wider tile (longer coalesced rows). bsconv_cuda.cuda_backend._fwd_tile restates it. Returns false when no tile
-// fits. Up to a few thousand candidates per block (1x1 kernels on large maps): a few microseconds, once per forward
-// launch.
+// less padding). Then the least MMA work, the 32-channel block, and the wider tile (longer coalesced rows).
+// bsconv_cuda.cuda_backend._fwd_tile restates it. Returns false when no tile fits. Up to a few thousand candidates
+// per block (1x1 kernels on large maps): a few microseconds, once per forward launch.
 bool choose_fwd_tile(const ConvShape& s, FwdTile* out) {
   const bool fp32 = s.dtype == DType::Float32;
   const int64_t k_chunk = fp32 ? Cfg<float>::KC : Cfg<__half>::KC;
@@ -795,7 +795,8 @@ inline int64_t fused_partial_traffic(const ConvShape& s, const FusedTiles& f) {
 template <typename MT>
 struct FusedSmem {
   int ld_x, ld_gp, ld_gx;
-  int xs, ws, gps, pre, gxs, red, pix, dws, gws, bytes;
+  int xs, ws, gps, pre, gxs, red, pix, dws, gws;
+  int64_t bytes;  // 64-bit: the slot alone exceeds 2^31 bytes on layers far too wide for it (C_out = 2^22)
   __host__ __device__ FusedSmem(int c_in_padded, int rows, int taps, int cb, int c_out_slot) {
     const int item = (int)sizeof(Elem<MT>), pad = Cfg<MT>::kFloat ? 4 : 8;
     ld_x = c_in_padded + pad;
@@ -810,7 +811,7 @@ struct FusedSmem {
     pix = red + kThreads * (int)sizeof(float);
     dws = pix + round_up(3 * rows * (int)sizeof(int), 128);
     gws = dws + round_up((taps + 1) * cb * (int)sizeof(float), 128);
-    bytes = gws + c_out_slot * ld_gx * (int)sizeof(float);
+    bytes = gws + (int64_t)c_out_slot * ld_gx * (int64_t)sizeof(float);
   }
   // the layout of a launch of tiling f (the slot's rows only where it is kept in shared memory)
   __host__ __device__ FusedSmem(const FusedTiles& f, int taps)
@@ -1324,7 +1325,7 @@ BwdGeom bwd_geom(const ConvShape& s) {
 
 template <typename MT, int K, int CBT>
 int launch_bwd_fused(const BwdArgs& a, const FusedTiles& f, bool vec, cudaStream_t stream) {
-  const int smem = FusedSmem<MT>(f, KSize<K>::kMax * KSize<K>::kMax).bytes;
+  const int smem = (int)FusedSmem<MT>(f, KSize<K>::kMax * KSize<K>::kMax).bytes;  // <= kFusedMaxSmemBytes
   static SmemLimit limit;  // one per kernel instantiation; choose_fused_tiles keeps smem under kFusedMaxSmemBytes
   const int rc = limit.allow(bwd_fused_kernel<MT, K, CBT>, smem, kFusedMaxSmemBytes);
   if (rc != 0) return rc;

@@ -168,13 +168,22 @@ sanitize() {
   local cs rc=0 run check runs=("cuda --path fused" "cuda --path split" "triton")
   cs=$(tool compute-sanitizer)
   [ -n "$cs" ] || { echo "no compute-sanitizer"; return 1; }
-  for run in "${runs[@]}"; do
-    for check in memcheck racecheck; do
+  # the default shape (2 x 40 -> 72 @ 19 x 23, k5): every kernel once, the fused backward in rounds of 16 channels
+  # with its slot in shared memory, a tile per block; then the fused backward's other cases: 128 -> 144 @ 56, N = 8
+  # (rounds of 16, the slot in global memory, 392 tiles on 264 blocks: the add-into-slot path; memcheck only, as
+  # racecheck checks shared memory) and fp32 FMA in rounds of 16 (24 -> 16)
+  local checks=("memcheck racecheck" "memcheck racecheck" "memcheck racecheck" "memcheck" "memcheck racecheck")
+  runs+=("cuda --path fused --shape 8,128,144,56,56"
+         "cuda --path fused --shape 2,24,16,19,23 --dtype float32 --no-tf32")
+  local i
+  for i in "${!runs[@]}"; do
+    run=${runs[$i]}
+    for check in ${checks[$i]}; do
       echo "== $check: $run"
       "$cs" --tool "$check" --error-exitcode 9 "$PY" "$REPO/scripts/gpu_step.py" $run --k 5 || rc=1
     done
   done
-  echo "sanitizer: $([ $rc -eq 0 ] && echo "no error" || echo "ERRORS (above)") in ${#runs[@]} runs x 2 checks"
+  echo "sanitizer: $([ $rc -eq 0 ] && echo "no error" || echo "ERRORS (above)") in ${#runs[@]} runs"
   return $rc
 }
 ncu_profile() {
@@ -191,7 +200,7 @@ ncu_profile() {
   return $rc
 }
 export -f tool sanitize ncu_profile
-wants sanitize && stage sanitize 300 bash -c sanitize
+wants sanitize && stage sanitize 420 bash -c sanitize
 wants ncu && stage ncu 240 bash -c ncu_profile
 
 echo

@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=3, help="depthwise kernel size")
     p.add_argument("--stride", type=int, default=1, help="depthwise stride")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--no-tf32", action="store_true",
+                   help="fp32 in IEEE precision (the CUDA backend's FMA kernels), not TF32 as torch allows by default")
     p.add_argument("--repeat", type=int, default=1, help="forward + backward this many times")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after the steps above, profile this many more and print each kernel's time per step")
@@ -64,6 +66,8 @@ def main() -> None:
                    help="cuda; cpu runs the plumbing only (the Triton kernels under TRITON_INTERPRET=1)")
     args = p.parse_args()
     n, c_in, c_out, h, w = (int(v) for v in args.shape.split(","))
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False  # the switch the fused backends follow, as cuDNN's convolutions do
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     on_gpu = device.type == "cuda"
     gen = torch.Generator(device=device).manual_seed(0)

@@ -177,6 +177,17 @@ def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
     assert (ext.LAUNCH_L2_BYTES, ext.SPLIT_EXTRA_LAUNCHES) == (plan.LAUNCH_L2_BYTES, plan.SPLIT_EXTRA_LAUNCHES)
 
 
+def test_the_fused_slot_of_a_layer_far_too_wide_stays_in_global_memory(ext):
+    """The slot's shared-memory test counts in 64 bits: forced onto the fused path, 128 -> 2^22 channels needs a 2 GiB
+    slot of grad_pw_weight partials, which wrapped negative in 32 bits and claimed to fit in shared memory (the launch
+    would have asked for a negative size). The automatic path never picks fused there (one block)."""
+    c_out = 1 << 22
+    forced = ext.tile_plan(1, 128, c_out, 1, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), "bfloat16", False, "fused")
+    _, fused = cuda_backend.work_plan(1, 128, c_out, 1, 1, 1, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), torch.bfloat16,
+                                      False, backward_path="fused")
+    assert forced["fused_slot_in_smem"] is False and fused.blocks["slot_in_smem"] is False
+
+
 def test_fused_backward_shared_memory_fits_every_targeted_gpu():
     """The fused backward's shared memory, worked out from FusedSmem in csrc (x and W tiles, grad_pre, pre, the grad_x
     accumulator, warp sums, pixel coordinates, 7 x 7 taps; each array on a 128-byte boundary), and the tiles it
