@@ -418,12 +418,6 @@ def _fill(stats: KernelStats, r: dict, s: dict, shared: int | None = None) -> Ke
     stats.tma = s.get("tma", 0)
     if stats.num_warps and stats.arch:
         stats.occupancy = occupancy(stats.regs, stats.shared, stats.num_warps, stats.arch)
-    elif stats.arch:  # block size unknown (CUDA extension): the register limit alone, as warps per SM
-        lim = ARCH_LIMITS.get(stats.arch, ARCH_LIMITS[90])
-        per_warp = ((max(stats.regs, 1) * 32 + 255) // 256) * 256
-        warps = min(lim["warps"], lim["regs"] // per_warp)
-        stats.occupancy = dict(warps_per_sm=warps, occupancy=warps / lim["warps"], limiter="registers (block size "
-                               "unknown statically; shared memory per block not included)")
     return stats
 
 
@@ -524,6 +518,7 @@ def _cuda_dtype(name: str) -> str | None:
 
 
 CUDA_MATRIX_STAGE = re.compile(r"fwd|bwd_tile|gemm|pointwise|fused", re.I)
+CUDA_WARPS = 8  # every kernel of csrc/bsconv_kernels.cu runs blocks of 256 threads (kThreads)
 
 
 def find_extension() -> Path | None:
@@ -542,7 +537,7 @@ def cuda_extension_stats(so_path: str | Path | None = None) -> list[KernelStats]
     out = []
     for r, s in pairs:
         short = _short_cuda_name(names[r["function"]])
-        st = KernelStats("cuda", short.split("<")[0], short, r["arch"], _cuda_dtype(short), None,
+        st = KernelStats("cuda", short.split("<")[0], short, r["arch"], _cuda_dtype(short), CUDA_WARPS,
                          bool(CUDA_MATRIX_STAGE.search(short.split("<")[0])))
         out.append(_fill(st, r, s))
     return out
@@ -641,13 +636,22 @@ def work_rows(shapes, batches: Iterable[str] = ("1", "2"), dtype: str = "bf16", 
     """The work table: per shape (at each of ``batches``: a number, or "table" for the shape table's own batch)
     and backend, the dot multiply-adds of both passes, modeled bytes, partials, and per launch the programs and,
     from compiled ``stats`` (``arch``), the CTAs per SM. Triton's rows come from the launchers' own plans, CUDA's
-    from its tile plan (``bsconv_cuda.cuda_backend.work_plan``). tf32: fp32 with TF32 (else IEEE fp32 dots)."""
+    from its tile plan (``bsconv_cuda.cuda_backend.work_plan``; CTAs per SM from the compiled instance's registers
+    and static shared memory with the launch's dynamic shared memory). tf32: fp32 with TF32 (else IEEE fp32 dots)."""
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     by_use: dict = {}
+    cuda_images: dict = {}
     for st in stats:
         if st.source == "triton" and st.arch == arch and not st.error:
             for use in st.uses:
                 by_use[(use, st.kernel)] = st.occupancy.get("blocks_per_sm")
+        elif st.source == "cuda" and st.arch == arch:
+            cuda_images[st.label] = st
+
+    def cuda_ctas(launch) -> int | None:
+        st = cuda_images.get(launch.image)
+        return occupancy(st.regs, st.shared + launch.smem_bytes, CUDA_WARPS, arch)["blocks_per_sm"] if st else None
+
     rows = []
     for shape in shapes:
         for b in dict.fromkeys(shape.batch if b == "table" else int(b) for b in batches):
@@ -659,7 +663,7 @@ def work_rows(shapes, batches: Iterable[str] = ("1", "2"), dtype: str = "bf16", 
                 for pass_, plan in (("fwd", fwd), ("bwd", bwd)):
                     for launch in plan.launches:
                         ctas = (by_use.get((use_label(s, dtype, layout, tf32), launch.kernel))
-                                if backend == "triton" else None)
+                                if backend == "triton" else cuda_ctas(launch))
                         launches.append(dict(pass_=pass_, kernel=launch.kernel, programs=launch.programs,
                                              max_programs=launch.max_programs,
                                              share=launch.dot_macs / max(1, plan.dot_macs), ctas_per_sm=ctas))
@@ -751,10 +755,8 @@ def markdown(stats: list[KernelStats]) -> str:
             lines.append(f"| {st.source} | sm_{st.arch} | `{st.label}` | compile error: {st.error} |||||||||")
             continue
         occ = st.occupancy
-        if occ and "blocks_per_sm" in occ:
+        if occ:
             occ_s = f"{100 * occ['occupancy']:.0f}% ({occ['warps_per_sm']}, {occ['limiter']})"
-        elif occ:
-            occ_s = f"≤{100 * occ['occupancy']:.0f}% (≤{occ['warps_per_sm']} by registers)"
         else:
             occ_s = "–"
         tc = ", ".join(f"{k}×{v}" for k, v in sorted(st.tensor_core.items())) or (

@@ -287,6 +287,7 @@ def _mid_ld(cb: int) -> int:
 _CB = 32
 _BWD_PIX = 256
 _GEMM_BLOCK_M = 64
+_MAX_TAPS = 7 * 7  # kMaxKernelSize squared: room the tile plans and the run-time kernel-size variant keep for taps
 
 
 def _gemm_block_n(columns: int) -> int:
@@ -338,17 +339,54 @@ def _fused_tiles(n: int, c_in: int, c_out: int, h: int, w: int, taps: int, items
     return rows, c_in_padded, c_out_padded, tiles, blocks, slot_in_smem, cb
 
 
-def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, *, cb: int = _CB, c_out_slot: int = 0) -> int:
-    """Shared memory of a fused backward block of cb output channels per round with room for 7 x 7 taps (FusedSmem
-    in csrc: x and W tiles, grad_pre, pre, the grad_x accumulator, 256 threads' sums, pixel coordinates, taps and
-    bias, and c_out_slot rows of the grad_pw_weight slot; arrays on 128-byte boundaries)."""
+def _fused_smem_bytes(c_in_padded: int, rows: int, itemsize: int, *, cb: int = _CB, c_out_slot: int = 0,
+                      taps: int = _MAX_TAPS) -> int:
+    """Shared memory of a fused backward block of cb output channels per round (FusedSmem in csrc: x and W tiles,
+    grad_pre, pre, the grad_x accumulator, 256 threads' sums, pixel coordinates, taps and bias, and c_out_slot rows of
+    the grad_pw_weight slot; arrays on 128-byte boundaries). The tile plan sizes it for 7 x 7 taps; a launch has
+    room for its kernel's (_kernel_taps)."""
     pad = 4 if itemsize == 4 else 8
     ld_x, ld_gp, ld_gx = c_in_padded + pad, cb + pad, c_in_padded + 4
     arrays = (rows * ld_x * itemsize, cb * ld_x * itemsize, rows * ld_gp * itemsize, rows * _mid_ld(cb) * 4,
               rows * ld_gx * 4)
-    thread_sums, pixels, taps = 256 * 4, 3 * rows * 4, (7 * 7 + 1) * cb * 4
-    return (sum(_round_up(a, 128) for a in arrays) + thread_sums + _round_up(pixels, 128) + _round_up(taps, 128)
-            + c_out_slot * ld_gx * 4)
+    thread_sums, pixels, tap_weights = 256 * 4, 3 * rows * 4, (taps + 1) * cb * 4
+    return (sum(_round_up(a, 128) for a in arrays) + thread_sums + _round_up(pixels, 128)
+            + _round_up(tap_weights, 128) + c_out_slot * ld_gx * 4)
+
+
+def _region0_bytes(region_rows: int, itemsize: int, cb: int) -> int:
+    """Shared memory of the pointwise stage of a forward or backward tile block (region0_bytes in csrc): the x and W
+    chunks of the GEMM, reused for the fp32 result, whichever is larger, on a 128-byte boundary."""
+    kc, pad = (16, 4) if itemsize == 4 else (32, 8)
+    gemm = (region_rows + cb) * (kc + pad) * itemsize
+    return _round_up(max(gemm, region_rows * _mid_ld(cb) * 4), 128)
+
+
+def _fwd_smem_bytes(region_rows: int, itemsize: int, cb: int, taps: int) -> int:
+    """Dynamic shared memory of a forward block (fwd_smem_bytes in csrc): the pointwise stage, then the depthwise
+    taps, pw_bias and dw_bias of its channels."""
+    return _region0_bytes(region_rows, itemsize, cb) + (taps + 2) * cb * 4
+
+
+def _bwd_tile_smem_bytes(itemsize: int, taps: int) -> int:
+    """Dynamic shared memory of a split-path backward tile block (bwd_smem_bytes in csrc)."""
+    return _region0_bytes(_BWD_PIX, itemsize, _CB) + (taps + 1) * _CB * 4
+
+
+def _kernel_taps(kh: int, kw: int) -> int:
+    """Taps a kernel instance has room for: its compile-time size's (BSCONV_DISPATCH_K in csrc: a square 1, 3, 5 or
+    7), else 7 x 7 (the run-time size variant, K = 0)."""
+    return _kernel_size_arg(kh, kw) ** 2 or _MAX_TAPS
+
+
+def _kernel_size_arg(kh: int, kw: int) -> int:
+    """The kernels' kernel-size template argument (BSCONV_DISPATCH_K): a square 1, 3, 5 or 7, else 0."""
+    return kh if kh == kw and kh in (1, 3, 5, 7) else 0
+
+
+def _math_type(dtype: torch.dtype, tf32: bool) -> str:
+    """The kernels' math-type template argument, named as benchmarks/kernel_report names the compiled instances."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "Tf32" if tf32 else "float")
 
 
 def _fused_weight_slot_bytes(c_in_padded: int, c_out_padded: int) -> int:
@@ -375,10 +413,14 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     fwd_n_cb = math.ceil(c_out / fwd_cb)
     halo = halo_read_factor(h, w, h_out, w_out, (th, tw), stride, (padding[0], padding[2]), (ih, iw))
     halo_bytes = round((halo - 1) * n * h * w * c_in * itemsize)
-    fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, region_rows=_round_up(ih * iw, 16), CB=fwd_cb, KC=kc),
+    # the compiled instances' template arguments (kernel_report's names): math type, kernel size, channel block
+    mt, ks, taps = _math_type(dtype, tf32), _kernel_size_arg(kh, kw), _kernel_taps(kh, kw)
+    region_rows = _round_up(ih * iw, 16)
+    fwd = Plan(path="cuda", blocks=dict(TH=th, TW=tw, region_rows=region_rows, CB=fwd_cb, KC=kc),
                launches=(Launch("fwd_kernel", (fwd_n_cb, tiles, n),
-                                n * tiles * fwd_n_cb * _round_up(ih * iw, 16) * fwd_cb * _round_up(c_in, kc),
-                                finest=finest),),
+                                n * tiles * fwd_n_cb * region_rows * fwd_cb * _round_up(c_in, kc), finest=finest,
+                                image=f"fwd_kernel<{mt}, {ks}, {fwd_cb}>",
+                                smem_bytes=_fwd_smem_bytes(region_rows, itemsize, fwd_cb, taps)),),
                params={}, extra_traffic_bytes=halo_bytes, extra_hbm_bytes=halo_bytes)
     n_cb = math.ceil(c_out / _CB)
 
@@ -393,7 +435,8 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     m_out = n * h_out * w_out
     col_rows = max(math.ceil(m_out / 32768), 1024)
     col_blocks = math.ceil(m_out / col_rows)
-    colsum = Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0)
+    element = _math_type(dtype, tf32=False)  # the column sums' template argument: the element type
+    colsum = Launch("colsum_kernel", (math.ceil(c_out / 32), col_blocks), 0, image=f"colsum_kernel<{element}>")
     col_bytes = 4 * col_blocks * c_out
     if backward_path not in BACKWARD_PATHS:
         raise ValueError(f"backward_path must be one of {BACKWARD_PATHS}, got {backward_path!r}")
@@ -411,12 +454,16 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     split = Plan(path="split", blocks=dict(TW=btw, TH=bth, CB=_CB, KC=kc, GEMM_N=block_n,
                                            grad_x_transposed=gx_transposed),
                  launches=(Launch("bwd_tile_kernel", (n_cb, b_tiles, n),
-                                  n * b_tiles * n_cb * _round_up(bth * btw, 16) * _CB * _round_up(c_in, kc)),
+                                  n * b_tiles * n_cb * _round_up(bth * btw, 16) * _CB * _round_up(c_in, kc),
+                                  image=f"bwd_tile_kernel<{mt}, {ks}>",
+                                  smem_bytes=_bwd_tile_smem_bytes(itemsize, taps)),
                            Launch("gemm_kernel<grad_x>", gx_grid,
-                                  math.prod(gx_grid) * _GEMM_BLOCK_M * gx_block_n * _round_up(c_out, kc)),
+                                  math.prod(gx_grid) * _GEMM_BLOCK_M * gx_block_n * _round_up(c_out, kc),
+                                  image=f"gemm_kernel<{mt}, false, {gx_block_n}, {str(gx_transposed).lower()}>"),
                            Launch("gemm_kernel<grad_pw>", (math.ceil(c_out / _GEMM_BLOCK_M), math.ceil(c_in / block_n),
                                                            splits),
-                                  mn_tiles * _GEMM_BLOCK_M * block_n * gw_k),
+                                  mn_tiles * _GEMM_BLOCK_M * block_n * gw_k,
+                                  image=f"gemm_kernel<{mt}, true, {block_n}, false>"),
                            colsum),
                  params=dict(splits=splits, kchunk=kchunk),
                  # gpre written, read by both GEMMs; x read again by the grad_pw GEMM; partials written once and
@@ -435,7 +482,9 @@ def work_plan(n, c_in, c_out, h, w, h_out, w_out, kernel_size, stride, padding, 
     fused = Plan(path="fused", blocks=dict(rows=rows, CB=f_cb, c_in_padded=c_in_padded, slot_in_smem=slot_in_smem),
                  # per (tile, round of f_cb output channels): the recompute, grad_x's and grad_pw's MMAs
                  launches=(Launch("bwd_fused_kernel", (blocks,), 3 * f_tiles * rows * c_out_padded * c_in_padded,
-                                  finest=math.ceil(m / 16)),
+                                  finest=math.ceil(m / 16), image=f"bwd_fused_kernel<{mt}, {ks}, {f_cb}>",
+                                  smem_bytes=_fused_smem_bytes(c_in_padded, rows, itemsize, cb=f_cb, taps=taps,
+                                                               c_out_slot=c_out_padded if slot_in_smem else 0)),
                            colsum),
                  params=dict(tiles=f_tiles, blocks=blocks),
                  # fused_partial_traffic in csrc: a slot in global memory is stored by a block's first tile, read

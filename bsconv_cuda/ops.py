@@ -22,7 +22,9 @@ nothing in backward.
   (``bsconv_cuda::cuda_with_tf32_switch_forward/_backward``, the schema above) that pass torch's TF32 switch for
   fp32 convolutions (:func:`bsconv_cuda.backends.fp32_uses_tf32`), which the Triton launchers read themselves, so
   fp32 precision does not depend on which backend ``auto`` picked, and the path that
-  :func:`bsconv_cuda.cuda_backend.force_backward_path` forces (tests and benchmarks).
+  :func:`bsconv_cuda.cuda_backend.force_backward_path` forces (tests and benchmarks). Both fused backends take
+  hardswish as :func:`bsconv_cuda.reference.kernel_activation` names it: its gradient at -3 and 3 follows the
+  installed torch.
 
 Separate operators per backend (rather than one operator with a backend argument) keep each registration in its
 own mechanism and let the backend be chosen once, in :func:`bsconv_cuda.bsconv_u`, before anything is traced.
@@ -109,14 +111,19 @@ if backends.extension_load_error() is None:
     torch.library.register_fake("bsconv_cuda::cuda_backward")(_cuda_backward_fake)
 
     def _cuda_forward(*args):
-        return torch.ops.bsconv_cuda.cuda_forward.default(*args, backends.fp32_uses_tf32())
+        *operands, activation = args
+        return torch.ops.bsconv_cuda.cuda_forward.default(*operands, reference.kernel_activation(activation),
+                                                          backends.fp32_uses_tf32())
 
     def _cuda_backward(*args):
-        return torch.ops.bsconv_cuda.cuda_backward.default(*args, backends.fp32_uses_tf32(),
+        *operands, activation, output_mask = args
+        return torch.ops.bsconv_cuda.cuda_backward.default(*operands, reference.kernel_activation(activation),
+                                                           output_mask, backends.fp32_uses_tf32(),
                                                            cuda_backend.forced_backward_path())
 
-    # The C++ operators behind custom operators that read torch's TF32 switch when the call runs: read in traced
-    # code, the flag lookups break torch.compile's graph.
+    # The C++ operators behind custom operators that read torch's TF32 switch when the call runs (read in traced
+    # code, the flag lookups break torch.compile's graph), and name hardswish as the installed torch differentiates
+    # it (reference.kernel_activation).
     OPS["cuda"] = _define("cuda_with_tf32_switch", torch.library.custom_op, _cuda_forward, _cuda_backward)
 
 

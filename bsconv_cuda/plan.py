@@ -47,6 +47,10 @@ class Launch:
     grid: tuple[int, ...]
     dot_macs: int
     finest: int = 0  # programs at the kernel's smallest blocks for this call (0: no finer split exists)
+    # CUDA: the compiled kernel instance, named as benchmarks/kernel_report names it ("fwd_kernel<bf16, 3, 32>"), and
+    # the dynamic shared memory of this launch: with the instance's registers, the CTAs that fit on an SM
+    image: str = ""
+    smem_bytes: int = 0
 
     @property
     def programs(self) -> int:

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
+# torch's hardswish gradient at its kinks -3 and 3 changed (pytorch#148049): torch 2.7 puts them in the linear band
+# x / 3 + 1/2 (-0.5 and 1.5), torch 2.11 in the flat branches (0 and 1). The fused kernels follow the installed torch:
+# asked once here, it is passed to them as the activation "hardswish_closed_band" (kernel_activation).
+HARDSWISH_CLOSED_BAND = torch.ops.aten.hardswish_backward(torch.ones(1), torch.full((1,), 3.0)).item() != 1.0
 # The dtypes the package computes in (bsconv_u refuses others; the Triton launchers check them too). The CUDA
 # kernels take a subset, cuda_backend.SUPPORTED_DTYPES, and on a GPU float64 goes to the reference.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -82,6 +86,12 @@ def activate(pre: Tensor, activation: str) -> Tensor:
     if activation == "silu":
         return F.silu(pre)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def kernel_activation(activation: str) -> str:
+    """The activation as the fused kernels take it: "hardswish_closed_band" for hardswish where the installed torch's
+    gradient has the linear band closed at -3 and 3 (:data:`HARDSWISH_CLOSED_BAND`), else ``activation``."""
+    return "hardswish_closed_band" if activation == "hardswish" and HARDSWISH_CLOSED_BAND else activation
 
 
 def activation_backward(grad_mid: Tensor, pre: Tensor, activation: str) -> Tensor:

@@ -134,20 +134,23 @@ __device__ __forceinline__ float act_fwd(float v, int act) {
   switch (act) {
     case (int)Act::ReLU: return v < 0.f ? 0.f : v;
     case (int)Act::ReLU6: return v < 0.f ? 0.f : (v > 6.f ? 6.f : v);
-    case (int)Act::HardSwish: return v * (v < -3.f ? 0.f : (v > 3.f ? 6.f : v + 3.f)) / 6.f;
+    case (int)Act::HardSwish:
+    case (int)Act::HardSwishClosedBand: return v * (v < -3.f ? 0.f : (v > 3.f ? 6.f : v + 3.f)) / 6.f;
     case (int)Act::SiLU: return v / (1.f + expf(-v));
     default: return v;
   }
 }
 
 // grad_mid * d act / d v, with torch's conventions at the kinks (relu: 0 at 0; relu6: 0 at 0 and 6; hardswish:
-// x/3 + 0.5 on [-3, 3]) and at NaN: torch's *_backward select 0 only where their comparison holds (so the gradient
-// passes through at NaN) and select, not multiply, elsewhere (so a NaN gradient does not leak where act' = 0).
+// x/3 + 0.5 on (-3, 3), 0 at -3 and 1 at 3, or on [-3, 3] for HardSwishClosedBand) and at NaN: torch's *_backward
+// select 0 only where their comparison holds (so the gradient passes through at NaN) and select, not multiply,
+// elsewhere (so a NaN gradient does not leak where act' = 0).
 __device__ __forceinline__ float act_grad(float grad_mid, float v, int act) {
   switch (act) {
     case (int)Act::ReLU: return v <= 0.f ? 0.f : grad_mid;
     case (int)Act::ReLU6: return (v <= 0.f || v >= 6.f) ? 0.f : grad_mid;
-    case (int)Act::HardSwish: return v < -3.f ? 0.f : (v <= 3.f ? grad_mid * (v / 3.f + 0.5f) : grad_mid);
+    case (int)Act::HardSwish: return v <= -3.f ? 0.f : (v < 3.f ? grad_mid * (v / 3.f + 0.5f) : grad_mid);
+    case (int)Act::HardSwishClosedBand: return v < -3.f ? 0.f : (v <= 3.f ? grad_mid * (v / 3.f + 0.5f) : grad_mid);
     case (int)Act::SiLU: {
       const float sg = 1.f / (1.f + expf(-v));
       return grad_mid * (sg * (1.f + v * (1.f - sg)));
@@ -349,10 +352,13 @@ __host__ __device__ __forceinline__ int fwd_smem_bytes(int region_rows) {
   return region0_bytes<MT, CBT>(region_rows) + (KSize<K>::kMax * KSize<K>::kMax + 2) * CBT * (int)sizeof(float);
 }
 
-// Launch bounds: the 16-channel variant asks for 2 blocks per SM (registers capped at 128); left to pick its own
-// register target, ptxas spilled the TF32 one with run-time kernel sizes on sm_80.
+// Launch bounds: 2 blocks per SM (registers capped at 128), so that one block's MMA stage overlaps another's
+// depthwise stage and barriers (its shared memory, at most fwd_smem_bytes(kMaxTilePixels), fits twice on sm_80 and
+// sm_90). Left to pick its own register target, ptxas spilled the 16-channel TF32 variant with run-time kernel sizes
+// on sm_80, and chose more than 128 for the 32-channel ones. The 32-channel variant with run-time kernel sizes (K = 0)
+// keeps 1: capped at 128 it spilled (fp16, sm_80).
 template <typename MT, int K, int CBT>
-__global__ void __launch_bounds__(kThreads, CBT == 16 ? 2 : 1) fwd_kernel(FwdArgs a, FwdTile t, bool vec) {
+__global__ void __launch_bounds__(kThreads, (CBT == 16 || K > 0) ? 2 : 1) fwd_kernel(FwdArgs a, FwdTile t, bool vec) {
   using T = Elem<MT>;
   extern __shared__ __align__(128) unsigned char smem[];
   const ConvShape& s = a.s;

@@ -111,7 +111,9 @@ bsconv::Act to_act(const std::string& a, const char* op) {
   if (a == "relu6") return bsconv::Act::ReLU6;
   if (a == "hardswish") return bsconv::Act::HardSwish;
   if (a == "silu") return bsconv::Act::SiLU;
-  STD_TORCH_CHECK(false, op, ": activation must be one of none, relu, relu6, hardswish, silu; got '", a, "'");
+  if (a == "hardswish_closed_band") return bsconv::Act::HardSwishClosedBand;
+  STD_TORCH_CHECK(false, op, ": activation must be one of none, relu, relu6, hardswish, silu, hardswish_closed_band; "
+                  "got '", a, "'");
   return bsconv::Act::None;
 }
 

@@ -51,7 +51,9 @@ inline int64_t conv_output_size(int64_t in, int64_t pad_lo, int64_t pad_hi, int6
   const int64_t span = in + pad_lo + pad_hi - dilation * (kernel - 1) - 1;
   return span < 0 ? 0 : span / stride + 1;
 }
-enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4 };
+// HardSwishClosedBand: hardswish whose gradient keeps -3 and 3 in the linear band, as torch 2.7's does (HardSwish:
+// 0 at -3 and 1 at 3, as torch 2.11's); bsconv_cuda.reference.kernel_activation picks the installed torch's.
+enum class Act : int { None = 0, ReLU = 1, ReLU6 = 2, HardSwish = 3, SiLU = 4, HardSwishClosedBand = 5 };
 // The backward's path: Auto = chosen by the traffic model (choose_bwd_path); Fused / Split: forced (tests, benchmarks).
 enum class BwdPath : int { Auto = 0, Fused = 1, Split = 2 };
 

@@ -620,6 +620,13 @@ def test_gpu_bad_arguments_raise_clear_errors(ext):
         torch.ops.bsconv_cuda.cuda_forward(x, pw.half(), pwb, dw, dwb, *args)
     with pytest.raises(RuntimeError, match="activation"):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args[:3], "gelu")
+    # torch 2.7's hardswish gradient at -3 and 3 (reference.kernel_activation), differing there only
+    pre_at_kinks = torch.tensor([-3.0, 3.0], device="cuda").view(1, 2, 1, 1)
+    one, no_depthwise = torch.eye(2, device="cuda"), torch.ones(2, 1, 1, 1, device="cuda")
+    grads = [torch.ops.bsconv_cuda.cuda_backward(torch.ones_like(pre_at_kinks), pre_at_kinks, one, None,
+                                                 no_depthwise, None, [1, 1], [0, 0, 0, 0], [1, 1], act)[0]
+             for act in ("hardswish", "hardswish_closed_band")]
+    assert grads[0].flatten().tolist() == [0.0, 1.0] and grads[1].flatten().tolist() == [-0.5, 1.5]
     with pytest.raises(RuntimeError, match="stride"):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, [0, 1], *args[1:])
     grad_y = torch.ones(1, 8, 8, 8, device="cuda")

@@ -160,6 +160,37 @@ def test_nan_propagates_like_torch(act, nan_in, backend, device):
         assert_close_with_nan(name, leaf.grad, ref, strict=True)
 
 
+# pre values at each activation's kinks, where torch's gradient conventions decide (all exact in every dtype)
+KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "hardswish": (-3.0, 3.0)}
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("act", sorted(KINKS))
+def test_gradients_at_the_activation_kinks_follow_torch(act, backend, device):
+    """The intermediate exactly at the activation's kinks (x through an identity pointwise weight: exact in every
+    MMA), and the gradients against torch autograd of the unfused layers in float64. hardswish's at -3 and 3 changed
+    between torch 2.7 (-0.5 and 1.5: the linear band closed) and torch 2.11 (0 and 1): the kernels must follow the
+    installed torch (reference.kernel_activation)."""
+    skip_unless_available(backend, device)
+    gen = torch.Generator().manual_seed(0)
+    channels = 4
+    values = torch.tensor(KINKS[act] + (-1.5, 2.5))
+    x = values[torch.randint(len(values), (2, channels, 6, 7), generator=gen)]
+    pw, dw = torch.eye(channels), torch.randn(channels, 1, 3, 3, generator=gen)
+    dw_bias, grad_y = torch.randn(channels, generator=gen), torch.randn(2, channels, 6, 7, generator=gen)
+    expected = [t.double().requires_grad_() for t in (x, pw, dw, dw_bias)]
+    mid = getattr(torch.nn.functional, act)(torch.nn.functional.conv2d(expected[0], expected[1][:, :, None, None]))
+    torch.nn.functional.conv2d(mid, expected[2], expected[3], padding=1, groups=channels).backward(grad_y.double())
+    leaves = [t.to(device).requires_grad_() for t in (x, pw, dw, dw_bias)]
+    with tf32_convolutions(False):
+        with poisoned_outputs(device):
+            y = bsconv_cuda.bsconv_u(*leaves, padding=1, mid_activation=act, backend=backend)
+        with poisoned_outputs(device):
+            y.backward(grad_y.to(device))
+    for name, leaf, ref in zip(("grad_x", "grad_pw_weight", "grad_dw_weight", "grad_dw_bias"), leaves, expected):
+        assert_close(name, leaf.grad, ref.grad, strict=True)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_tensors_on_a_gpu_that_is_not_the_current_one(backend):

@@ -195,6 +195,21 @@ def test_cuda_extension_kernels_do_not_spill_and_use_tensor_cores(kr, real_repor
     assert not problems, _grouped(problems)
 
 
+def test_cuda_launches_fit_two_ctas_per_sm(kr, real_report):
+    """Every CUDA launch of the shape table (batch 1, 2 and the table's, each dtype and layout) with the programs for
+    it fits two CTAs per SM on sm_90: the built instance's registers and static shared memory with the launch's
+    dynamic shared memory (cuda_backend.work_plan names the instance and restates the kernels' shared memory)."""
+    stats = [s for s in real_report if s.source == "cuda"]
+    if not stats:
+        pytest.skip("the CUDA extension bsconv_cuda/_C*.so is not built")
+    rows = _goal_rows(kr, "cuda", ("1", "2", "table"), stats)
+    launches = [launch for row in rows for launch in row.launches]
+    assert all(launch["ctas_per_sm"] for launch in launches), "a launch's kernel instance is not in the extension"
+    problems = [p for p in kr.work_problems(rows) if "CTA per SM" in p]
+    assert not problems, _grouped(problems)
+    assert sum(launch["programs"] >= 2 * kr.SMS for launch in launches) >= 100  # the check had launches to check
+
+
 # A register or spill count ("160 registers", "128 regs", "spilled 8 B", "8-16 B of stack") in a kernel source goes
 # stale with the next compiler or block size: the generated report (this script; its table in BENCHMARKS.md) has them.
 # Comments say which choice spilled, not by how much.
@@ -320,13 +335,14 @@ def test_dot_macs_of_the_plans_match_the_interpreter(tmp_path):
         assert c["counted"] == c["planned"] and min(c["counted"]) > 0, c
 
 
-def _goal_rows(kr, backend):
+def _goal_rows(kr, backend, batches=("1", "2"), stats=()):
     from bsconv_cuda.shapes import SHAPES
 
     rows = []
     for dtype, layout, tf32 in [("bf16", "cl", True), ("bf16", "nchw", True), ("fp16", "cl", True),
                                 ("fp32", "cl", True), ("fp32", "nchw", False)]:
-        rows += kr.work_rows(SHAPES, ("1", "2"), dtype=dtype, layout=layout, backends=(backend,), tf32=tf32)
+        rows += kr.work_rows(SHAPES, batches, dtype=dtype, layout=layout, backends=(backend,), tf32=tf32,
+                             stats=stats)
     return rows
 
 

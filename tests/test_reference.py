@@ -72,6 +72,19 @@ def test_activation_backward_matches_autograd_at_kinks(activation):
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
+def test_the_kernels_take_hardswish_as_the_installed_torch_differentiates_it():
+    """torch 2.7 keeps -3 and 3 in hardswish's linear band (gradients -0.5 and 1.5), torch 2.11 in its flat branches
+    (0 and 1); the fused kernels are told which (kernel_activation) and tests/test_fused_backends.py checks them
+    there."""
+    pre = torch.tensor([-3.0, 3.0], requires_grad=True)
+    F.hardswish(pre).sum().backward()
+    assert pre.grad.tolist() == ([-0.5, 1.5] if reference.HARDSWISH_CLOSED_BAND else [0.0, 1.0])
+    assert reference.kernel_activation("hardswish") == (
+        "hardswish_closed_band" if reference.HARDSWISH_CLOSED_BAND else "hardswish")
+    others = [a for a in reference.ACTIVATIONS if a != "hardswish"]
+    assert [reference.kernel_activation(a) for a in others] == others
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 def test_activation_propagates_nan_like_torch_elementwise_kernels(activation, dtype):

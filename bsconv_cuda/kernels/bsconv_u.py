@@ -88,7 +88,8 @@ from ..cuda_backend import device_capability
 from ..plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDENT_BYTES, TARGET_SMS, Launch, Plan,
                     dram_bytes, halo_extent, halo_read_factor, prefer_fused_backward)
 
-_ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4}
+# the activations' codes in the kernels, by their names in reference.kernel_activation
+_ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4, "hardswish_closed_band": 5}
 
 # Test hook: block sizes forced by :func:`force_blocks` (None: chosen by shape).
 _FORCED: dict[str, dict | None] = {"forward": None, "backward": None}
@@ -125,7 +126,8 @@ def force_blocks(forward: dict | None = None, backward: dict | None = None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Activation and its derivative (torch autograd's formulas: relu'(0) = 0, relu6' = 1 only on (0, 6),
-# hardswish' = 0 below -3, x/3 + 1/2 on [-3, 3], 1 above; silu' = s (1 + x (1 - s)))
+# hardswish' = 0 up to -3, x/3 + 1/2 on (-3, 3), 1 from 3 on (code 5: 0 below -3, x/3 + 1/2 on [-3, 3], 1 above, as
+# torch 2.7 has it: reference.HARDSWISH_CLOSED_BAND); silu' = s (1 + x (1 - s)))
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _act(v, ACT: tl.constexpr):
@@ -135,7 +137,7 @@ def _act(v, ACT: tl.constexpr):
         v = tl.where(v < 0.0, 0.0, v)
     elif ACT == 2:
         v = tl.where(v < 0.0, 0.0, tl.where(v > 6.0, 6.0, v))
-    elif ACT == 3:
+    elif ACT == 3 or ACT == 5:
         v = v * (tl.where(v < -3.0, 0.0, tl.where(v > 3.0, 6.0, v + 3.0)) / 6.0)
     elif ACT == 4:
         v = v / (1.0 + tl.exp(-v))
@@ -151,6 +153,8 @@ def _act_grad(g, v, ACT: tl.constexpr):
     elif ACT == 2:
         g = tl.where((v <= 0.0) | (v >= 6.0), 0.0, g)
     elif ACT == 3:
+        g = tl.where(v <= -3.0, 0.0, tl.where(v < 3.0, g * (v / 3.0 + 0.5), g))
+    elif ACT == 5:
         g = tl.where(v < -3.0, 0.0, tl.where(v <= 3.0, g * (v / 3.0 + 0.5), g))
     elif ACT == 4:
         s = 1.0 / (1.0 + tl.exp(-v))
@@ -1159,7 +1163,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
             *x.stride(), *y.stride(),
             prm["tiles_w"], prm["tiles_per_img"], prm["n_co"], prm["n_work"], padding[0], padding[2],
             KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], DILATION_H=dilation[0], DILATION_W=dilation[1],
-            **blk, SHIFTED=depthwise == "shifted", ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None,
+            **blk, SHIFTED=depthwise == "shifted", ACT=_ACT_CODES[reference.kernel_activation(activation)], HAS_PB=pw_bias is not None,
             HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast, X_VEC=_vector_width(x),
             IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
         )
@@ -1218,7 +1222,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
                 n, c_in, c_out, h, w, h_out, w_out,
                 *x.stride(), *grad_y.stride(), *gx.stride(),
                 padding[0], padding[2], prm["tile_programs"],
-                **conv, **blk, ACT=_ACT_CODES[activation], HAS_PB=pw_bias is not None, **dots, **flags,
+                **conv, **blk, ACT=_ACT_CODES[reference.kernel_activation(activation)], HAS_PB=pw_bias is not None, **dots, **flags,
             )
         # the split path's blocks (the fused one has no BLOCK_CI)
         gemm = dict(MID_PIXELS=blk["MID_PIXELS"], BLOCK_CO=blk["BLOCK_CO"], BLOCK_CI=blk.get("BLOCK_CI"))
@@ -1228,7 +1232,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
                 n, c_in, c_out, h, w, h_out, w_out,
                 *x.stride(), *grad_y.stride(),
                 padding[0], padding[2], prm["tile_programs"],
-                **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_ACT_CODES[activation],
+                **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_ACT_CODES[reference.kernel_activation(activation)],
                 HAS_PB=pw_bias is not None, **dots, STORE_GPRE=gpre is not None,
                 **{k: v for k, v in flags.items() if k not in ("NEED_GX", "NEED_PW")},
             )
