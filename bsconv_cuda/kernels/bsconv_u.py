@@ -91,6 +91,12 @@ from ..plan import (BLOCKS_PER_SM, DEPTHWISE_COST, FWD_MAX_DOT_RATIO, L2_RESIDEN
 # the activations' codes in the kernels, by their names in reference.kernel_activation
 _ACT_CODES = {"none": 0, "relu": 1, "relu6": 2, "hardswish": 3, "silu": 4, "hardswish_closed_band": 5}
 
+
+def _act_code(activation: str) -> int:
+    """The kernels' ACT for an activation of reference.ACTIVATIONS (hardswish as the installed torch differentiates
+    it)."""
+    return _ACT_CODES[reference.kernel_activation(activation)]
+
 # Test hook: block sizes forced by :func:`force_blocks` (None: chosen by shape).
 _FORCED: dict[str, dict | None] = {"forward": None, "backward": None}
 # The keys force_blocks takes, per pass; the backward's split path alone has BLOCK_CI, pixel splits and the GEMMs'
@@ -1163,7 +1169,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
             *x.stride(), *y.stride(),
             prm["tiles_w"], prm["tiles_per_img"], prm["n_co"], prm["n_work"], padding[0], padding[2],
             KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], DILATION_H=dilation[0], DILATION_W=dilation[1],
-            **blk, SHIFTED=depthwise == "shifted", ACT=_ACT_CODES[reference.kernel_activation(activation)], HAS_PB=pw_bias is not None,
+            **blk, SHIFTED=depthwise == "shifted", ACT=_act_code(activation), HAS_PB=pw_bias is not None,
             HAS_DB=dw_bias is not None, PREC=prec, ACC64=acc64, UPCAST_DOT=upcast, X_VEC=_vector_width(x),
             IDX64=(_FORCED["forward"] or {}).get("IDX64", _needs_int64(x, y)),
         )
@@ -1222,7 +1228,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
                 n, c_in, c_out, h, w, h_out, w_out,
                 *x.stride(), *grad_y.stride(), *gx.stride(),
                 padding[0], padding[2], prm["tile_programs"],
-                **conv, **blk, ACT=_ACT_CODES[reference.kernel_activation(activation)], HAS_PB=pw_bias is not None, **dots, **flags,
+                **conv, **blk, ACT=_act_code(activation), HAS_PB=pw_bias is not None, **dots, **flags,
             )
         # the split path's blocks (the fused one has no BLOCK_CI)
         gemm = dict(MID_PIXELS=blk["MID_PIXELS"], BLOCK_CO=blk["BLOCK_CO"], BLOCK_CI=blk.get("BLOCK_CI"))
@@ -1232,7 +1238,7 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
                 n, c_in, c_out, h, w, h_out, w_out,
                 *x.stride(), *grad_y.stride(),
                 padding[0], padding[2], prm["tile_programs"],
-                **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_ACT_CODES[reference.kernel_activation(activation)],
+                **conv, **gemm, num_warps=blk["num_warps"], num_stages=blk["num_stages"], ACT=_act_code(activation),
                 HAS_PB=pw_bias is not None, **dots, STORE_GPRE=gpre is not None,
                 **{k: v for k, v in flags.items() if k not in ("NEED_GX", "NEED_PW")},
             )
