@@ -97,6 +97,7 @@ def _act_code(activation: str) -> int:
     it)."""
     return _ACT_CODES[reference.kernel_activation(activation)]
 
+
 # Test hook: block sizes forced by :func:`force_blocks` (None: chosen by shape).
 _FORCED: dict[str, dict | None] = {"forward": None, "backward": None}
 # The keys force_blocks takes, per pass; the backward's split path alone has BLOCK_CI, pixel splits and the GEMMs'
