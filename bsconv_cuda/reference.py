@@ -26,7 +26,8 @@ ACTIVATIONS = ("none", "relu", "relu6", "hardswish", "silu")
 # torch's hardswish gradient at its kinks -3 and 3 changed (pytorch#148049): torch 2.7 puts them in the linear band
 # x / 3 + 1/2 (-0.5 and 1.5), torch 2.11 in the flat branches (0 and 1). The fused kernels follow the installed torch:
 # asked once here, it is passed to them as the activation "hardswish_closed_band" (kernel_activation).
-HARDSWISH_CLOSED_BAND = torch.ops.aten.hardswish_backward(torch.ones(1), torch.full((1,), 3.0)).item() != 1.0
+HARDSWISH_CLOSED_BAND = torch.ops.aten.hardswish_backward(  # on CPU: whatever torch.set_default_device says
+    torch.ones(1, device="cpu"), torch.full((1,), 3.0, device="cpu")).item() != 1.0
 # The dtypes the package computes in (bsconv_u refuses others; the Triton launchers check them too). The CUDA
 # kernels take a subset, cuda_backend.SUPPORTED_DTYPES, and on a GPU float64 goes to the reference.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -18,8 +18,9 @@
 #   paths (the CUDA backward's fused and split paths timed on the quick and the batch-1 latency shapes),
 #   kernels (each kernel's time in the CUDA backward's paths, torch.profiler over scripts/gpu_step.py, on the layers
 #   where the split path keeps its grad_pre buffer),
-#   sanitize (compute-sanitizer memcheck and racecheck on one small forward + backward of each backend and path,
-#   scripts/gpu_step.py), ncu (Nsight Compute on the kernels of one larger step, each backend and path).
+#   sanitize (compute-sanitizer memcheck and racecheck on one small forward + backward of each backend and path, and
+#   on the fused backward's other cases, scripts/gpu_step.py), ncu (Nsight Compute on the kernels of one larger step,
+#   each backend and path).
 # Without the build stage, the extension already in bsconv_cuda/ is used: build copies it into the results, so that a
 # second device call can carry it (`BSCONV_GPU_CHECK_STAGES=kernels,sanitize,ncu` with bsconv_cuda/_C.abi3.so
 # carried).
@@ -157,7 +158,7 @@ kernel_times() {
   return $rc
 }
 export -f kernel_times
-wants kernels && stage kernels 180 bash -c kernel_times
+wants kernels && stage kernels 240 bash -c kernel_times
 
 # 5. memory and race checks, then the kernels' hardware counters (Firecracker machines; gVisor refuses both), on
 # scripts/gpu_step.py runs of each backend and CUDA backward path

@@ -35,14 +35,9 @@ def per_step_times(events, steps: int, on_gpu: bool) -> list[tuple[str, int, flo
     time of the GPU's kernels, or self CPU time of the operators on CPU."""
     rows = []
     for e in events:
-        if on_gpu:
-            # torch >= 2.4 names it device time; before, CUDA time
-            us = getattr(e, "self_device_time_total", None)
-            us = us if us is not None else e.self_cuda_time_total
-            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-                continue
-        else:
-            us = e.self_cpu_time_total
+        if on_gpu and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
         if us > 0:
             rows.append((kernel_name(e.key), e.count // steps, us / steps))
     return sorted(rows, key=lambda row: -row[2])

@@ -48,6 +48,13 @@ def test_import_without_a_usable_triton(setup, reason):
     assert "OUTPUT (1, 3, 5, 5)" in result.stdout
 
 
+def test_import_under_a_meta_default_device():
+    """Import makes no tensors on the default device (torch's hardswish convention is asked on CPU)."""
+    code = "import torch; torch.set_default_device('meta'); import bsconv_cuda; print('IMPORTED')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "IMPORTED" in result.stdout, result.stderr
+
+
 def test_import_with_a_broken_extension_warns_once_and_falls_back():
     result = _run(
         """

@@ -159,7 +159,7 @@ def test_forward_tile_choice_gives_equal_time_to_the_tile_on_more_sms(ext):
 def test_python_copies_of_the_limits_are_the_compiled_ones(ext):
     """csrc/bsconv_params.h is the home of the kernels' limits; the Python copies (needed under torch.compile and
     where _C cannot load) must say the same."""
-    assert ext.MAX_KERNEL_SIZE == MAX_FUSED_KERNEL_SIZE
+    assert ext.MAX_KERNEL_SIZE == MAX_FUSED_KERNEL_SIZE and ext.MAX_KERNEL_SIZE ** 2 == cuda_backend._MAX_TAPS
     assert ext.MAX_TILE_PIXELS == cuda_backend.MAX_TILE_PIXELS
     assert ext.MAX_STRIDE_OR_DILATION == cuda_backend.MAX_STRIDE_OR_DILATION
     assert ext.MAX_PADDING == cuda_backend.MAX_PADDING
@@ -611,6 +611,19 @@ def test_gpu_unsupported_shape_is_reported_and_raises(ext):
 
 
 @pytest.mark.cuda
+def test_gpu_op_takes_both_hardswish_conventions(ext):
+    """The op's hardswish is torch 2.11's at -3 and 3 (gradients 0 and 1), hardswish_closed_band torch 2.7's (-0.5
+    and 1.5); reference.kernel_activation passes the installed torch's. x = pre through an identity 1 x 1 weight
+    and a 1 x 1 depthwise weight of 1: grad_x is the activation's derivative."""
+    pre_at_kinks = torch.tensor([-3.0, 3.0], device="cuda").view(1, 2, 1, 1)
+    identity, ones = torch.eye(2, device="cuda"), torch.ones(2, 1, 1, 1, device="cuda")
+    grads = [torch.ops.bsconv_cuda.cuda_backward(torch.ones_like(pre_at_kinks), pre_at_kinks, identity, None, ones,
+                                                 None, [1, 1], [0, 0, 0, 0], [1, 1], act)[0].flatten().tolist()
+             for act in ("hardswish", "hardswish_closed_band")]
+    assert grads == [[0.0, 1.0], [-0.5, 1.5]]
+
+
+@pytest.mark.cuda
 def test_gpu_bad_arguments_raise_clear_errors(ext):
     x, pw, pwb, dw, dwb = _inputs(1, 4, 8, 8, 8, (3, 3), torch.float32, True, True, False)
     args = ([1, 1], [1, 1, 1, 1], [1, 1], "none")
@@ -620,13 +633,6 @@ def test_gpu_bad_arguments_raise_clear_errors(ext):
         torch.ops.bsconv_cuda.cuda_forward(x, pw.half(), pwb, dw, dwb, *args)
     with pytest.raises(RuntimeError, match="activation"):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, *args[:3], "gelu")
-    # torch 2.7's hardswish gradient at -3 and 3 (reference.kernel_activation), differing there only
-    pre_at_kinks = torch.tensor([-3.0, 3.0], device="cuda").view(1, 2, 1, 1)
-    one, no_depthwise = torch.eye(2, device="cuda"), torch.ones(2, 1, 1, 1, device="cuda")
-    grads = [torch.ops.bsconv_cuda.cuda_backward(torch.ones_like(pre_at_kinks), pre_at_kinks, one, None,
-                                                 no_depthwise, None, [1, 1], [0, 0, 0, 0], [1, 1], act)[0]
-             for act in ("hardswish", "hardswish_closed_band")]
-    assert grads[0].flatten().tolist() == [0.0, 1.0] and grads[1].flatten().tolist() == [-0.5, 1.5]
     with pytest.raises(RuntimeError, match="stride"):
         torch.ops.bsconv_cuda.cuda_forward(x, pw, pwb, dw, dwb, [0, 1], *args[1:])
     grad_y = torch.ones(1, 8, 8, 8, device="cuda")

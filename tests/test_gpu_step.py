@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fused_checks import skip_unless_available
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import gpu_step  # noqa: E402
@@ -43,6 +45,7 @@ def test_per_step_times_keep_the_gpu_kernels_most_time_first():
 
 def test_one_profiled_step_on_cpu():
     """The plumbing on CPU (operators' CPU time, not kernels): a strided, biased step through the interpreter."""
+    skip_unless_available("triton", torch.device("cpu"))
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_step.py"), "triton", "--device", "cpu",
                            "--shape", "1,8,16,6,6", "--stride", "2", "--dtype", "float32", "--no-tf32",
                            "--profile", "1"],

@@ -199,12 +199,13 @@ def test_cuda_launches_fit_two_ctas_per_sm(kr, real_report):
     """Every CUDA launch of the shape table (batch 1, 2 and the table's, each dtype and layout) with the programs for
     it fits two CTAs per SM on sm_90: the built instance's registers and static shared memory with the launch's
     dynamic shared memory (cuda_backend.work_plan names the instance and restates the kernels' shared memory)."""
-    stats = [s for s in real_report if s.source == "cuda"]
+    stats = [s for s in real_report if s.source == "cuda" and s.arch == 90]
     if not stats:
-        pytest.skip("the CUDA extension bsconv_cuda/_C*.so is not built")
+        pytest.skip("the CUDA extension bsconv_cuda/_C*.so is not built for sm_90")
     rows = _goal_rows(kr, "cuda", ("1", "2", "table"), stats)
     launches = [launch for row in rows for launch in row.launches]
-    assert all(launch["ctas_per_sm"] for launch in launches), "a launch's kernel instance is not in the extension"
+    missing = {launch["kernel"] for launch in launches if launch["ctas_per_sm"] is None}
+    assert not missing, f"kernel instances of {sorted(missing)} not found in the extension"
     problems = [p for p in kr.work_problems(rows) if "CTA per SM" in p]
     assert not problems, _grouped(problems)
     assert sum(launch["programs"] >= 2 * kr.SMS for launch in launches) >= 100  # the check had launches to check
