@@ -49,8 +49,13 @@ def test_import_without_a_usable_triton(setup, reason):
 
 
 def test_import_under_a_meta_default_device():
-    """Import makes no tensors on the default device (torch's hardswish convention is asked on CPU)."""
-    code = "import torch; torch.set_default_device('meta'); import bsconv_cuda; print('IMPORTED')"
+    """Import makes no tensors on the default device (torch's hardswish convention is asked on CPU). torch 2.7 cannot
+    import its own torch._dynamo under a meta default device (a circular import), so there is nothing to check there."""
+    meta = "import torch; torch.set_default_device('meta'); "
+    probe = subprocess.run([sys.executable, "-c", meta + "import torch._dynamo"], capture_output=True, timeout=120)
+    if probe.returncode:
+        pytest.skip(f"torch {torch.__version__} cannot import torch._dynamo under a meta default device")
+    code = meta + "import bsconv_cuda; print('IMPORTED')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "IMPORTED" in result.stdout, result.stderr
 
