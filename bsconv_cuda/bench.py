@@ -142,6 +142,8 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
         except Exception as error:  # noqa: BLE001 - one failing contender must not kill the table
             res.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
         results.append(res)
+        if args.json:  # after every job, so that a run stopped at a time limit keeps what it measured
+            write_results(args.json, dict(meta, jobs_done=len(results), jobs_planned=len(jobs)), results, quiet=True)
     for shape, pass_ in interp_jobs:
         progress.step(f"{shape.name} triton-interpreter {pass_}")
         results.append(_interpreter_check(shape, pass_))
@@ -323,8 +325,13 @@ def _main(argv: list[str]) -> int:
         results, meta = run_benchmarks(args)
     print(format_table(results, meta))
     if args.json:
-        harness.write_json(args.json, {"meta": meta, "results": [dict(asdict(r), label=r.label) for r in results]})
+        write_results(args.json, meta, results)
     return 0
+
+
+def write_results(path: str, meta: dict, results: list[Result], quiet: bool = False) -> None:
+    """``--json PATH``: the run's metadata and one object per result."""
+    harness.write_json(path, {"meta": meta, "results": [dict(asdict(r), label=r.label) for r in results]}, quiet)
 
 
 if __name__ == "__main__":

@@ -444,11 +444,12 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def write_json(path: str, results) -> None:
+def write_json(path: str, results, quiet: bool = False) -> None:
     """The command lines' ``--json PATH``: ``results`` as JSON (values JSON lacks as their text)."""
     with open(path, "w") as f:
         json.dump(results, f, indent=1, default=str)
-    print(f"wrote {path}", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------------- speed-up

@@ -12,9 +12,12 @@
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS (default: all cores), CUDA_HOME (default
 # /usr/local/cuda), PYTHON (default: python, else python3), BSCONV_GPU_CHECK_SKIP_BENCH=1 skips the benchmarks,
 # BSCONV_BENCH_SET (quick / default / full) picks the benchmark set (quick here by default),
+# BSCONV_GPU_CHECK_WORKERS (default 8; 1 = none): pytest-xdist workers for the correctness stages, where installed,
+# BSCONV_GPU_CHECK_TEST_TIMEOUT (default 150 s): one test's limit there, where pytest-timeout is installed,
 # BSCONV_GPU_CHECK_STAGES: the stages to run, comma-separated (default: all, in this order):
 #   build, gpu_tests (tests marked cuda), grid (the fused backends' shared grid), suite (the other tests),
-#   sass (registers and spills of the built kernels), bench (quick benchmark set + report),
+#   sass (registers and spills of the built kernels), speed (python -m bsconv_cuda.bench on the quick shapes, bf16
+#   and fp32, with the composed dense conv), bench (the pytest benchmark suite's quick set + report),
 #   paths (the CUDA backward's fused and split paths timed on the quick and the batch-1 latency shapes),
 #   kernels (each kernel's time in the CUDA backward's paths, torch.profiler over scripts/gpu_step.py, on the layers
 #   where the split path keeps its grad_pre buffer),
@@ -43,8 +46,9 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export BSCONV_CUDA_BUILD=1
 export BSCONV_BENCH_SET=${BSCONV_BENCH_SET:-quick}
 export PYTHONUNBUFFERED=1
-STAGES=${BSCONV_GPU_CHECK_STAGES:-build,gpu_tests,grid,suite,sass,bench,paths,kernels,sanitize,ncu}
-[ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" = "1" ] && STAGES=$(echo "$STAGES" | sed -E 's/(^|,)(bench|paths|kernels)//g')
+STAGES=${BSCONV_GPU_CHECK_STAGES:-build,gpu_tests,grid,suite,sass,speed,bench,paths,kernels,sanitize,ncu}
+[ "${BSCONV_GPU_CHECK_SKIP_BENCH:-0}" = "1" ] \
+  && STAGES=$(echo "$STAGES" | sed -E 's/(^|,)(speed|bench|paths|kernels)//g')
 FAILED=0
 
 note() { echo "$1" >>"$SUMMARY_FILE"; echo "== $1"; }
@@ -97,13 +101,21 @@ note "info: $(grep -iE "cuda backend|_C " "$LOGS/info.txt" | head -2 | tr '\n' '
 
 # 2. correctness: the GPU-only tests, then the fused backends' grid on the GPU, then everything else
 PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
-wants gpu_tests && stage gpu_tests 300 "${PYTEST[@]}" "$REPO/tests" -m cuda --junitxml="$LOGS/gpu_tests.xml"
-wants grid && stage grid 300 "${PYTEST[@]}" "$REPO/tests/test_fused_backends.py" -m "not cuda" \
+# The correctness stages spend most of their time compiling Triton and cuDNN kernels on one core each: spread them over
+# pytest-xdist workers where the machine has it (never the timing stages), and end a hung test (a kernel that never
+# returns) after BSCONV_GPU_CHECK_TEST_TIMEOUT seconds with a stack dump rather than losing the whole stage.
+CHECK_PYTEST=("${PYTEST[@]}" -v)  # one line per test as it ends: a stage killed at its limit still names each outcome
+WORKERS=${BSCONV_GPU_CHECK_WORKERS:-8}
+[ "$WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && CHECK_PYTEST+=(-n "$WORKERS")
+"$PY" -c "import pytest_timeout" 2>/dev/null \
+  && CHECK_PYTEST+=(--timeout "${BSCONV_GPU_CHECK_TEST_TIMEOUT:-150}" --timeout-method thread)
+wants gpu_tests && stage gpu_tests 300 "${CHECK_PYTEST[@]}" "$REPO/tests" -m cuda --junitxml="$LOGS/gpu_tests.xml"
+wants grid && stage grid 300 "${CHECK_PYTEST[@]}" "$REPO/tests/test_fused_backends.py" -m "not cuda" \
   --junitxml="$LOGS/grid.xml"
-wants suite && stage suite 420 "${PYTEST[@]}" "$REPO/tests" -m "not cuda" --ignore="$REPO/tests/test_fused_backends.py" \
-  --junitxml="$LOGS/suite.xml"
+wants suite && stage suite 420 "${CHECK_PYTEST[@]}" "$REPO/tests" -m "not cuda" \
+  --ignore="$REPO/tests/test_fused_backends.py" --junitxml="$LOGS/suite.xml"
 for log in gpu_tests grid suite; do
-  [ -f "$LOGS/$log.log" ] && grep -E "^(FAILED|ERROR)" "$LOGS/$log.log" | head -20 | sed "s/^/  $log: /" >>"$SUMMARY_FILE"
+  [ -f "$LOGS/$log.log" ] && grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR) " "$LOGS/$log.log" | head -30 | sed "s/^/  $log: /" >>"$SUMMARY_FILE"
 done
 
 # 3. SASS resource usage of the built kernels (registers, spills, shared memory) and tensor-core instructions
@@ -122,6 +134,12 @@ wants sass && stage sass 120 bash -c sass
 
 # 4. benchmarks + report, and the CUDA backward's two paths timed on the same shapes and at batch 1, where the path
 # rule's launch weight decides (their choice is a model)
+if wants speed; then  # the main job on the quick shapes, bf16 and fp32, its JSON rewritten after every measurement
+  for dtype in bf16 fp32; do
+    stage "speed_$dtype" 200 "$PY" -m bsconv_cuda.bench --shapes quick --passes fwd,bwd,fwdbwd --dtype "$dtype" \
+      --composed --no-progress --json "$LOGS/speed-$dtype.json"
+  done
+fi
 if wants bench && [ -d "$REPO/benchmarks" ]; then
   export BSCONV_BENCH_JSON="$LOGS/bsconv-gpu.json"
   stage bench 300 "${PYTEST[@]}" "$REPO/benchmarks" --benchmark-only
