@@ -104,9 +104,15 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 # The correctness stages spend most of their time compiling Triton and cuDNN kernels on one core each: spread them over
 # pytest-xdist workers where the machine has it (never the timing stages), and end a hung test (a kernel that never
 # returns) after BSCONV_GPU_CHECK_TEST_TIMEOUT seconds with a stack dump rather than losing the whole stage.
-CHECK_PYTEST=("${PYTEST[@]}" -v)  # one line per test as it ends: a stage killed at its limit still names each outcome
+# -v (not -q): one line per test as it ends, so a stage killed at its limit still names each outcome
+CHECK_PYTEST=("$PY" -m pytest -v -rs -p no:cacheprovider)
 WORKERS=${BSCONV_GPU_CHECK_WORKERS:-8}
-[ "$WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && CHECK_PYTEST+=(-n "$WORKERS")
+if [ "$WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  # the float64 references run on the CPU: each worker gets its share of the cores, not all of them (8 workers of
+  # 16 threads on 16 cores made one reference take 90 s on the first GPU run)
+  CHECK_PYTEST=(env OMP_NUM_THREADS=$(( $(nproc) / WORKERS > 0 ? $(nproc) / WORKERS : 1 )) "${CHECK_PYTEST[@]}" \
+                -n "$WORKERS")
+fi
 "$PY" -c "import pytest_timeout" 2>/dev/null \
   && CHECK_PYTEST+=(--timeout "${BSCONV_GPU_CHECK_TEST_TIMEOUT:-150}" --timeout-method thread)
 wants gpu_tests && stage gpu_tests 300 "${CHECK_PYTEST[@]}" "$REPO/tests" -m cuda --junitxml="$LOGS/gpu_tests.xml"
