@@ -41,12 +41,73 @@ def test_triton_opcheck_under_interpreter():
         pytest.skip(backends.unavailable_reason("triton", "cpu"))
     forward_op, backward_op = OPS["triton"]
     # Under the interpreter the kernels cannot run on the FunctionalTensors that aot_dispatch tests trace with
-    # (a triton_op limitation); on a GPU the full opcheck runs in test_triton_opcheck_on_gpu.
+    # (a triton_op limitation; the launchers' planning under them: test_triton_launchers_plan_symbolic_sizes); on a
+    # GPU the full opcheck runs in test_fused_opcheck_on_gpu.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     for args in _sample_inputs()[:2]:
         torch.library.opcheck(forward_op, args, test_utils=utils)
         grad_y = torch.randn_like(forward_op(*args))
         torch.library.opcheck(backward_op, (grad_y, *args, list(ALL_GRADIENTS)), test_utils=utils)
+
+
+def _plain(value):
+    """A launch argument as a comparable value: a tensor by dtype and shape, a SymInt by its value."""
+    if isinstance(value, torch.Tensor):
+        return "tensor", value.dtype, tuple(int(size) for size in value.shape)
+    return int(value) if isinstance(value, torch.SymInt) else value
+
+
+def test_triton_launchers_plan_symbolic_sizes(monkeypatch, device):
+    # triton_op traces the launchers themselves under aot_autograd with dynamic shapes (opcheck's
+    # test_aot_dispatch_dynamic, torch.compile(dynamic=True)), so sizes and strides reach the launch plan as SymInts.
+    # The kernels are recorded rather than run (under the interpreter they cannot run on the FunctionalTensors traced
+    # there), and every trace must launch what eager does: the same kernels, grids, blocks and arguments.
+    if "triton" not in bsconv_cuda.available_backends(device.type):
+        pytest.skip(backends.unavailable_reason("triton", device.type))
+    from functorch.compile import compiled_function, nop
+
+    from bsconv_cuda.kernels import bsconv_u as triton_kernels
+
+    launches = []
+
+    class RecordedKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.__name__, tuple(map(_plain, grid)), tuple(map(_plain, args)),
+                                 {k: _plain(v) for k, v in kwargs.items()}))
+            return launch
+
+    monkeypatch.setattr(triton_kernels, "_launchable", RecordedKernel)
+    forward_op, backward_op = OPS["triton"]
+    samples = _sample_inputs(device=device)
+    # x as a strided view: strides that are symbols of their own, not products of the sizes
+    samples.append((torch.randn(2, 5, 7, 6, device=device).contiguous(memory_format=torch.channels_last)[:, 1:4],
+                    *samples[0][1:]))
+    for args in samples:
+        grad_y = torch.randn(forward_op(*args).shape, device=device)
+        calls = [(forward_op, args)] + [(backward_op, (grad_y, *args, mask))
+                                        for mask in (list(ALL_GRADIENTS), [False, False, True, False, True])]
+        for op, op_args in calls:
+            tensors = [i for i, a in enumerate(op_args) if isinstance(a, torch.Tensor)]
+
+            def call(*tensor_args, op=op, op_args=op_args, tensors=tensors):
+                full = list(op_args)
+                for i, t in zip(tensors, tensor_args):
+                    full[i] = t
+                return op(*full)
+
+            launches.clear()
+            call(*(op_args[i] for i in tensors))
+            eager = list(launches)
+            assert eager, op
+            launches.clear()
+            compiled_function(call, nop, nop, dynamic=True)(*(op_args[i] for i in tensors))
+            # aot_autograd traces more than once (metadata, then the graph): each trace launches what eager does
+            traces = len(launches) // len(eager)
+            assert traces and launches == eager * traces, (op, [a for a in op_args if not isinstance(a, torch.Tensor)])
 
 
 @pytest.mark.cuda

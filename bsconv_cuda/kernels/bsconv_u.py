@@ -1070,8 +1070,16 @@ def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
     return None
 
 
+def _plan_ints(values) -> tuple[int, ...]:
+    """``values`` (sizes, strides, convolution arguments) as the plain ints a launch plan is computed from. Where
+    torch traces a launcher with symbolic sizes (``triton_op`` under aot_autograd, as ``torch.compile(dynamic=True)``
+    does), ``int()`` specializes each SymInt to its value and installs a guard: blocks, grids, vector widths and index
+    widths depend on the exact sizes, so the traced graph holds for these sizes only (others trace again)."""
+    return tuple(int(v) for v in values)
+
+
 def _max_offset(t: torch.Tensor) -> int:
-    return sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0) + 1
+    return sum((s - 1) * st for s, st in zip(_plan_ints(t.shape), _plan_ints(t.stride())) if s > 0) + 1
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
@@ -1082,10 +1090,11 @@ def _vector_width(t: torch.Tensor) -> int:
     """Elements of ``t`` per aligned access along its channels (up to 16 bytes): the largest power of two that
     divides C and every pixel stride, when the channels are contiguous (1 otherwise). The kernels promise Triton
     these multiples (``tl.multiple_of``), so that C = 24 channels_last loads 16-byte vectors, not single elements."""
-    if t.stride(1) != 1:
+    (_, c, _, _), (stride_n, stride_c, stride_h, stride_w) = _plan_ints(t.shape), _plan_ints(t.stride())
+    if stride_c != 1:
         return 1
     v = 16 // t.element_size()
-    while v > 1 and any(d % v for d in (t.shape[1], t.stride(0), t.stride(2), t.stride(3))):
+    while v > 1 and any(d % v for d in (c, stride_n, stride_h, stride_w)):
         v //= 2
     return v
 
@@ -1146,8 +1155,9 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
     if depthwise not in DEPTHWISE_STAGES:
         raise ValueError(f"depthwise must be one of {DEPTHWISE_STAGES}, got {depthwise!r}")
     pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = dw.shape
+    n, c_in, h, w = _plan_ints(x.shape)
+    c_out, _, kh, kw = _plan_ints(dw.shape)
+    stride, padding, dilation = (_plan_ints(v) for v in (stride, padding, dilation))
     h_out, w_out = reference.output_size(h, w, (kh, kw), stride, padding, dilation)
     y = torch.empty((n, c_out, h_out, w_out), dtype=x.dtype, device=x.device,
                     memory_format=reference.output_memory_format(x))
@@ -1156,7 +1166,7 @@ def forward(x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding, dilation
 
     prec, acc64, upcast = _dot_settings(x.dtype, x.device)
     plan = forward_plan(n, c_in, c_out, h, w, h_out, w_out, (kh, kw), stride, padding, dilation, x.dtype, prec,
-                        depthwise, channels_last=x.stride(1) == 1)
+                        depthwise, channels_last=_plan_ints(x.stride())[1] == 1)
     blk, prm = plan.blocks, plan.params
     grid = plan.launches[0].grid
     mid = (torch.empty((grid[0], blk["MID_ROWS"], blk["BLOCK_CO"]), dtype=torch.float64 if acc64 else torch.float32,
@@ -1183,9 +1193,10 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
     :func:`backward_plan` says what runs."""
     _check(x, "bsconv_cuda::triton_backward")
     pw, pw_bias, dw, dw_bias = _contiguous_params(pw_weight, pw_bias, dw_weight, dw_bias)
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = dw.shape
-    h_out, w_out = grad_y.shape[2:]
+    n, c_in, h, w = _plan_ints(x.shape)
+    c_out, _, kh, kw = _plan_ints(dw.shape)
+    h_out, w_out = _plan_ints(grad_y.shape[2:])
+    stride, padding, dilation = (_plan_ints(v) for v in (stride, padding, dilation))
     taps = kh * kw
     dev, dt = x.device, x.dtype
     need_gx, need_pw, need_pb, need_dw, need_db = output_mask
@@ -1201,7 +1212,8 @@ def backward(grad_y, x, pw_weight, pw_bias, dw_weight, dw_bias, stride, padding,
         return (grad_x.zero_(), grad_pw.zero_(), grad_pb.zero_(), grad_dw.zero_(), grad_db)
 
     prec, acc64, upcast = _dot_settings(dt, dev)
-    plan = backward_plan(n, c_in, c_out, h, w, h_out, w_out, (kh, kw), dt, prec, channels_last=x.stride(1) == 1,
+    plan = backward_plan(n, c_in, c_out, h, w, h_out, w_out, (kh, kw), dt, prec,
+                         channels_last=_plan_ints(x.stride())[1] == 1,
                          output_mask=output_mask)
     blk, prm = plan.blocks, plan.params
     flags = prm["flags"]
