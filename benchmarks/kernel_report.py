@@ -147,6 +147,32 @@ def parse_sass(text: str) -> dict[tuple[int | None, str], dict]:
     return out
 
 
+_PTX_REGISTER = re.compile(r"%[a-z]+[0-9]+")
+# PTX instructions whose first operand is read, not written (stores, barriers, branches, reductions)
+_PTX_NO_DESTINATION = ("st.", "stmatrix", "bar", "bra", "ret", "red.", "cp.", "fence", "membar", "prefetch",
+                       "tcgen05.st", "wgmma.fence", "wgmma.commit", "wgmma.wait")
+
+
+def ptx_undefined_registers(ptx: str) -> list[str]:
+    """Registers the PTX reads but never writes. LLVM's NVPTX backend in Triton 3.6 packed the tap row of the forward
+    kernel into an i16x2 add beside an undefined half (``mov.b32 %r, {%rs25, %rs28}`` with %rs28 never written), and
+    ptxas then dropped the add: every output row came from the next input row on an H200 (fp32 NCHW, 9 x 11, pad 1).
+    A read of an undefined register leaves ptxas free to compute anything, so none is allowed, used or not."""
+    written, read = set(), set()
+    for line in ptx.splitlines():
+        code = line.split("//")[0].strip().rstrip(";")
+        if not code or code.startswith((".", "{", "}", "$", ")")) or code.endswith(":"):
+            continue
+        op, _, operands = re.sub(r"^@!?%p[0-9]+\s+", "", code).replace("\t", " ").partition(" ")
+        destination = re.match(r"\s*(\{[^}]*\}|[^,]+),(.*)", operands)
+        if op.startswith(_PTX_NO_DESTINATION) or destination is None:
+            read.update(_PTX_REGISTER.findall(operands))
+            continue
+        written.update(_PTX_REGISTER.findall(destination.group(1)))  # also both predicates of "%p1|%p2"
+        read.update(_PTX_REGISTER.findall(destination.group(2)))
+    return sorted(read - written)
+
+
 def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> dict:
     """Resident blocks and warps per SM allowed by registers, shared memory and warp/block limits."""
     lim = ARCH_LIMITS.get(arch, ARCH_LIMITS[90])
@@ -245,6 +271,7 @@ def config_from_launch(kernel, args: tuple, kwargs: dict, dtype: str, use: str) 
         else:
             options[k] = v
     const_params = {p.name for p in kernel.params if p.is_constexpr}
+    params = {p.name: p for p in kernel.params}
     signature, constexprs, attrs, spec_ones = {}, {}, {}, []
     for i, name in enumerate(names):
         v = bound.get(name)
@@ -255,6 +282,8 @@ def config_from_launch(kernel, args: tuple, kwargs: dict, dtype: str, use: str) 
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             signature[name] = "i1"
+        elif isinstance(v, int) and params[name].do_not_specialize:
+            signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
         elif isinstance(v, int):
             kind, attr = _specialize_int(v)
             if kind == "constexpr":
@@ -277,19 +306,17 @@ def config_from_launch(kernel, args: tuple, kwargs: dict, dtype: str, use: str) 
                         uses=[use], attrs=attrs, spec_ones=spec_ones)
 
 
-def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"),
-                            tf32_modes=(True, False)) -> list[KernelConfig]:
-    """Every kernel launch of the Triton backend's ``forward`` and ``backward`` for ``shapes`` x ``dtypes`` x
-    ``layouts``, captured by running the real launchers on meta tensors with ``torch.library.wrap_triton``
-    replaced by a recorder (nothing runs; the launchers' own heuristics choose every block size). fp32 is captured
-    with TF32 on and off (``bsconv_cuda.backends.fp32_uses_tf32``), the two precisions the launcher can pick."""
+@contextlib.contextmanager
+def recorded_triton_launches(fp32_uses_tf32: bool = True):
+    """Inside the block the Triton launchers (``forward``, ``backward``; on meta tensors) record every kernel launch
+    in the list it yields, as (kernel, args, kwargs), instead of running it: ``torch.library.wrap_triton``, through
+    which they call every kernel, is replaced by a recorder. ``fp32_uses_tf32``: the precision the launchers see."""
     from unittest import mock
 
     import torch
 
     from bsconv_cuda.kernels import bsconv_u as K
 
-    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     launches: list = []
 
     class _Recorder:
@@ -301,21 +328,64 @@ def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"
                 launches.append((self.kernel, args, kwargs))
             return launch
 
+    with mock.patch.object(torch.library, "wrap_triton", _Recorder), \
+            mock.patch.object(K, "fp32_uses_tf32", lambda: fp32_uses_tf32):
+        yield launches
+
+
+def _add_configs(configs: dict, launches, dtype: str, use: str) -> None:
+    for kernel, args, kwargs in launches:
+        cfg = config_from_launch(kernel, args, kwargs, dtype, use)
+        if cfg.key() in configs:
+            configs[cfg.key()].uses.append(use)
+        else:
+            configs[cfg.key()] = cfg
+
+
+def captured_triton_configs(shapes, dtypes: Iterable[str], layouts=("cl", "nchw"),
+                            tf32_modes=(True, False)) -> list[KernelConfig]:
+    """Every kernel launch of the Triton backend's ``forward`` and ``backward`` for ``shapes`` x ``dtypes`` x
+    ``layouts``, captured by running the real launchers on meta tensors (:func:`recorded_triton_launches`: nothing
+    runs; the launchers' own heuristics choose every block size). fp32 is captured with TF32 on and off
+    (``bsconv_cuda.backends.fp32_uses_tf32``), the two precisions the launcher can pick."""
+    import torch
+
+    from bsconv_cuda.kernels import bsconv_u as K
+
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     configs: dict = {}
-    with mock.patch.object(torch.library, "wrap_triton", _Recorder):
-        for shape, dtype, layout in itertools.product(shapes, dtypes, layouts):
-            for tf32 in (tf32_modes if dtype == "fp32" else (True,)):
-                launches.clear()
-                with mock.patch.object(K, "fp32_uses_tf32", lambda tf32=tf32: tf32):
-                    _launch_on_meta(K, shape, tdt[dtype], layout)
-                use = use_label(shape, dtype, layout, tf32)
-                for kernel, args, kwargs in launches:
-                    cfg = config_from_launch(kernel, args, kwargs, dtype, use)
-                    k = cfg.key()
-                    if k in configs:
-                        configs[k].uses.append(use)
-                    else:
-                        configs[k] = cfg
+    for shape, dtype, layout in itertools.product(shapes, dtypes, layouts):
+        for tf32 in (tf32_modes if dtype == "fp32" else (True,)):
+            with recorded_triton_launches(tf32) as launches:
+                _launch_on_meta(K, shape, tdt[dtype], layout)
+            _add_configs(configs, launches, dtype, use_label(shape, dtype, layout, tf32))
+    return list(configs.values())
+
+
+def grid_triton_configs(shapes=None, dtypes=None) -> list[KernelConfig]:
+    """Every kernel launch of the Triton backend for the cases of ``tests/test_fused_backends.py``'s GRID, the layers
+    every GPU run checks against the reference (odd sizes, asymmetric kernels and padding, strided views, each dtype
+    and activation): captured as :func:`captured_triton_configs` does, float64 left out (it runs on the reference
+    on a GPU). A ``--provider`` (``kernel_report:grid_triton_configs``): the grid brings its own shapes and dtypes."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from bsconv_cuda.functional import normalize_conv_args
+    from bsconv_cuda.kernels import bsconv_u as K
+    from fused_checks import make_inputs
+    from test_fused_backends import GRID
+
+    configs: dict = {}
+    for case in GRID:
+        if case.dtype == torch.float64:
+            continue
+        x, pw, dw, pw_bias, dw_bias = make_inputs(case, torch.device("meta"))
+        pw = pw.reshape(pw.shape[0], -1)
+        conv = (*normalize_conv_args(case.k, case.stride, case.padding, case.dilation), case.act or "none")
+        with recorded_triton_launches(case.tf32) as launches:
+            y = K.forward(x, pw, pw_bias, dw, dw_bias, *conv)
+            K.backward(torch.empty_like(y), x, pw, pw_bias, dw, dw_bias, *conv)
+        _add_configs(configs, launches, str(case.dtype).replace("torch.", ""), f"grid[{case}]")
     return list(configs.values())
 
 
@@ -380,6 +450,7 @@ class KernelStats:
     stg_bytes: dict = field(default_factory=dict)
     occupancy: dict = field(default_factory=dict)
     uses: list[str] = field(default_factory=list)
+    undefined_registers: list[str] = field(default_factory=list)  # Triton: ptx_undefined_registers of its PTX
     error: str | None = None
 
     @property
@@ -434,6 +505,7 @@ def compile_triton(cfg: KernelConfig, arch: int) -> KernelStats:
         if cfg.num_stages is not None:
             options["num_stages"] = cfg.num_stages
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        stats.undefined_registers = ptx_undefined_registers(compiled.asm["ptx"])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "k.cubin"
             path.write_bytes(compiled.asm["cubin"])
@@ -731,7 +803,8 @@ def _widths(c: dict) -> str:
 
 
 def problems(stats: Iterable[KernelStats]) -> list[str]:
-    """What the test fails on: spills, and bf16/fp16 matrix stages without tensor-core instructions."""
+    """What the test fails on: spills, bf16/fp16 matrix stages without tensor-core instructions, and PTX that reads
+    an undefined register."""
     out = []
     for st in stats:
         where = f"{st.source} sm_{st.arch} {st.label}"
@@ -743,6 +816,8 @@ def problems(stats: Iterable[KernelStats]) -> list[str]:
                        f"{st.spill_loads} LDL)")
         if st.needs_tensor_cores and not st.uses_tensor_cores:
             out.append(f"{where}: {st.dtype} matrix stage without tensor-core instructions")
+        if st.undefined_registers:
+            out.append(f"{where}: its PTX reads registers it never writes ({', '.join(st.undefined_registers)})")
     return out
 
 

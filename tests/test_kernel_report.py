@@ -127,6 +127,53 @@ def test_parsers_on_canned_output(kr):
     assert any("without tensor-core" in p for p in kr.problems([st]))
 
 
+def test_ptx_reads_of_undefined_registers_are_found(kr):
+    # From the PTX Triton 3.6 made of the forward for an fp32 NCHW 9 x 11 layer (pad 1): %rs28 is read, never
+    # written, and ptxas dropped the add that subtracts the padding (the output came out one row off on an H200).
+    # The rest: what must not count as a read of an undefined register (tabs, predicates, braces, "%p|%p", stores).
+    ptx = textwrap.dedent("""
+        .visible .entry fwd_kernel(
+            .param .u64 fwd_kernel_param_0
+        )
+        {
+        	.reg .b16 	%rs<30>;
+        	mul.hi.u16 	%rs25, %rs24, 171;
+        	mov.b32 	%r554, {%rs25, %rs28};
+        	mov.b32 	%r555, 65535;
+        	add.s16x2 	%r556, %r554, %r555;
+        	mov.b32 	{%rs29, _}, %r556;
+        	ld.param.u64	%rd1, [fwd_kernel_param_0];
+        	@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd1 + 0 ];
+        	setp.lt.s32 	%p2|%p3, %r1, %r2;
+        	@!%p2 st.global.b32 [ %rd1 + 0 ], { %r556 };
+        	mov.u32 	%rs24, %r2;
+        	setp.eq.s32 	%p1, %r555, 0;
+        	bar.sync 	0;
+        $L__BB0_1:
+        	ret;
+        }
+    """)
+    assert kr.ptx_undefined_registers(ptx) == ["%rs28"]
+    st = kr.KernelStats("triton", "k", "k", 90, "fp32", 4, True, regs=40, local=0, spill_stores=0, spill_loads=0,
+                        undefined_registers=["%rs28"])
+    assert any("never writes (%rs28)" in p for p in kr.problems([st]))
+
+
+def test_triton_kernels_of_the_grid_read_no_undefined_register(kr, tmp_path):
+    """Every Triton launch of the fused backends' test grid (the layers a GPU run checks; 9 x 11 fp32 NCHW among
+    them), compiled for sm_90 with the installed Triton: no PTX reads a register it never writes. On Triton 3.6 the
+    forward of ten grid layers did before the kernels kept the pads as run-time values, and gave wrong results on an
+    H200."""
+    _tools_or_skip(kr)
+    out, res = _run_report(tmp_path, "--provider", "kernel_report:grid_triton_configs", "--arch", "90", "--no-cuda",
+                           "--work", "", "--jobs", str(min(8, os.cpu_count() or 1)))
+    stats = kr.load_json(out)
+    assert {"fwd_kernel", "bwd_fused_kernel", "bwd_gpre_kernel"} <= {s.kernel for s in stats}, res.stderr
+    bad = [f"{s.label} ({', '.join(s.uses)}): {s.error or s.undefined_registers}" for s in stats
+           if s.error or s.undefined_registers]
+    assert not bad, "\n".join(bad)
+
+
 def test_report_machinery_on_a_tiny_kernel(kr, tmp_path):
     _tools_or_skip(kr)
     mod = tmp_path / "tiny_kernels.py"

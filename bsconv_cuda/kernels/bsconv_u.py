@@ -222,7 +222,11 @@ def _pointwise(
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
+# The pads stay run-time values: Triton specializes an int argument equal to 1 into a constant, and with pad_top = 1
+# LLVM (Triton 3.6) folded the tap row into a 16-bit pair add beside an undefined half, which ptxas then dropped: on
+# an H200 every output row of a one-tile fp32 NCHW layer came from the next row (tests/test_kernel_report.py,
+# test_triton_kernels_of_the_grid_read_no_undefined_register).
+@triton.jit(do_not_specialize=["pad_top", "pad_left"])
 def _fwd_kernel(
     x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_ptr,
     C_in, C_out, H, W, H_out, W_out,
@@ -304,7 +308,7 @@ def _fwd_item(
     # --- depthwise stage: per tap, the mid rows under the shifted output pixels (0 in the padding)
     out_pix = tl.arange(0, OUT_PIXELS)
     tile_row = out_pix // TW
-    tile_col = out_pix % TW
+    tile_col = out_pix - tile_row * TW  # not out_pix % TW: LLVM packed those into bytes beside undefined ones
     out_pix_ok = out_pix < TH * TW
     out = tl.zeros((OUT_PIXELS, BLOCK_CO), dtype=acc_dt)
     # a runtime loop over taps (not static_range): unrolled, the per-tap weights and indices of all taps were
