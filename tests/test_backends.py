@@ -1,10 +1,12 @@
 """Backends: `import bsconv_cuda` never fails because Triton or the compiled extension is missing, broken or too old
 (the backend is then unavailable with the reason), and the fp32 TF32 switch follows torch's own flags."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +143,37 @@ def test_interpreter_numpy_conflict_matches_this_interpreter():
         assert "COUNT 3" in result.stdout, result.stdout
     else:
         assert "FAILED" in result.stdout and "0-dimensional" in result.stdout, result.stdout
+
+
+# Every GPU run's timings of the main job (python -m bsconv_cuda.bench --json), kept in the repository
+GPU_RUNS = sorted((Path(__file__).resolve().parent.parent / "benchmarks" / "gpu-runs").glob("*/speed-*.json"))
+# Differences under this fraction are within the run-to-run spread of one timing
+TIMING_NOISE = 0.05
+
+
+def test_auto_is_never_slower_than_a_measured_fused_backend():
+    """``auto`` on a CUDA tensor against every recorded GPU measurement: for inference (fwd) and training (fwdbwd) of
+    each shape, the backend it picks was measured at most TIMING_NOISE slower than the fastest of the reference and
+    the fused backends in the same layout. A fused backend measured slower than the reference is never picked, and
+    one measured faster must be."""
+    from bsconv_cuda.functional import select_backend
+    from bsconv_cuda.shapes import SHAPES
+
+    assert GPU_RUNS, "no recorded GPU measurement (benchmarks/gpu-runs/*/speed-*.json)"
+    shapes = {s.name: s for s in SHAPES}
+    checked = 0
+    for path in GPU_RUNS:
+        times: dict = {}
+        for row in json.loads(path.read_text())["results"]:
+            if row["pass_"] in ("fwd", "fwdbwd") and row["contender"] in backends.BACKENDS and row["ms"] is not None:
+                times.setdefault((row["shape"], row["pass_"], row["layout"]), {})[row["contender"]] = row["ms"]
+        for (name, pass_, layout), by_backend in times.items():
+            if not {"triton", "cuda"} & by_backend.keys() or "reference" not in by_backend:
+                continue
+            shape = shapes[name]
+            x = torch.empty(shape.batch, shape.c_in, shape.hw, shape.hw, device="meta")
+            pick = select_backend("auto", x, (shape.k, shape.k), (shape.stride,) * 2, (shape.padding,) * 4, (1, 1))
+            fastest = min(by_backend.values())
+            assert by_backend[pick] <= fastest * (1 + TIMING_NOISE), (path.parent.name, name, pass_, layout, by_backend)
+            checked += 1
+    assert checked > 0
