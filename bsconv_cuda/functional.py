@@ -23,7 +23,7 @@ MAX_FUSED_KERNEL_SIZE = 7
 # is for tests). On CUDA tensors it is what the GPU measured: on an H200 (BENCHMARKS.md, "GPU: H200, 2026-11-29";
 # benchmarks/gpu-runs/2026-11-29-h200) cuDNN through the reference beat both fused backends on every shape class of
 # the quick set (MobileNet v1 / v2 / v3 and CIFAR layers, batch 1 to 128), bf16 and fp32, forward and forward +
-# backward, by 1.5x to 11x. A fused backend becomes auto's pick for a shape class only once it is measured faster
+# backward, by 1.36x to 11x. A fused backend becomes auto's pick for a shape class only once it is measured faster
 # there; tests/test_backends.py checks this choice against every recorded GPU measurement.
 AUTO_BACKEND = "reference"
 
