@@ -163,3 +163,27 @@ def test_cuda_backward_path_is_forced_for_the_run_and_recorded(monkeypatch, tmp_
     assert json.loads(out.read_text())["meta"]["env"]["cuda_backward"] == "split"
     with pytest.raises(SystemExit):
         bench.parse_args(["--cuda-backward", "fastest"])
+
+
+def test_json_holds_every_measurement_made_before_the_run_is_stopped(monkeypatch, tmp_path):
+    """--json is rewritten after every measurement, so a run killed at a time limit (a GPU machine's call limit)
+    keeps what it measured: here the run stops at its third timing, and the file holds the two before it."""
+    import json
+
+    timings = []
+
+    def time_ms(fn, device, **kwargs):
+        if len(timings) == 2:
+            raise KeyboardInterrupt  # the kill
+        timings.append(fn)
+        return {"ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0, "timer": "test"}
+
+    monkeypatch.setattr(bench_harness, "make_runner", lambda contender, case, pass_: lambda: None)
+    monkeypatch.setattr(bench_harness, "time_ms", time_ms)
+    out = tmp_path / "results.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--shapes", SMALL_SHAPE, "--passes", "fwd,bwd", "--device", "cpu", "--warmup", "0",
+                    "--no-progress", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert len(saved["results"]) == 2 and all(r["ms"] == 1.0 for r in saved["results"])
+    assert saved["meta"]["jobs_done"] == 2 and saved["meta"]["jobs_planned"] == 4
