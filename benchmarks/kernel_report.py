@@ -621,7 +621,10 @@ def cuda_extension_stats(so_path: str | Path | None = None) -> list[KernelStats]
 # (backward <= forward + BWD_EXTRA_MACS, in units of the pointwise stage's N*H*W*C_in*C_out); a forward within
 # FWD_MAX_MACS on the k3 maps of at least 7x7; weight-gradient partials that fit in the L2 of an H100 / H200; at
 # batch 1, every launch that carries MAIN_LAUNCH_SHARE of its pass's dot work runs a program per SM, or as many
-# as its smallest blocks allow; two programs per SM wherever there are programs for that.
+# as its smallest blocks allow; two programs per SM wherever there are programs for that. The CUDA backward writes at
+# most one transient buffer of the intermediate's size (the split path's grad_pre): it is kept where that path runs
+# because it was measured faster there (on the H200 the buffer-free fused kernel alone took 2.1x to 3.4x as long as
+# the whole split backward: BENCHMARKS.md, "Per-kernel times of the CUDA backward").
 BWD_EXTRA_MACS = 2.5
 FWD_MAX_MACS = 3.0
 L2_BYTES = 50 * 2**20  # H100 / H200 SXM
@@ -693,6 +696,7 @@ class WorkRow:
     bwd_path: str
     partial_bytes: int  # fp32 weight-gradient partials of the backward
     scratch_bytes: int  # transient buffers of the backward (grad_pre)
+    mid_bytes: int  # one tensor of the intermediate's size, N * H * W * C_out, in the dtype
     pointwise_macs: int
     # per launch: pass, kernel, programs, share of its pass's dot work, CTAs per SM (sm_90; None: not compiled)
     launches: list = field(default_factory=list)
@@ -746,7 +750,7 @@ def work_rows(shapes, batches: Iterable[str] = ("1", "2"), dtype: str = "bf16", 
                     bwd_bytes=1 + bwd.extra_hbm_bytes / s.byte_floor("bwd", itemsize),
                     bwd_traffic=1 + bwd.extra_traffic_bytes / s.byte_floor("bwd", itemsize),
                     bwd_path=bwd.path, partial_bytes=bwd.partial_bytes, scratch_bytes=bwd.scratch_bytes,
-                    pointwise_macs=pointwise, launches=launches))
+                    mid_bytes=b * s.hw * s.hw * s.c_out * itemsize, pointwise_macs=pointwise, launches=launches))
     return rows
 
 
@@ -761,8 +765,9 @@ def work_problems(rows: Iterable[WorkRow]) -> list[str]:
             out.append(f"{where}: forward {r.fwd_macs:.2f}x > {FWD_MAX_MACS}x on a k3 map of 7x7 or more")
         if r.partial_bytes > L2_BYTES:
             out.append(f"{where}: weight-gradient partials {r.partial_bytes / 2**20:.1f} MiB > L2")
-        if r.backend == "cuda" and r.scratch_bytes:
-            out.append(f"{where}: the backward writes a grad_pre buffer of {r.scratch_bytes / 2**20:.2f} MiB")
+        if r.backend == "cuda" and r.scratch_bytes > r.mid_bytes:
+            out.append(f"{where}: the backward writes {r.scratch_bytes / 2**20:.2f} MiB of transient buffers, more "
+                       f"than one of the intermediate's size ({r.mid_bytes / 2**20:.2f} MiB)")
         for launch in r.launches:
             if (r.batch == 1 and launch["share"] >= MAIN_LAUNCH_SHARE
                     and launch["programs"] < min(SMS, launch["max_programs"])):
