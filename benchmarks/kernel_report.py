@@ -856,7 +856,8 @@ def summary_markdown(stats: list[KernelStats], notes: Iterable[str] = ()) -> str
     n_tr = sum(1 for s in stats if s.source == "triton")
     n_cu = sum(1 for s in stats if s.source == "cuda")
     lines = [f"{n_tr} Triton compilations and {n_cu} CUDA-extension kernels analysed; "
-             f"{len(probs)} problem(s) (spills, or bf16/fp16 matrix stage without tensor cores)."]
+             f"{len(probs)} problem(s) (spills, a bf16/fp16 matrix stage without tensor cores, or PTX reading a "
+             "register it never writes)."]
     lines += [f"Note: {n}" for n in notes]
     if probs:
         lines.append("")
