@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
+import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("bsconv_bench_report", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("report")
 
 
 def _bench(shape, dtype, pass_, contender, layout, ms, device="cuda", **extra):

@@ -13,7 +13,6 @@ Compilation runs in a subprocess without TRITON_INTERPRET (tests/conftest.py set
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmark_scripts
 from bsconv_cuda import backends
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,11 +35,7 @@ SCRIPT = REPO / "benchmarks" / "kernel_report.py"
 
 @pytest.fixture(scope="module")
 def kr():
-    spec = importlib.util.spec_from_file_location("bsconv_kernel_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("kernel_report")
 
 
 def _tools_or_skip(kr):

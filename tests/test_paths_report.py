@@ -3,21 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "paths_report.py"
+import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def paths_report():
-    spec = importlib.util.spec_from_file_location("bsconv_paths_report", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("paths_report")
 
 
 def _bench_json(path: Path, forced: str, results: list[tuple]) -> Path:
