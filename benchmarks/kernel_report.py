@@ -147,30 +147,51 @@ def parse_sass(text: str) -> dict[tuple[int | None, str], dict]:
     return out
 
 
-_PTX_REGISTER = re.compile(r"%[a-z]+[0-9]+")
+_PTX_REGISTER = re.compile(r"%([a-z]+)[0-9]+")
+_PTX_DECLARED = re.compile(r"\.reg\s+\.\w+\s+%([a-z]+)<\d+>")
+_PTX_FUNCTION = re.compile(r"^\s*(\.visible\s+|\.weak\s+|\.extern\s+)*\.(entry|func)\b")
 # PTX instructions whose first operand is read, not written (stores, barriers, branches, reductions)
 _PTX_NO_DESTINATION = ("st.", "stmatrix", "bar", "bra", "ret", "red.", "cp.", "fence", "membar", "prefetch",
                        "tcgen05.st", "wgmma.fence", "wgmma.commit", "wgmma.wait")
 
 
 def ptx_undefined_registers(ptx: str) -> list[str]:
-    """Registers the PTX reads but never writes. LLVM's NVPTX backend in Triton 3.6 packed the tap row of the forward
-    kernel into an i16x2 add beside an undefined half (``mov.b32 %r, {%rs25, %rs28}`` with %rs28 never written), and
-    ptxas then dropped the add: every output row came from the next input row on an H200 (fp32 NCHW, 9 x 11, pad 1).
-    A read of an undefined register leaves ptxas free to compute anything, so none is allowed, used or not."""
-    written, read = set(), set()
+    """Registers the PTX reads but never writes, function by function. LLVM's NVPTX backend in Triton 3.6 packed the
+    tap row of the forward kernel into an i16x2 add beside an undefined half (``mov.b32 %r, {%rs25, %rs28}`` with
+    %rs28 never written), and ptxas then dropped the add: every output row came from the next input row on an H200
+    (fp32 NCHW, 9 x 11, pad 1). A read of an undefined register leaves ptxas free to compute anything, so none is
+    allowed, used or not. Only the registers a function declares (``.reg``) count, not special ones (%tid, %clock);
+    control flow is not followed: a write anywhere in the function counts, so a read on a path that skips it is
+    missed."""
+    undefined, declared, written, read = set(), set(), set(), set()
+
+    def end_function():
+        undefined.update(r for r in read - written if _PTX_REGISTER.match(r).group(1) in declared)
+        for found in (declared, written, read):
+            found.clear()
+
     for line in ptx.splitlines():
-        code = line.split("//")[0].strip().rstrip(";")
-        if not code or code.startswith((".", "{", "}", "$", ")")) or code.endswith(":"):
-            continue
-        op, _, operands = re.sub(r"^@!?%p[0-9]+\s+", "", code).replace("\t", " ").partition(" ")
-        destination = re.match(r"\s*(\{[^}]*\}|[^,]+),(.*)", operands)
-        if op.startswith(_PTX_NO_DESTINATION) or destination is None:
-            read.update(_PTX_REGISTER.findall(operands))
-            continue
-        written.update(_PTX_REGISTER.findall(destination.group(1)))  # also both predicates of "%p1|%p2"
-        read.update(_PTX_REGISTER.findall(destination.group(2)))
-    return sorted(read - written)
+        code = line.split("//")[0]
+        if _PTX_FUNCTION.match(code):
+            end_function()
+        declared.update(_PTX_DECLARED.findall(code))
+        for statement in code.split(";"):
+            statement = statement.strip().lstrip("{} \t").replace("\t", " ")
+            if not statement or statement.startswith((".", "$", ")", "(")) or statement.endswith(":"):
+                continue
+            guard = re.match(r"@!?(%p[0-9]+)\s+", statement)
+            if guard:
+                read.add(guard.group(1))
+                statement = statement[guard.end():]
+            op, _, operands = statement.partition(" ")
+            destination = re.match(r"\s*(\{[^}]*\}|[^,]+),(.*)", operands)
+            if op.startswith(_PTX_NO_DESTINATION) or destination is None or destination.group(1).strip()[:1] == "[":
+                read.update(m.group(0) for m in _PTX_REGISTER.finditer(operands))
+                continue
+            written.update(m.group(0) for m in _PTX_REGISTER.finditer(destination.group(1)))  # "%p1|%p2": both
+            read.update(m.group(0) for m in _PTX_REGISTER.finditer(destination.group(2)))
+    end_function()
+    return sorted(undefined)
 
 
 def occupancy(regs: int, shared: int, num_warps: int, arch: int) -> dict:
@@ -256,10 +277,13 @@ def _specialize_int(value: int) -> tuple[str, str]:
         return kind, "D" if value % 16 == 0 else ""
 
 
-def config_from_launch(kernel, args: tuple, kwargs: dict, dtype: str, use: str) -> KernelConfig:
+def config_from_launch(kernel, args: tuple, kwargs: dict, dtype: str, use: str,
+                       inductor: bool = False) -> KernelConfig:
     """A KernelConfig equal to what ``kernel[grid](*args, **kwargs)`` compiles on a GPU: constexpr parameters,
-    ints specialized as Triton's launcher does (1 -> constant, multiples of 16 -> divisibility hint), tensors as
-    16-byte aligned pointers (torch's allocations are)."""
+    ints specialized as Triton's launcher does (1 -> constant, multiples of 16 -> divisibility hint; none for the
+    kernel's ``do_not_specialize`` arguments), tensors as 16-byte aligned pointers (torch's allocations are).
+    ``inductor``: as under torch.compile, whose generated launcher makes every int equal to 1 a constant,
+    ``do_not_specialize`` or not."""
     import torch
 
     names = list(kernel.arg_names)
@@ -282,7 +306,7 @@ def config_from_launch(kernel, args: tuple, kwargs: dict, dtype: str, use: str) 
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             signature[name] = "i1"
-        elif isinstance(v, int) and params[name].do_not_specialize:
+        elif isinstance(v, int) and params[name].do_not_specialize and not (inductor and v == 1):
             signature[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
         elif isinstance(v, int):
             kind, attr = _specialize_int(v)
@@ -333,9 +357,9 @@ def recorded_triton_launches(fp32_uses_tf32: bool = True):
         yield launches
 
 
-def _add_configs(configs: dict, launches, dtype: str, use: str) -> None:
+def _add_configs(configs: dict, launches, dtype: str, use: str, inductor: bool = False) -> None:
     for kernel, args, kwargs in launches:
-        cfg = config_from_launch(kernel, args, kwargs, dtype, use)
+        cfg = config_from_launch(kernel, args, kwargs, dtype, use, inductor)
         if cfg.key() in configs:
             configs[cfg.key()].uses.append(use)
         else:
@@ -366,7 +390,8 @@ def grid_triton_configs(shapes=None, dtypes=None) -> list[KernelConfig]:
     """Every kernel launch of the Triton backend for the cases of ``tests/test_fused_backends.py``'s GRID, the layers
     every GPU run checks against the reference (odd sizes, asymmetric kernels and padding, strided views, each dtype
     and activation): captured as :func:`captured_triton_configs` does, float64 left out (it runs on the reference
-    on a GPU). A ``--provider`` (``kernel_report:grid_triton_configs``): the grid brings its own shapes and dtypes."""
+    on a GPU), each also as torch.compile specializes it (``config_from_launch(inductor=True)``). A ``--provider``
+    (``kernel_report:grid_triton_configs``): the grid brings its own shapes and dtypes."""
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -375,6 +400,7 @@ def grid_triton_configs(shapes=None, dtypes=None) -> list[KernelConfig]:
     from fused_checks import make_inputs
     from test_fused_backends import GRID
 
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     configs: dict = {}
     for case in GRID:
         if case.dtype == torch.float64:
@@ -385,7 +411,9 @@ def grid_triton_configs(shapes=None, dtypes=None) -> list[KernelConfig]:
         with recorded_triton_launches(case.tf32) as launches:
             y = K.forward(x, pw, pw_bias, dw, dw_bias, *conv)
             K.backward(torch.empty_like(y), x, pw, pw_bias, dw, dw_bias, *conv)
-        _add_configs(configs, launches, str(case.dtype).replace("torch.", ""), f"grid[{case}]")
+        for inductor in (False, True):
+            _add_configs(configs, launches, names[case.dtype], f"grid[{case}]{' (torch.compile)' if inductor else ''}",
+                         inductor)
     return list(configs.values())
 
 
@@ -622,9 +650,10 @@ def cuda_extension_stats(so_path: str | Path | None = None) -> list[KernelStats]
 # FWD_MAX_MACS on the k3 maps of at least 7x7; weight-gradient partials that fit in the L2 of an H100 / H200; at
 # batch 1, every launch that carries MAIN_LAUNCH_SHARE of its pass's dot work runs a program per SM, or as many
 # as its smallest blocks allow; two programs per SM wherever there are programs for that. The CUDA backward writes at
-# most one transient buffer of the intermediate's size (the split path's grad_pre): it is kept where that path runs
-# because it was measured faster there (on the H200 the buffer-free fused kernel alone took 2.1x to 3.4x as long as
-# the whole split backward: BENCHMARKS.md, "Per-kernel times of the CUDA backward").
+# most one transient buffer of the intermediate's size, the split path's grad_pre, where the path rule picks that path
+# (always on layers wider than 128 input channels, which have no fused path): where the H200 timed both, the
+# buffer-free fused kernel alone took 2.6x to 3.8x as long as the whole split backward (BENCHMARKS.md, "Per-kernel
+# times of the CUDA backward"), though the rule itself picked the faster path on 9 of 18 rows.
 BWD_EXTRA_MACS = 2.5
 FWD_MAX_MACS = 3.0
 L2_BYTES = 50 * 2**20  # H100 / H200 SXM

@@ -59,10 +59,7 @@ def test_model(benchmark, device, model_name, mode, precision, variant):
     info.update(model=model_name, mode=mode, precision=precision, variant=variant, batch=batch,
                 memory_format="channels_last", device=device.type, fused_blocks=fused_blocks)
     if variant == "converted":
-        from bsconv_cuda.functional import select_backend
-
-        probe = torch.empty(1, 1, 8, 8, device=device)
-        info["auto_backend"] = select_backend("auto", probe, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+        info["backend"] = bench_models.converted_backend(device)
     measured = bench_harness.measure(run, device, **bench_models.GPU_TIMING)
     info["images_per_s"] = bench_models.images_per_s(batch, measured.ms)
     record(benchmark, run, device, measured)

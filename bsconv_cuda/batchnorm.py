@@ -96,8 +96,9 @@ def bsconv_u_batch_norm(
 
     Args:
         x, pw_weight, dw_weight, dw_bias, stride, padding, dilation, mid_activation, backend: as in
-            :func:`bsconv_cuda.bsconv_u` (``x`` may also be unbatched, (C_in, H, W)). In training, where the
-            backend resolves to ``"reference"`` (also ``"auto"``, and any backend on an empty batch) the block runs as
+            :func:`bsconv_cuda.bsconv_u` (``x`` may also be unbatched, (C_in, H, W)). In training without a
+            ``process_group`` (with one: :func:`runs_fused`), where the backend resolves to ``"reference"``
+            (``"auto"`` does, and any backend on an empty batch) the block runs as
             torch's standard computation, ``F.conv2d`` → ``F.batch_norm`` → activation → depthwise ``F.conv2d``,
             as ``FusedBSConvU``'s reference runs its layers; elsewhere fused, with the statistics below.
         running_mean, running_var: (C_out,) buffers, or None (no running statistics; then ``training`` must be True).

@@ -114,6 +114,7 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
     contenders = harness.layer_contenders(layouts, composed=args.composed, compile=args.compile)
     meta = dict(harness.environment(device), dtype=args.dtype)
     skipped: dict[str, str] = {}
+    meta["skipped"] = skipped  # filled below, before any measurement
     jobs = []
     for job in harness.layer_jobs(shapes, [args.dtype], passes, contenders):
         reason = harness.unavailable_reason(job.contender, device, job.shape)
@@ -121,6 +122,7 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
             jobs.append(job)
         else:
             skipped.setdefault(job.contender, reason)
+    meta.update(jobs_planned=len(jobs), jobs_done=0)
     interp_jobs = []
     if args.triton_interpret:
         interp_jobs = [(s, p) for s in interpreter_crops(shapes, args.interpret_shapes) for p in passes]
@@ -142,13 +144,13 @@ def run_benchmarks(args) -> tuple[list[Result], dict]:
         except Exception as error:  # noqa: BLE001 - one failing contender must not kill the table
             res.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
         results.append(res)
+        meta["jobs_done"] = len(results)
         if args.json:  # after every job, so that a run stopped at a time limit keeps what it measured
-            write_results(args.json, dict(meta, jobs_done=len(results), jobs_planned=len(jobs)), results, quiet=True)
+            write_results(args.json, meta, results, quiet=True)
     for shape, pass_ in interp_jobs:
         progress.step(f"{shape.name} triton-interpreter {pass_}")
         results.append(_interpreter_check(shape, pass_))
     progress.close()
-    meta["skipped"] = skipped
     return results, meta
 
 

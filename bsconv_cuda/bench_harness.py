@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -445,9 +446,12 @@ def environment(device: torch.device) -> dict:
 
 
 def write_json(path: str, results, quiet: bool = False) -> None:
-    """The command lines' ``--json PATH``: ``results`` as JSON (values JSON lacks as their text)."""
-    with open(path, "w") as f:
+    """The command lines' ``--json PATH``: ``results`` as JSON (values JSON lacks as their text). Written beside and
+    then moved into place, so that a run killed while writing leaves the previous file whole."""
+    part = f"{path}.part"
+    with open(part, "w") as f:
         json.dump(results, f, indent=1, default=str)
+    os.replace(part, path)
     if not quiet:
         print(f"wrote {path}", file=sys.stderr)
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from . import backends
 from . import bench_harness as harness
 from .convert import convert
 
@@ -79,17 +80,27 @@ def library_missing_reason(name: str) -> str | None:
     return None
 
 
+def converted_backend(device: torch.device) -> str:
+    """The backend of the converted models: on a GPU the fused kernels (the CUDA backend where it loads, else Triton),
+    whatever ``auto`` picks, since this benchmark measures what fusing does; on CPU the reference."""
+    if device.type != "cuda":
+        return "reference"
+    available = backends.available_backends(device)
+    return next((b for b in ("cuda", "triton") if b in available), "reference")
+
+
 def build(name: str, variant: str, device: torch.device, seed: int = 0):
     """(model ``name`` as built or converted, channels_last on ``device``, number of blocks convert fused). Built
     afresh from ``seed`` each time, so every variant has the same weights (a deep copy would not do: bsconv's BSConv-S
-    regularization closes over the modules of the model it was built for)."""
+    regularization closes over the modules of the model it was built for). Converted: onto
+    :func:`converted_backend`."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     torch.manual_seed(seed)
     model = MODELS[name].build()
     fused_blocks = 0
     if variant == "converted":
-        model, summary = convert(model, return_summary=True)
+        model, summary = convert(model, backend=converted_backend(device), return_summary=True)
         fused_blocks = len(summary.fused)
     return model.to(device=device, memory_format=torch.channels_last), fused_blocks
 

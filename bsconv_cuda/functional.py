@@ -23,8 +23,9 @@ MAX_FUSED_KERNEL_SIZE = 7
 # is for tests). On CUDA tensors it is what the GPU measured: on an H200 (BENCHMARKS.md, "GPU: H200, 2026-11-29";
 # benchmarks/gpu-runs/2026-11-29-h200) cuDNN through the reference beat both fused backends on every shape class of
 # the quick set (MobileNet v1 / v2 / v3 and CIFAR layers, batch 1 to 128), bf16 and fp32, forward and forward +
-# backward, by 1.36x to 11x. A fused backend becomes auto's pick for a shape class only once it is measured faster
-# there; tests/test_backends.py checks this choice against every recorded GPU measurement.
+# backward, by 1.36x to 11x, all in channels_last (the fused kernels on NCHW inputs have not been timed: no
+# measurement, so no fused pick). A fused backend becomes auto's pick for a shape class only once it is measured
+# faster there; tests/test_backends.py checks this choice against every recorded GPU measurement.
 AUTO_BACKEND = "reference"
 
 
@@ -131,8 +132,10 @@ def select_backend(
         raise ValueError(f"backend must be one of {backends.BACKEND_CHOICES}, got {requested!r}")
     if x.numel() == 0:
         return "reference"  # nothing to compute: every backend's answer is the same empty tensor
-    if requested == "auto":
-        return AUTO_BACKEND
+    if requested == "auto":  # the measured pick where it can run this call, else the reference
+        if _call_unsupported_reason(AUTO_BACKEND, x, kernel_size, stride, padding, dilation) is None:
+            return AUTO_BACKEND
+        return "reference"
     reason = _call_unsupported_reason(requested, x, kernel_size, stride, padding, dilation)
     if reason is not None:
         raise RuntimeError(f"backend={requested!r} cannot run this call: {reason}")

@@ -119,7 +119,7 @@ def _batch_statistics_forward(
     if unbatched:
         x, x_fused = x.unsqueeze(0), x_fused.unsqueeze(0)
     # One resolution for both paths, so an explicit backend that cannot run this call raises here, in training as
-    # in eval (select_backend's error), and auto falls back to the reference silently.
+    # in eval (select_backend's error); auto resolves to the reference wherever its measured pick cannot run.
     call = prepare_call(x_fused, pw.weight, dw.weight, dw.bias, dw.stride, padding, dw.dilation, None, activation,
                         backend)
     group = _sync_group(bn)

@@ -17,7 +17,8 @@
 # BSCONV_GPU_CHECK_STAGES: the stages to run, comma-separated (default: all, in this order):
 #   build, gpu_tests (tests marked cuda), grid (the fused backends' shared grid), suite (the other tests),
 #   sass (registers and spills of the built kernels), speed (python -m bsconv_cuda.bench on the quick shapes, bf16
-#   and fp32, with the composed dense conv), bench (the pytest benchmark suite's quick set + report),
+#   and fp32, the fused backends in both layouts, with the composed dense conv), bench (the pytest benchmark
+#   suite's quick set + report),
 #   paths (the CUDA backward's fused and split paths timed on the quick and the batch-1 latency shapes),
 #   kernels (each kernel's time in the CUDA backward's paths, torch.profiler over scripts/gpu_step.py, on the layers
 #   where the split path keeps its grad_pre buffer),
@@ -105,7 +106,7 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
 # pytest-xdist workers where the machine has it (never the timing stages), and end a hung test (a kernel that never
 # returns) after BSCONV_GPU_CHECK_TEST_TIMEOUT seconds with a stack dump rather than losing the whole stage.
 # -v (not -q): one line per test as it ends, so a stage killed at its limit still names each outcome
-CHECK_PYTEST=("$PY" -m pytest -v -rs -p no:cacheprovider)
+CHECK_PYTEST=("$PY" -m pytest -v -rfEs -p no:cacheprovider)
 WORKERS=${BSCONV_GPU_CHECK_WORKERS:-8}
 if [ "$WORKERS" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
   # the float64 references run on the CPU: each worker gets its share of the cores, not all of them (8 workers of
@@ -121,7 +122,8 @@ wants grid && stage grid 300 "${CHECK_PYTEST[@]}" "$REPO/tests/test_fused_backen
 wants suite && stage suite 420 "${CHECK_PYTEST[@]}" "$REPO/tests" -m "not cuda" \
   --ignore="$REPO/tests/test_fused_backends.py" --junitxml="$LOGS/suite.xml"
 for log in gpu_tests grid suite; do
-  [ -f "$LOGS/$log.log" ] && grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR) " "$LOGS/$log.log" | head -30 | sed "s/^/  $log: /" >>"$SUMMARY_FILE"
+  [ -f "$LOGS/$log.log" ] && grep -E "^(FAILED|ERROR)" "$LOGS/$log.log" | head -30 | sed "s/^/  $log: /" \
+    >>"$SUMMARY_FILE"
 done
 
 # 3. SASS resource usage of the built kernels (registers, spills, shared memory) and tensor-core instructions
@@ -140,10 +142,12 @@ wants sass && stage sass 120 bash -c sass
 
 # 4. benchmarks + report, and the CUDA backward's two paths timed on the same shapes and at batch 1, where the path
 # rule's launch weight decides (their choice is a model)
-if wants speed; then  # the main job on the quick shapes, bf16 and fp32, its JSON rewritten after every measurement
+# the main job on the quick shapes, bf16 and fp32, the fused backends in both layouts (auto's rule compares within a
+# layout), its JSON rewritten after every measurement
+if wants speed; then
   for dtype in bf16 fp32; do
     stage "speed_$dtype" 200 "$PY" -m bsconv_cuda.bench --shapes quick --passes fwd,bwd,fwdbwd --dtype "$dtype" \
-      --composed --no-progress --json "$LOGS/speed-$dtype.json"
+      --layout both --composed --no-progress --json "$LOGS/speed-$dtype.json"
   done
 fi
 if wants bench && [ -d "$REPO/benchmarks" ]; then

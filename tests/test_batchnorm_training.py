@@ -349,7 +349,7 @@ def test_unbatched_input(device):
 
 @pytest.mark.parametrize("option", [None, "default", "track_running_stats=False"])
 def test_explicit_backend_that_cannot_run_raises_in_train_and_eval(option):
-    """An explicit backend that cannot run the call says so, the same way in every mode; auto falls back silently."""
+    """An explicit backend that cannot run the call says so, the same way in every mode; auto runs the reference."""
     with_bn = option is not None
     bn_kwargs = BN_OPTIONS[option] if with_bn else None
     x = torch.randn(2, C_IN, SIZE, SIZE)
@@ -585,9 +585,9 @@ def _compile_training_module_check(backend: str, device: str) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_compile_fullgraph_training_module_on_gpu(backend):
-    if backend != "auto" and backend not in bsconv_cuda.available_backends("cuda"):
+    if backend != "reference" and backend not in bsconv_cuda.available_backends("cuda"):
         pytest.skip(f"backend {backend!r} unavailable on cuda")
     _compile_training_module_check(backend, "cuda")
 

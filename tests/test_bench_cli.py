@@ -186,4 +186,5 @@ def test_json_holds_every_measurement_made_before_the_run_is_stopped(monkeypatch
                     "--no-progress", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert len(saved["results"]) == 2 and all(r["ms"] == 1.0 for r in saved["results"])
-    assert saved["meta"]["jobs_done"] == 2 and saved["meta"]["jobs_planned"] == 4
+    assert saved["meta"]["jobs_done"] == 2 and saved["meta"]["jobs_planned"] == 4 and "skipped" in saved["meta"]
+    assert not out.with_name(out.name + ".part").exists()

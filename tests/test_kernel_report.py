@@ -126,30 +126,45 @@ def test_parsers_on_canned_output(kr):
 def test_ptx_reads_of_undefined_registers_are_found(kr):
     # From the PTX Triton 3.6 made of the forward for an fp32 NCHW 9 x 11 layer (pad 1): %rs28 is read, never
     # written, and ptxas dropped the add that subtracts the padding (the output came out one row off on an H200).
-    # The rest: what must not count as a read of an undefined register (tabs, predicates, braces, "%p|%p", stores).
+    # Around it, what must not count as such a read (tabs, guards, vector and "%p|%p" destinations, stores, special
+    # registers, two statements on a line, code after a brace), and what must: a guard never set, an address
+    # register, a register written only in another function.
     ptx = textwrap.dedent("""
         .visible .entry fwd_kernel(
             .param .u64 fwd_kernel_param_0
         )
         {
-        	.reg .b16 	%rs<30>;
-        	mul.hi.u16 	%rs25, %rs24, 171;
-        	mov.b32 	%r554, {%rs25, %rs28};
-        	mov.b32 	%r555, 65535;
-        	add.s16x2 	%r556, %r554, %r555;
-        	mov.b32 	{%rs29, _}, %r556;
-        	ld.param.u64	%rd1, [fwd_kernel_param_0];
-        	@%p1 ld.global.v2.b32 { %r1, %r2 }, [ %rd1 + 0 ];
-        	setp.lt.s32 	%p2|%p3, %r1, %r2;
-        	@!%p2 st.global.b32 [ %rd1 + 0 ], { %r556 };
-        	mov.u32 	%rs24, %r2;
-        	setp.eq.s32 	%p1, %r555, 0;
-        	bar.sync 	0;
+        \t.reg .pred \t%p<5>;
+        \t.reg .b16 \t%rs<30>;
+        \t.reg .b32 \t%r<600>;
+        \t.reg .b64 \t%rd<3>;
+        \tmov.u32 \t%r2, %tid.x;
+        \tmul.hi.u16 \t%rs25, %rs24, 171;
+        \tmov.b32 \t%r554, {%rs25, %rs28};
+        \tmov.b32 \t%r555, 65535;
+        \tadd.s16x2 \t%r556, %r554, %r555;
+        \tmov.b32 \t{%rs29, _}, %r556;
+        \tld.param.u64\t%rd1, [fwd_kernel_param_0];
+        \t@%p1 ld.global.v2.b32 { %r1, %r3 }, [ %rd1 + 0 ];
+        \tsetp.lt.s32 \t%p2|%p3, %r1, %r3; mov.u32 %r4, %clock;
+        \t@!%p2 st.global.b32 [ %rd1 + 0 ], { %r556 };
+        { mov.u32 \t%r5, %r4;
+        \tcvt.u16.u32 \t%rs24, %r2;
+        \tsetp.eq.s32 \t%p1, %r555, 0;
+        \t@%p4 mbarrier.init.shared.b64 [%r7], 1;
+        \tbar.sync \t0;
         $L__BB0_1:
-        	ret;
+        \tret;
+        }
+        }
+        .visible .entry other()
+        {
+        \t.reg .b32 \t%r<9>;
+        \tmov.u32 \t%r6, %r5;
+        \tret;
         }
     """)
-    assert kr.ptx_undefined_registers(ptx) == ["%rs28"]
+    assert kr.ptx_undefined_registers(ptx) == ["%p4", "%r5", "%r7", "%rs28"]
     st = kr.KernelStats("triton", "k", "k", 90, "fp32", 4, True, regs=40, local=0, spill_stores=0, spill_loads=0,
                         undefined_registers=["%rs28"])
     assert any("never writes (%rs28)" in p for p in kr.problems([st]))
@@ -485,8 +500,8 @@ def test_cuda_work_goals(kr):
     """Every goal of the work table on every row: the narrow layers' backward (rounds of 16 output channels), the
     batch-1 forward grids (16 -> 16 @ 32 in TF32 takes 96 blocks of 2 x 6 pixels, where 88 of 3 x 4 have the same
     modeled time and a little less padding: equal time goes to the candidate that occupies more SMs), and at most one
-    grad_pre buffer, which the split path keeps on wide layers and small maps because the H200 measured it faster
-    than the buffer-free fused kernel."""
+    grad_pre buffer, the split path's (wide layers, which have no fused path, and small maps), a path the H200 measured
+    faster than the buffer-free fused kernel wherever it timed both."""
     rows = _goal_rows(kr, "cuda")
     problems = kr.work_problems(rows)
     assert not problems, _grouped(problems)

@@ -222,10 +222,11 @@ def _pointwise(
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
-# The pads stay run-time values: Triton specializes an int argument equal to 1 into a constant, and with pad_top = 1
-# LLVM (Triton 3.6) folded the tap row into a 16-bit pair add beside an undefined half, which ptxas then dropped: on
-# an H200 every output row of a one-tile fp32 NCHW layer came from the next row (tests/test_kernel_report.py,
-# test_triton_kernels_of_the_grid_read_no_undefined_register).
+# The pads are not specialized: Triton makes an int argument equal to 1 a constant, and with pad_top = 1 LLVM (Triton
+# 3.6) folded the tap row into a 16-bit pair add beside an undefined half, which ptxas then dropped: on an H200 every
+# output row of a one-tile fp32 NCHW layer came from the next row. (torch.compile's launcher specializes them all the
+# same; there tile_col below is what keeps the PTX clean. tests/test_kernel_report.py,
+# test_triton_kernels_of_the_grid_read_no_undefined_register, compiles both ways.)
 @triton.jit(do_not_specialize=["pad_top", "pad_left"])
 def _fwd_kernel(
     x_ptr, pw_ptr, pb_ptr, dw_ptr, db_ptr, y_ptr, mid_ptr,
@@ -1063,7 +1064,7 @@ def _reduce_launch(c_out, c_in, taps, flags: dict) -> tuple[Launch, ...]:
 
 
 def unsupported_reason(x: torch.Tensor, kernel_size, dilation) -> str | None:
-    """None when these kernels run this call, else why not (``auto`` then moves on to the reference)."""
+    """None when these kernels run this call, else why not (what an explicit ``backend="triton"`` raises with)."""
     kh, kw = kernel_size
     footprint = halo_extent(1, 1, kh, dilation[0]) * halo_extent(1, 1, kw, dilation[1])  # a 1 x 1 tile's
     if _pow2(footprint) > FWD_MAX_MID_ROWS:
