@@ -41,7 +41,10 @@
 // W), and keeping the slot off chip instead costs 8 * 1024 * 1024 / 16 = 512 KB per pixel against the split path's
 // 6 KB. Neither count includes operands staged again from L2 (W per fused tile and per split tile block, the GEMMs'
 // operands per block row or column).
-// These are models: a GPU run measures both paths (scripts/gpu_check.sh) and decides.
+// These are models: a GPU run measures both paths (scripts/gpu_check.sh) and decides. The first (an H200,
+// BENCHMARKS.md) found the split path faster at batch 64 and 128 on every layer but 16 -> 16 @ 32's backward, the
+// fused kernel alone 2.6x to 3.8x as long as the split backward where both were profiled, and this rule right on 9
+// of 18 rows: it is still to be refitted.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

@@ -50,9 +50,11 @@ The choice, by the numbers (plan models, bf16; traffic beyond the byte floor tha
   +875 MiB (C_out x C_in x 8 B per 32-pixel tile) vs split +268 MiB + 32 -> split; 96->576 @ 14, N = 64: fused
   +208 MiB vs split +65 MiB + 32 -> split. At batch 1 and 2 the bytes differ by a few MB, so the launches decide
   where the fused programs fill the GPU (32->64 @ 112, 128->128 @ 56, 24->144 @ 56 -> fused); on smaller maps they
-  do not (a program per 16-32 pixels), and the split path stays. A GPU run (``python -m bsconv_cuda.bench``) should
-  confirm the crossover, the launch weight, and whether DRAM bytes must weigh more (32->64 @ 112 is the closest
-  case); ``force_blocks(backward=dict(PATH=...))`` runs either path.
+  do not (a program per 16-32 pixels), and the split path stays. ``force_blocks(backward=dict(PATH=...))`` runs
+  either path. The first GPU run (an H200, BENCHMARKS.md) timed the CUDA backend's two paths, which this rule
+  chooses too: at N = 64 and 128 the split path won every layer but 16->16 @ 32's backward, by 1.27x to 7.5x, and the
+  rule picked the faster path on 9 of 18 rows (it picks fused on bytes where the fused kernels lose on time). The
+  rule is still to be refitted; these kernels' two paths are still to be timed.
 Dot work in pointwise stages, before -> after, bf16 channels_last, N = 1 (the issue's examples; every shape of
 ``bsconv_cuda.shapes`` at batch 1 and 2 is in BENCHMARKS.md): 32->64 @ 112: forward 2.00 -> 2.00, backward 3.00 ->
 3.00; 128->128 @ 56: 2.29 -> 2.00, 6.00 -> 3.00; 512->512 @ 14: 2.61 -> 2.29, 23.5 -> 3.18; 1024->1024 @ 7:
